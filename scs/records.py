@@ -1,0 +1,137 @@
+"""Plain, immutable records passed between the store, the agent and the
+supervisor.  The store turns its ORM rows into these so that nothing outside
+``scs.store`` ever holds a live SQLAlchemy object."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
+
+import attrs
+
+DEFAULT_AMQP_PORT = 5672
+
+
+@attrs.frozen
+class BrokerInfo:
+    """Where a worker's broker is, as the seed's ``broker`` object shows it."""
+
+    hostname: str = "127.0.0.1"
+    port: int = DEFAULT_AMQP_PORT
+    userid: str = "guest"
+    password: str = "guest"
+    virtual_host: str = "/"
+    transport: str = "amqp"
+
+    @classmethod
+    def from_url(cls, url: str) -> BrokerInfo:
+        """Parse ``amqp://user:password@host:port/vhost``.
+
+        Raises ``ValueError`` with a readable message on anything else.
+        """
+        parts = urlsplit(url)
+        if parts.scheme not in ("amqp", "pyamqp"):
+            raise ValueError(f"broker URL must start with amqp://, got {url!r}")
+        if parts.query or parts.fragment:
+            raise ValueError("broker URL must not have a query or fragment")
+        try:
+            port = parts.port or DEFAULT_AMQP_PORT
+        except ValueError as e:
+            raise ValueError(f"bad port in broker URL: {e}") from None
+        # amqp://host// names the vhost "/"; amqp://host/x names "x".
+        path = parts.path
+        if path in ("", "/"):
+            vhost = "/"
+        else:
+            vhost = unquote(path[1:])
+        return cls(
+            hostname=parts.hostname or "127.0.0.1",
+            port=port,
+            userid=unquote(parts.username) if parts.username else "guest",
+            password=unquote(parts.password) if parts.password else "guest",
+            virtual_host=vhost,
+            transport="amqp",
+        )
+
+    @property
+    def url(self) -> str:
+        host = self.hostname
+        if ":" in host:
+            host = f"[{host}]"
+        return "amqp://{}:{}@{}:{}/{}".format(
+            quote(self.userid, safe=""),
+            quote(self.password, safe=""),
+            host,
+            self.port,
+            quote(self.virtual_host, safe=""),
+        )
+
+    def to_json(self, masked: bool = True) -> dict[str, Any]:
+        return {
+            "hostname": self.hostname,
+            "port": self.port,
+            "userid": self.userid,
+            "password": "********" if masked else self.password,
+            "virtual_host": self.virtual_host,
+        }
+
+
+@attrs.frozen
+class QueueBinding:
+    """A queue an instance consumes, with the declaration it was given."""
+
+    name: str
+    exchange: str
+    routing_key: str
+    exchange_type: str | None = None
+    options: dict[str, Any] | None = attrs.field(default=None, eq=False, hash=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "exchange": self.exchange,
+            "routing_key": self.routing_key,
+            "exchange_type": self.exchange_type,
+            "options": self.options,
+        }
+
+
+@attrs.frozen
+class InstanceSpec:
+    """The desired state of one worker instance, as the store has it."""
+
+    name: str
+    app: str
+    broker: BrokerInfo
+    max_concurrency: int = 1
+    min_concurrency: int = 1
+    is_enabled: bool = True
+    celery_app: str | None = None
+    queues: tuple[QueueBinding, ...] = ()
+    # The app's extra worker arguments followed by the instance's own.
+    arguments: tuple[str, ...] = ()
+
+    @property
+    def queue_names(self) -> tuple[str, ...]:
+        return tuple(q.name for q in self.queues)
+
+
+@attrs.frozen
+class WorkerStatus:
+    """What the supervisor knows of one instance's worker right now."""
+
+    state: str  # starting running unresponsive restarting stopping stopped failed
+    pid: int | None = None
+    restarts: int = 0
+
+
+# The states of DESIGN §5.
+STATES = (
+    "starting",
+    "running",
+    "unresponsive",
+    "restarting",
+    "stopping",
+    "stopped",
+    "failed",
+)

@@ -1,0 +1,691 @@
+"""SRS: the agents' protocol (membership, requests, scatter-gather).
+
+This module knows the messages and the bookkeeping, not the wire: it talks to
+an ``ISRSTransport`` (``scs.amqp.AMQPTransport`` on a real broker,
+``scs.testing.FakeTransport`` in tests).
+
+Topology (declared by the transport, named by ``exchange_names`` and
+``routing_key`` below so that every transport agrees):
+
+* a direct exchange ``scs.<cluster>.direct``: each agent's private queue is
+  bound under ``routing_key(agent_id)``; requests to one agent go there;
+* a fanout exchange ``scs.<cluster>.fanout``: every private queue is bound;
+  heartbeats, scatter requests and broadcasts go there;
+* replies go through the default exchange straight to the asker's private
+  queue (``reply-to``), matched by ``correlation-id``.
+
+Every body is one JSON object, ASCII-only (txAMQP 0.8.2 counts ``str``
+lengths in characters, so non-ASCII text travels as ``\\u`` escapes)::
+
+    {"proto": "scs-srs", "version": "1.0", "cluster": "scs",
+     "type": "heartbeat" | "bye" | "request" | "reply",
+     "sender": "<agent id>", "incarnation": "<hex, new per start>", ...}
+
+    heartbeat: "url", "interval", "summary": {...}, "hello": bool
+    request:   "op", "args"            (properties reply-to, correlation-id
+                                         unless it is a broadcast)
+    reply:     "ok": true, "result": ...
+               "ok": false, "error": {"code": ..., "body": {...}}
+
+A message whose ``cluster`` differs or whose major version is not ours is
+ignored (logged once per sender); a higher minor version is accepted, so
+later versions may add fields.
+
+Choices the contract left open:
+
+* Liveness: a peer is alive while we are connected, it has not said ``bye``
+  and it was heard from (any message) within 3 of its heartbeat periods.
+  When our broker connection drops, every other member turns not-alive at
+  once: we can no longer reach anyone, so believing them alive would only
+  make callers wait.
+* ``scatter`` while not connected fires at once with ``({}, missing)`` where
+  ``missing`` names the peers heard from within the liveness window (the
+  ones a listing would have asked), so the listing can name them in its
+  missing-agents header; callers may also check ``is_connected()``.
+* ``call`` to this agent's own id runs the handler directly (no broker
+  round trip, works while disconnected); the result is still passed through
+  JSON so that local and remote answers look the same.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any, Callable, Optional
+from urllib.parse import quote
+
+import attr
+from twisted.application.service import IService, MultiService
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Attribute, Interface
+
+from scs.errors import GatewayTimeout, SCSError, Unavailable, error_from_json
+
+PROTOCOL = "scs-srs"
+VERSION = "1.0"
+MAJOR_VERSION = 1
+
+# Publish kinds understood by every transport.
+DIRECT = "direct"  # key: the target agent id (the transport applies routing_key)
+FANOUT = "fanout"  # key ignored: every agent of the cluster
+REPLY = "reply"  # key: the asker's private queue name, from its reply-to
+
+# A peer silent for this many of its heartbeat periods is dead.
+DEAD_AFTER_PERIODS = 3
+
+
+def _ascii_name(text: str) -> str:
+    """Injective ASCII form of ``text`` for AMQP names (shortstr must be ASCII)."""
+    return quote(text, safe="")
+
+
+def exchange_names(cluster: str) -> tuple[str, str]:
+    """(direct, fanout) exchange names of a cluster; two clusters never share one."""
+    name = _ascii_name(cluster)
+    return f"scs.{name}.direct", f"scs.{name}.fanout"
+
+
+def routing_key(agent_id: str) -> str:
+    """The direct-exchange routing key of an agent (ASCII even for non-ASCII ids)."""
+    return _ascii_name(agent_id)
+
+
+def private_queue_name(cluster: str, agent_id: str, nonce: str) -> str:
+    """Name of an agent's private queue; the nonce keeps a restarted agent's
+    queue distinct from the old one the broker may not have dropped yet."""
+    return f"scs.{_ascii_name(cluster)}.agent.{routing_key(agent_id)}.{nonce}"
+
+
+def encode_message(message: dict[str, Any]) -> bytes:
+    """Bytes of ASCII-only JSON, the only body txAMQP 0.8.2 carries intact."""
+    return json.dumps(message, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+class ITransportReceiver(Interface):
+    """What a transport calls back (SRS implements it)."""
+
+    def transport_connected(reply_queue: str) -> None:
+        """Connected, queue bound and consuming; ``reply_queue`` is our private queue."""
+
+    def transport_disconnected(reason: Optional[Failure]) -> None:
+        """The connection is gone; the transport reconnects by itself."""
+
+    def message_received(body: bytes, properties: dict[str, str]) -> None:
+        """One message from the private queue; properties use hyphenated names."""
+
+
+class ISRSTransport(IService):
+    """The wire under SRS: a service that keeps one broker connection."""
+
+    reply_queue = Attribute("Name of the private queue while connected, else None.")
+
+    def attach(agent_id: str, cluster: str, receiver: ITransportReceiver) -> None:
+        """Set identity and receiver; called once, before the service starts."""
+
+    def publish(kind: str, key: str, body: bytes, properties: dict[str, str]) -> Deferred:
+        """Send ``body``; ``kind`` is DIRECT, FANOUT or REPLY. Fails with
+        ``scs.errors.Unavailable`` when not connected."""
+
+
+@attr.s(auto_attribs=True)
+class _Member:
+    id: str
+    url: str = ""
+    interval: float = 2.0
+    last_seen: Optional[float] = None
+    summary: dict[str, Any] = attr.Factory(dict)
+    left: bool = False
+    # Last liveness we logged, so that transitions are logged once.
+    reported_alive: bool = False
+
+
+@attr.s(auto_attribs=True)
+class _PendingCall:
+    deferred: Deferred
+    agent_id: str
+    op: str
+    timer: Any
+
+
+@attr.s(auto_attribs=True)
+class _PendingScatter:
+    deferred: Deferred
+    op: str
+    expected: set[str]
+    timer: Any
+    results: dict[str, Any] = attr.Factory(dict)
+
+
+def _default_handler(op: str, args: dict[str, Any]) -> Any:
+    raise Unavailable("this agent does not serve SRS requests yet", op=op)
+
+
+class SRS(MultiService):
+    """One agent's membership in the cluster and its requests to peers."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        agent_id: str,
+        *,
+        cluster: str = "scs",
+        url: str = "",
+        transport: Optional[ISRSTransport] = None,
+        broker_url: str = "amqp://guest:guest@127.0.0.1:5672//",
+        spec_path: Optional[str] = None,
+        heartbeat_interval: float = 2.0,
+        reactor: Optional[IReactorTime] = None,
+        summary: Callable[[], dict] = lambda: {},
+        rng: Optional[random.Random] = None,
+    ) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.agent_id = agent_id
+        self.cluster = cluster
+        self.url = url
+        self.heartbeat_interval = heartbeat_interval
+        self.summary = summary
+        self.handler: Callable[[str, dict], Any] = _default_handler
+        self.connected_callbacks: list[Callable[[], Any]] = []
+        self._reactor = reactor
+        self._rng = rng if rng is not None else random.Random()
+        if transport is None:
+            from scs.amqp import AMQPTransport
+
+            transport = AMQPTransport(broker_url, spec_path=spec_path, reactor=reactor, rng=self._rng)
+        self.transport = transport
+        transport.attach(agent_id, cluster, self)
+        self.addService(transport)
+
+        self._incarnation = self._new_id()[:16]
+        self._connected = False
+        self._reply_queue: Optional[str] = None
+        self._last_connected: Optional[float] = None
+        self._members: dict[str, _Member] = {}
+        self._calls: dict[str, _PendingCall] = {}
+        self._scatters: dict[str, _PendingScatter] = {}
+        self._ignored_logged: set[tuple[str, str, str]] = set()
+        self._beat = LoopingCall(self._heartbeat_tick)
+        self._beat.clock = reactor
+
+    # -- service -----------------------------------------------------------
+
+    def stopService(self) -> Deferred:
+        """Say bye (so peers drop us at once), fail what is pending, disconnect."""
+        if self._beat.running:
+            self._beat.stop()
+        d: Deferred = defer.succeed(None)
+        if self._connected:
+            d = self._send(FANOUT, "", self._envelope("bye"), {})
+            d.addErrback(lambda _: None)
+        self._fail_pending("this agent is stopping")
+        d.addCallback(lambda _: MultiService.stopService(self))
+        return d
+
+    # -- public API --------------------------------------------------------
+
+    def is_connected(self) -> bool:
+        return self._connected
+
+    def members(self) -> list[dict[str, Any]]:
+        """The membership table, this agent included, sorted by id."""
+        now = self._reactor.seconds()
+        rows = [
+            {
+                "id": self.agent_id,
+                "url": self.url,
+                "alive": self._connected,
+                "last_seen": now if self._connected else self._last_connected,
+                "instances": _instances(self._safe_summary()),
+            }
+        ]
+        for m in self._members.values():
+            rows.append(
+                {
+                    "id": m.id,
+                    "url": m.url,
+                    "alive": self._alive(m, now),
+                    "last_seen": m.last_seen,
+                    "instances": _instances(m.summary),
+                }
+            )
+        rows.sort(key=lambda row: row["id"])
+        return rows
+
+    def live_agents(self) -> list[str]:
+        """Ids believed alive, self included (even while disconnected: the
+        local agent can always serve its own requests)."""
+        now = self._reactor.seconds()
+        ids = [m.id for m in self._members.values() if self._alive(m, now)]
+        ids.append(self.agent_id)
+        return sorted(ids)
+
+    def call(self, agent_id: str, op: str, args: dict, timeout: float = 5.0) -> Deferred:
+        """Run ``op`` on one agent; its SCSError is re-raised here as the same class."""
+        if agent_id == self.agent_id:
+            return self._run_local(op, args)
+        if not self._connected or self._reply_queue is None:
+            return defer.fail(Unavailable("not connected to the cluster broker", agent=agent_id, op=op))
+        correlation_id = self._new_id()
+        d = Deferred(lambda _: self._forget_call(correlation_id))
+        timer = self._reactor.callLater(timeout, self._call_timed_out, correlation_id)
+        self._calls[correlation_id] = _PendingCall(d, agent_id, op, timer)
+        sent = self._send(
+            DIRECT,
+            agent_id,
+            self._envelope("request", op=op, args=args),
+            {"reply-to": self._reply_queue, "correlation-id": correlation_id},
+        )
+        sent.addErrback(self._call_send_failed, correlation_id)
+        return d
+
+    def scatter(self, op: str, args: dict, timeout: float = 2.0) -> Deferred:
+        """Ask every other live agent; fires ``({id: result or SCSError}, missing)``.
+
+        Fires as soon as every peer believed alive at the start answered, or
+        at ``timeout`` naming the silent ones. Answers from agents we did not
+        wait for (just joined) are kept if they arrive in time.
+        """
+        now = self._reactor.seconds()
+        if not self._connected or self._reply_queue is None:
+            missing = sorted(m.id for m in self._members.values() if self._heard_recently(m, now))
+            return defer.succeed(({}, missing))
+        expected = {m.id for m in self._members.values() if self._alive(m, now)}
+        if not expected:
+            return defer.succeed(({}, []))
+        correlation_id = self._new_id()
+        d = Deferred(lambda _: self._forget_scatter(correlation_id))
+        timer = self._reactor.callLater(timeout, self._finish_scatter, correlation_id)
+        self._scatters[correlation_id] = _PendingScatter(d, op, expected, timer)
+        sent = self._send(
+            FANOUT,
+            "",
+            self._envelope("request", op=op, args=args),
+            {"reply-to": self._reply_queue, "correlation-id": correlation_id},
+        )
+        # A failed publish means nobody will answer: give up now, not at the timeout.
+        sent.addErrback(lambda _: self._finish_scatter(correlation_id))
+        return d
+
+    def broadcast(self, op: str, args: dict) -> None:
+        """Fire and forget to every other agent; dropped (logged) when disconnected."""
+        if not self._connected:
+            self.log.warn("SRS broadcast {op} dropped: not connected", op=op, event="srs.broadcast.dropped")
+            return
+        self._send(FANOUT, "", self._envelope("request", op=op, args=args), {})
+
+    # -- ITransportReceiver ------------------------------------------------
+
+    def transport_connected(self, reply_queue: str) -> None:
+        self._connected = True
+        self._reply_queue = reply_queue
+        self._last_connected = self._reactor.seconds()
+        self.log.info(
+            "SRS {agent_id} connected to cluster {cluster}",
+            agent_id=self.agent_id,
+            cluster=self.cluster,
+            event="srs.connected",
+        )
+        self._send_heartbeat(hello=True)
+        if not self._beat.running:
+            self._beat.start(self.heartbeat_interval, now=False)
+        for callback in list(self.connected_callbacks):
+            d = defer.maybeDeferred(callback)
+            d.addErrback(lambda f: self.log.failure("SRS connected callback failed", f))
+
+    def transport_disconnected(self, reason: Optional[Failure]) -> None:
+        if not self._connected:
+            return
+        self._connected = False
+        self._reply_queue = None
+        self._last_connected = self._reactor.seconds()
+        if self._beat.running:
+            self._beat.stop()
+        self.log.warn(
+            "SRS {agent_id} lost the broker: {reason}",
+            agent_id=self.agent_id,
+            reason=reason.getErrorMessage() if reason is not None else "closed",
+            event="srs.disconnected",
+        )
+        self._fail_pending("lost the connection to the cluster broker")
+        self._log_transitions()
+
+    def message_received(self, body: bytes, properties: dict[str, str]) -> None:
+        try:
+            message = json.loads(body)
+        except ValueError:
+            self.log.warn("SRS ignored a message that is not JSON: {body!r}", body=body[:200], event="srs.ignored")
+            return
+        if not isinstance(message, dict) or not self._acceptable(message):
+            return
+        sender = message["sender"]
+        if sender == self.agent_id:
+            if message.get("incarnation") != self._incarnation:
+                self._log_once(
+                    ("duplicate", sender, str(message.get("incarnation"))),
+                    "SRS: another agent uses our id {sender}",
+                    sender=sender,
+                )
+            return
+        kind = message.get("type")
+        if kind == "bye":
+            self._peer_left(sender)
+            return
+        member = self._touch(sender)
+        if kind == "heartbeat":
+            self._on_heartbeat(member, message)
+        elif kind == "request":
+            self._on_request(message, properties)
+        elif kind == "reply":
+            self._on_reply(sender, message, properties)
+        else:
+            self._log_once(("type", sender, str(kind)), "SRS ignored message type {kind} from {sender}", kind=kind, sender=sender)
+
+    # -- receiving ---------------------------------------------------------
+
+    def _acceptable(self, message: dict[str, Any]) -> bool:
+        sender = message.get("sender")
+        if message.get("proto") != PROTOCOL or not isinstance(sender, str):
+            self.log.warn("SRS ignored a message without protocol or sender", event="srs.ignored")
+            return False
+        version = message.get("version")
+        major = str(version).split(".", 1)[0]
+        if major != str(MAJOR_VERSION):
+            self._log_once(
+                ("version", sender, str(version)),
+                "SRS ignored protocol version {version} from {sender}",
+                version=version,
+                sender=sender,
+            )
+            return False
+        cluster = message.get("cluster")
+        if cluster != self.cluster:
+            self._log_once(
+                ("cluster", sender, str(cluster)),
+                "SRS ignored a message of cluster {other_cluster} from {sender}",
+                other_cluster=cluster,
+                sender=sender,
+            )
+            return False
+        return True
+
+    def _on_heartbeat(self, member: _Member, message: dict[str, Any]) -> None:
+        if isinstance(message.get("url"), str):
+            member.url = message["url"]
+        interval = message.get("interval")
+        if isinstance(interval, (int, float)) and interval > 0:
+            member.interval = float(interval)
+        if isinstance(message.get("summary"), dict):
+            member.summary = message["summary"]
+        self._log_transitions()
+        if message.get("hello"):
+            # A newcomer should not wait a whole period to learn about us.
+            self._send_heartbeat(to=member.id)
+
+    def _on_request(self, message: dict[str, Any], properties: dict[str, str]) -> None:
+        op = message.get("op")
+        args = message.get("args")
+        reply_to = properties.get("reply-to")
+        correlation_id = properties.get("correlation-id")
+        if not isinstance(op, str) or not isinstance(args, dict):
+            d: Deferred = defer.fail(SCSError("malformed SRS request"))
+        else:
+            d = defer.maybeDeferred(self.handler, op, args)
+        if reply_to and correlation_id:
+            d.addCallbacks(self._ok_reply, self._error_reply, errbackArgs=(op,))
+            d.addCallback(self._send_reply, reply_to, correlation_id)
+            d.addErrback(lambda f: self.log.failure("SRS could not reply to {op}", f, op=op))
+        else:
+            d.addErrback(self._log_broadcast_failure, op)
+
+    def _ok_reply(self, result: Any) -> dict[str, Any]:
+        message = self._envelope("reply", ok=True, result=result)
+        try:
+            encode_message(message)
+        except (TypeError, ValueError) as e:
+            self.log.error("SRS handler result is not JSON: {error}", error=str(e))
+            return self._envelope("reply", ok=False, error={"code": SCSError.code, "body": {"error": "result is not JSON"}})
+        return message
+
+    def _error_reply(self, failure: Failure, op: Any) -> dict[str, Any]:
+        if failure.check(SCSError):
+            error: SCSError = failure.value
+            body = error.to_json()
+            code = error.code
+        else:
+            self.log.failure("SRS handler failed on {op}", failure, op=op)
+            code, body = SCSError.code, {"error": "internal error on agent %s" % self.agent_id}
+        message = self._envelope("reply", ok=False, error={"code": code, "body": body})
+        try:
+            encode_message(message)
+        except (TypeError, ValueError):
+            message["error"]["body"] = {"error": str(body.get("error"))}
+        return message
+
+    def _send_reply(self, message: dict[str, Any], reply_to: str, correlation_id: str) -> Deferred:
+        return self._send(REPLY, reply_to, message, {"correlation-id": correlation_id})
+
+    def _log_broadcast_failure(self, failure: Failure, op: Any) -> None:
+        if failure.check(SCSError):
+            self.log.warn("SRS broadcast {op} refused: {error}", op=op, error=failure.getErrorMessage())
+        else:
+            self.log.failure("SRS broadcast {op} failed", failure, op=op)
+
+    def _on_reply(self, sender: str, message: dict[str, Any], properties: dict[str, str]) -> None:
+        correlation_id = properties.get("correlation-id", "")
+        if message.get("ok") is True:
+            outcome: Any = message.get("result")
+        else:
+            error = message.get("error")
+            if not isinstance(error, dict):
+                error = {}
+            body = error.get("body")
+            outcome = error_from_json(str(error.get("code", SCSError.code)), body if isinstance(body, dict) else {})
+        pending_call = self._calls.pop(correlation_id, None)
+        if pending_call is not None:
+            if pending_call.timer.active():
+                pending_call.timer.cancel()
+            if isinstance(outcome, SCSError):
+                pending_call.deferred.errback(outcome)
+            else:
+                pending_call.deferred.callback(outcome)
+            return
+        scatter = self._scatters.get(correlation_id)
+        if scatter is not None:
+            scatter.results[sender] = outcome
+            if scatter.expected <= scatter.results.keys():
+                self._finish_scatter(correlation_id)
+            return
+        self.log.debug("SRS late or unknown reply from {sender}", sender=sender)
+
+    # -- membership --------------------------------------------------------
+
+    def _touch(self, sender: str) -> _Member:
+        member = self._members.get(sender)
+        if member is None:
+            member = self._members[sender] = _Member(sender, interval=self.heartbeat_interval)
+        member.last_seen = self._reactor.seconds()
+        member.left = False
+        return member
+
+    def _peer_left(self, sender: str) -> None:
+        member = self._members.get(sender)
+        if member is not None:
+            member.left = True
+            self._log_transitions()
+
+    def _heard_recently(self, member: _Member, now: float) -> bool:
+        if member.last_seen is None or member.left:
+            return False
+        return now - member.last_seen <= DEAD_AFTER_PERIODS * member.interval
+
+    def _alive(self, member: _Member, now: float) -> bool:
+        return self._connected and self._heard_recently(member, now)
+
+    def _log_transitions(self) -> None:
+        now = self._reactor.seconds()
+        for m in sorted(self._members.values(), key=lambda m: m.id):
+            alive = self._alive(m, now)
+            if alive == m.reported_alive:
+                continue
+            m.reported_alive = alive
+            if alive:
+                self.log.info(
+                    "SRS member {member} is alive ({url})",
+                    member=m.id,
+                    url=m.url,
+                    agent_id=self.agent_id,
+                    event="srs.member.alive",
+                )
+            else:
+                why = "left" if m.left else ("disconnected" if not self._connected else "silent")
+                self.log.warn(
+                    "SRS member {member} is dead ({why})",
+                    member=m.id,
+                    why=why,
+                    last_seen=m.last_seen,
+                    agent_id=self.agent_id,
+                    event="srs.member.dead",
+                )
+
+    def _heartbeat_tick(self) -> None:
+        self._send_heartbeat()
+        self._log_transitions()
+
+    def _send_heartbeat(self, hello: bool = False, to: Optional[str] = None) -> None:
+        message = self._envelope(
+            "heartbeat",
+            url=self.url,
+            interval=self.heartbeat_interval,
+            summary=self._safe_summary(),
+            hello=hello,
+        )
+        if to is None:
+            self._send(FANOUT, "", message, {})
+        else:
+            self._send(DIRECT, to, message, {})
+
+    def _safe_summary(self) -> dict[str, Any]:
+        try:
+            summary = self.summary()
+        except Exception:
+            self.log.failure("SRS summary() failed")
+            return {}
+        return summary if isinstance(summary, dict) else {}
+
+    # -- sending and pending requests --------------------------------------
+
+    def _envelope(self, kind: str, **fields: Any) -> dict[str, Any]:
+        message = {
+            "proto": PROTOCOL,
+            "version": VERSION,
+            "cluster": self.cluster,
+            "type": kind,
+            "sender": self.agent_id,
+            "incarnation": self._incarnation,
+        }
+        message.update(fields)
+        return message
+
+    def _send(self, kind: str, key: str, message: dict[str, Any], properties: dict[str, str]) -> Deferred:
+        try:
+            body = encode_message(message)
+            d = self.transport.publish(kind, key, body, properties)
+        except Exception:
+            d = defer.fail()
+
+        def failed(f: Failure) -> Failure:
+            self.log.warn(
+                "SRS could not send {type} ({kind}): {error}",
+                type=message.get("type"),
+                kind=kind,
+                error=f.getErrorMessage(),
+                event="srs.send.failed",
+            )
+            return f
+
+        d.addErrback(failed)
+        return d
+
+    def _new_id(self) -> str:
+        return "%032x" % self._rng.getrandbits(128)
+
+    def _run_local(self, op: str, args: dict) -> Deferred:
+        d = defer.maybeDeferred(self.handler, op, args)
+
+        def same_as_remote(result: Any) -> Any:
+            return json.loads(encode_message({"r": result}))["r"]
+
+        def wrap_unexpected(f: Failure) -> Failure:
+            if f.check(SCSError):
+                return f
+            self.log.failure("SRS handler failed on {op}", f, op=op)
+            return Failure(SCSError("internal error on agent %s" % self.agent_id))
+
+        d.addCallbacks(same_as_remote, wrap_unexpected)
+        return d
+
+    def _call_timed_out(self, correlation_id: str) -> None:
+        pending = self._calls.pop(correlation_id, None)
+        if pending is not None:
+            pending.deferred.errback(
+                GatewayTimeout("agent %s did not answer %s in time" % (pending.agent_id, pending.op), agent=pending.agent_id)
+            )
+
+    def _call_send_failed(self, failure: Failure, correlation_id: str) -> None:
+        pending = self._calls.pop(correlation_id, None)
+        if pending is not None:
+            if pending.timer.active():
+                pending.timer.cancel()
+            pending.deferred.errback(Unavailable("could not send to agent %s" % pending.agent_id, agent=pending.agent_id))
+
+    def _forget_call(self, correlation_id: str) -> None:
+        pending = self._calls.pop(correlation_id, None)
+        if pending is not None and pending.timer.active():
+            pending.timer.cancel()
+
+    def _forget_scatter(self, correlation_id: str) -> None:
+        pending = self._scatters.pop(correlation_id, None)
+        if pending is not None and pending.timer.active():
+            pending.timer.cancel()
+
+    def _finish_scatter(self, correlation_id: str) -> None:
+        pending = self._scatters.pop(correlation_id, None)
+        if pending is None:
+            return
+        if pending.timer.active():
+            pending.timer.cancel()
+        missing = sorted(pending.expected - pending.results.keys())
+        if missing:
+            self.log.info("SRS scatter {op}: no answer from {missing}", op=pending.op, missing=missing, event="srs.scatter.missing")
+        pending.deferred.callback((pending.results, missing))
+
+    def _fail_pending(self, why: str) -> None:
+        for correlation_id in list(self._calls):
+            pending = self._calls.pop(correlation_id)
+            if pending.timer.active():
+                pending.timer.cancel()
+            pending.deferred.errback(Unavailable(why, agent=pending.agent_id))
+        for correlation_id in list(self._scatters):
+            self._finish_scatter(correlation_id)
+
+    def _log_once(self, key: tuple[str, str, str], format: str, **fields: Any) -> None:
+        # Peers send every period: one line per distinct oddity, not one per heartbeat.
+        if key in self._ignored_logged:
+            return
+        self._ignored_logged.add(key)
+        self.log.warn(format, event="srs.ignored", **fields)
+
+
+def _instances(summary: dict[str, Any]) -> int:
+    count = summary.get("instances", 0)
+    return count if isinstance(count, int) and not isinstance(count, bool) else 0

@@ -365,7 +365,10 @@ class SRS(MultiService):
         except ValueError:
             self.log.warn("SRS ignored a message that is not JSON: {body!r}", body=body[:200], event="srs.ignored")
             return
-        if not isinstance(message, dict) or not self._acceptable(message):
+        if not isinstance(message, dict):
+            self.log.warn("SRS ignored a message that is not a JSON object", event="srs.ignored")
+            return
+        if not self._acceptable(message):
             return
         sender = message["sender"]
         if sender == self.agent_id:

@@ -8,7 +8,14 @@ setup(
     long_description_content_type="text/x-rst",
     python_requires=">=3.11",
     packages=find_packages(include=["scs", "scs.*"]) + ["twisted.plugins"],
-    package_data={"scs": ["migrations/script.py.mako", "http/templates/*"]},
+    package_data={
+        "scs": [
+            "migrations/*.py",
+            "migrations/script.py.mako",
+            "migrations/versions/*.py",
+            "http/templates/*",
+        ]
+    },
     include_package_data=True,
     install_requires=[
         "Twisted[conch]>=24.7.0",

@@ -110,10 +110,30 @@ class InstanceSpec:
     queues: tuple[QueueBinding, ...] = ()
     # The app's extra worker arguments followed by the instance's own.
     arguments: tuple[str, ...] = ()
+    # The instance's own extra arguments alone (what the API was given).
+    node_arguments: tuple[str, ...] = ()
 
     @property
     def queue_names(self) -> tuple[str, ...]:
         return tuple(q.name for q in self.queues)
+
+
+@attrs.frozen
+class AppRecord:
+    """A Celery application as the store has it."""
+
+    name: str
+    broker: BrokerInfo
+    celery_app: str | None = None
+    arguments: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "broker": self.broker.to_json(),
+            "celery_app": self.celery_app,
+            "arguments": list(self.arguments),
+        }
 
 
 @attrs.frozen

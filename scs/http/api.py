@@ -1,0 +1,338 @@
+"""The REST API of DESIGN §5, as a Klein app on a class.
+
+Each route reads its parameters (``scs.http.params``), validates them
+(``scs.validation``) and calls the ``Agent`` façade; domain errors become
+JSON errors with their HTTP status.  Every route answers with and without a
+trailing slash, and a known path asked with a wrong method answers 405.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import quote, unquote_to_bytes
+
+from klein import Klein
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource
+
+from scs import validation as v
+from scs.agent import Agent, Reply
+from scs.errors import BadParameter, MethodNotAllowed, NotFound, SCSError
+from scs.http.params import DEFAULT_MAX_BODY, request_params
+from scs.store import UNSET
+
+log = Logger(namespace="scs.http")
+
+ALL_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
+MISSING_AGENTS_HEADER = b"X-SCS-Missing-Agents"
+
+# path -> methods, filled by ``endpoint`` so that the other methods of a
+# known path can answer 405 instead of 404.
+_METHODS: dict[str, set[str]] = {}
+
+
+def write_json(request: IRequest, body: Any, status: int = 200) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    return json.dumps(body, ensure_ascii=False).encode("utf-8")
+
+
+def write_error(request: IRequest, error: SCSError) -> bytes:
+    return write_json(request, error.to_json(), error.status)
+
+
+_klein = Klein()
+
+
+class _UTF8PathGuard(Resource):
+    """Answers a JSON 400 for a path that is not UTF-8 (Klein's own answer
+    is HTML), and hands every other request to the Klein app."""
+
+    isLeaf = True
+
+    def __init__(self, wrapped: IResource) -> None:
+        super().__init__()
+        self.wrapped = wrapped
+
+    def render(self, request: IRequest) -> Any:
+        try:
+            unquote_to_bytes(request.path).decode("utf-8")
+        except UnicodeDecodeError:
+            return write_error(request, BadParameter("the URL path is not valid UTF-8"))
+        return self.wrapped.render(request)
+
+
+def endpoint(path: str, *methods: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Route ``path`` (with or without its trailing slash) to a handler
+    ``f(self, params, **path_arguments)`` returning a ``Reply``."""
+
+    def register(f: Callable[..., Any]) -> Callable[..., Any]:
+        async def handler(self: API, request: IRequest, **path_arguments: Any) -> bytes:
+            try:
+                params = request_params(request, self.max_body)
+                reply = await f(self, params, **path_arguments)
+            except SCSError as e:
+                return write_error(request, e)
+            except Exception:  # noqa: BLE001 - never a stack trace to the client
+                log.failure("unexpected error in {path}", Failure(), path=path)
+                return write_json(request, {"error": "internal error"}, 500)
+            if reply.missing:
+                request.setHeader(
+                    MISSING_AGENTS_HEADER,
+                    ",".join(quote(agent, safe="") for agent in reply.missing).encode(),
+                )
+            return write_json(request, reply.body, reply.status)
+
+        handler.__name__ = f.__name__
+        _METHODS.setdefault(path, set()).update(methods)
+        _klein.route(
+            path, methods=list(methods), strict_slashes=False, endpoint=f"{f.__name__}"
+        )(handler)
+        return f
+
+    return register
+
+
+class API:
+    """The HTTP API of one agent, answering for the cluster."""
+
+    app = _klein
+
+    def __init__(
+        self,
+        agent: Agent,
+        max_body: int = DEFAULT_MAX_BODY,
+        mounts: dict[str, IResource] | None = None,
+    ) -> None:
+        self.agent = agent
+        self.max_body = max_body
+        # Other surfaces served beside the API: "admin" and "metrics".
+        self.mounts = dict(mounts or {})
+
+    def resource(self) -> IResource:
+        return _UTF8PathGuard(self.app.resource())
+
+    # -- routes ----------------------------------------------------------------
+
+    @_klein.route("/admin/", branch=True, endpoint="admin")
+    def admin(self, request: IRequest) -> IResource | bytes:
+        return self._mounted("admin", request)
+
+    @_klein.route("/metrics", branch=True, strict_slashes=False, endpoint="metrics")
+    def metrics(self, request: IRequest) -> IResource | bytes:
+        return self._mounted("metrics", request)
+
+    def _mounted(self, name: str, request: IRequest) -> IResource | bytes:
+        resource = self.mounts.get(name)
+        if resource is None:
+            return write_error(request, NotFound(f"this agent serves no {name}", path=name))
+        return resource
+
+    @endpoint("/ping/", "GET")
+    async def ping(self, params: dict[str, Any]) -> Reply:
+        v.only(params, ())
+        return Reply({"ok": "pong"})
+
+    @endpoint("/agents/", "GET")
+    async def agents(self, params: dict[str, Any]) -> Reply:
+        v.only(params, ())
+        return Reply(self.agent.members())
+
+    @endpoint("/<app>/", "PUT", "POST")
+    async def app_put(self, params: dict[str, Any], app: str) -> Reply:
+        v.only(params, ("broker", "celery_app", "arguments"))
+        return await self.agent.app_put(
+            v.check_app_name(app),
+            broker=v.check_broker_url(params["broker"]) if "broker" in params else None,
+            celery_app=v.check_celery_app(params["celery_app"])
+            if "celery_app" in params
+            else UNSET,
+            arguments=list(v.check_arguments(params["arguments"]))
+            if "arguments" in params
+            else None,
+        )
+
+    @endpoint("/<app>/", "GET")
+    async def app_get(self, params: dict[str, Any], app: str) -> Reply:
+        v.only(params, ())
+        return await self.agent.app_get(v.check_app_name(app))
+
+    @endpoint("/<app>/", "DELETE")
+    async def app_delete(self, params: dict[str, Any], app: str) -> Reply:
+        v.only(params, ())
+        return await self.agent.app_delete(v.check_app_name(app))
+
+    def _instance_settings(self, params: dict[str, Any]) -> dict[str, Any]:
+        v.only(
+            params,
+            ("max_concurrency", "min_concurrency", "queues", "broker", "arguments", "nowait"),
+        )
+        settings: dict[str, Any] = {}
+        if "min_concurrency" in params:
+            settings["min_concurrency"] = v.check_concurrency(
+                params["min_concurrency"], "min_concurrency"
+            )
+        if "max_concurrency" in params:
+            settings["max_concurrency"] = v.check_concurrency(
+                params["max_concurrency"], "max_concurrency"
+            )
+        else:
+            # Asking only for a minimum raises the default maximum with it.
+            settings["max_concurrency"] = max(1, settings.get("min_concurrency", 1))
+        settings.setdefault("min_concurrency", 1)
+        v.check_concurrency_range(settings["max_concurrency"], settings["min_concurrency"])
+        if "queues" in params:
+            settings["queues"] = list(v.check_queue_list(params["queues"]))
+        if "broker" in params:
+            settings["broker"] = v.check_broker_url(params["broker"])
+        if "arguments" in params:
+            settings["arguments"] = list(v.check_arguments(params["arguments"]))
+        if "nowait" in params:
+            settings["nowait"] = v.check_bool(params["nowait"], "nowait")
+        return settings
+
+    @endpoint("/<app>/instances/", "PUT", "POST")
+    async def instance_create(self, params: dict[str, Any], app: str) -> Reply:
+        app = v.check_app_name(app)
+        return await self.agent.instance_create(app, None, **self._instance_settings(params))
+
+    @endpoint("/<app>/instances/", "GET")
+    async def instance_list(self, params: dict[str, Any], app: str) -> Reply:
+        v.only(params, ())
+        return await self.agent.instance_list(v.check_app_name(app))
+
+    @endpoint("/<app>/instances/<name>/", "PUT", "POST")
+    async def instance_create_named(self, params: dict[str, Any], app: str, name: str) -> Reply:
+        app = v.check_app_name(app)
+        name = v.check_instance_name(name)
+        return await self.agent.instance_create(app, name, **self._instance_settings(params))
+
+    async def _on_instance(
+        self, params: dict[str, Any], operation: str, app: str | None, name: str, **extra: Any
+    ) -> Reply:
+        v.only(params, ())
+        return await self.agent.instance_operation(
+            operation,
+            v.check_instance_name(name),
+            None if app is None else v.check_app_name(app),
+            **extra,
+        )
+
+    @endpoint("/<app>/instances/<name>/", "GET")
+    async def instance_get(self, params: dict[str, Any], app: str, name: str) -> Reply:
+        return await self._on_instance(params, "instance_get", app, name)
+
+    @endpoint("/<app>/instances/<name>/", "DELETE")
+    async def instance_delete(self, params: dict[str, Any], app: str, name: str) -> Reply:
+        return await self._on_instance(params, "instance_delete", app, name)
+
+    # The introduction deletes an instance without naming its app.
+    @endpoint("/instances/<name>/", "DELETE")
+    async def instance_delete_any_app(self, params: dict[str, Any], name: str) -> Reply:
+        return await self._on_instance(params, "instance_delete", None, name)
+
+    @endpoint("/instances/<name>/", "GET")
+    async def instance_get_any_app(self, params: dict[str, Any], name: str) -> Reply:
+        return await self._on_instance(params, "instance_get", None, name)
+
+    @endpoint("/<app>/instances/<name>/enable/", "POST", "PUT")
+    async def instance_enable(self, params: dict[str, Any], app: str, name: str) -> Reply:
+        return await self._on_instance(params, "instance_enable", app, name)
+
+    @endpoint("/<app>/instances/<name>/disable/", "POST", "PUT")
+    async def instance_disable(self, params: dict[str, Any], app: str, name: str) -> Reply:
+        return await self._on_instance(params, "instance_disable", app, name)
+
+    @endpoint("/<app>/instances/<name>/restart/", "POST", "PUT")
+    async def instance_restart(self, params: dict[str, Any], app: str, name: str) -> Reply:
+        return await self._on_instance(params, "instance_restart", app, name)
+
+    @endpoint("/<app>/instances/<name>/autoscale/", "GET")
+    async def autoscale_get(self, params: dict[str, Any], app: str, name: str) -> Reply:
+        return await self._on_instance(params, "autoscale_get", app, name)
+
+    @endpoint("/<app>/instances/<name>/autoscale/", "POST", "PUT")
+    async def autoscale_set(self, params: dict[str, Any], app: str, name: str) -> Reply:
+        v.only(params, ("max", "min"))
+        if not params:
+            raise BadParameter("give max, min or both", parameter="max")
+        extra = {}
+        if "max" in params:
+            extra["max"] = v.check_concurrency(params["max"], "max")
+        if "min" in params:
+            extra["min"] = v.check_concurrency(params["min"], "min")
+        if "max" in extra and "min" in extra:
+            v.check_concurrency_range(extra["max"], extra["min"])
+        return await self._on_instance({}, "autoscale_set", app, name, **extra)
+
+    @endpoint("/<app>/instances/<name>/queues/", "GET")
+    async def instance_queues(self, params: dict[str, Any], app: str, name: str) -> Reply:
+        return await self._on_instance(params, "queues_of", app, name)
+
+    @endpoint("/<app>/instances/<name>/queues/<queue>/", "PUT", "POST")
+    async def consume(self, params: dict[str, Any], app: str, name: str, queue: str) -> Reply:
+        reply = await self._on_instance(
+            params, "consume", app, name, queue=v.check_queue_name(queue)
+        )
+        return Reply(reply.body, status=201, missing=reply.missing)
+
+    @endpoint("/<app>/instances/<name>/queues/<queue>/", "DELETE")
+    async def cancel(self, params: dict[str, Any], app: str, name: str, queue: str) -> Reply:
+        return await self._on_instance(params, "cancel", app, name, queue=v.check_queue_name(queue))
+
+    @endpoint("/<app>/instances/<name>/stats/", "GET")
+    async def stats(self, params: dict[str, Any], app: str, name: str) -> Reply:
+        return await self._on_instance(params, "stats", app, name)
+
+    @endpoint("/<app>/queues/", "GET")
+    async def queue_list(self, params: dict[str, Any], app: str) -> Reply:
+        v.only(params, ())
+        return await self.agent.queue_list(v.check_app_name(app))
+
+    @endpoint("/<app>/queues/<name>/", "PUT", "POST")
+    async def queue_declare(self, params: dict[str, Any], app: str, name: str) -> Reply:
+        v.only(params, ("exchange", "routing_key", "exchange_type", "options"))
+        return await self.agent.queue_declare(v.check_app_name(app), v.queue_binding(name, params))
+
+    @endpoint("/<app>/queues/<name>/", "GET")
+    async def queue_get(self, params: dict[str, Any], app: str, name: str) -> Reply:
+        v.only(params, ())
+        return await self.agent.queue_operation(
+            "queue_get", v.check_app_name(app), v.check_queue_name(name)
+        )
+
+    @endpoint("/<app>/queues/<name>/", "DELETE")
+    async def queue_delete(self, params: dict[str, Any], app: str, name: str) -> Reply:
+        v.only(params, ())
+        return await self.agent.queue_operation(
+            "queue_delete", v.check_app_name(app), v.check_queue_name(name)
+        )
+
+
+
+def _method_not_allowed(allowed: set[str]) -> Callable[..., bytes]:
+    def handler(self: API, request: IRequest, **_: Any) -> bytes:
+        request.setHeader(b"Allow", ", ".join(sorted(allowed)).encode())
+        error = MethodNotAllowed(
+            f"method {request.method.decode('latin-1')} not allowed here",
+            allowed=sorted(allowed),
+        )
+        return write_error(request, error)
+
+    return handler
+
+
+for _index, (_path, _allowed) in enumerate(sorted(_METHODS.items())):
+    _others = [m for m in ALL_METHODS if m not in _allowed and not (m == "HEAD" and "GET" in _allowed)]
+    API.app.route(_path, methods=_others, strict_slashes=False, endpoint=f"405-{_index}")(
+        _method_not_allowed(_allowed)
+    )
+
+
+@API.app.route("/<path:rest>", methods=list(ALL_METHODS), endpoint="not-found")
+def _not_found(self: API, request: IRequest, rest: str) -> bytes:
+    return write_error(request, NotFound("no such resource", path="/" + rest))

@@ -1,0 +1,93 @@
+"""Reading an HTTP request's parameters: query string, form fields or a
+JSON object body, all into one flat dict.
+
+Refuses, with ``BadParameter``/``BodyTooLarge``, anything it cannot read
+without guessing: bytes that are not UTF-8, a body that is not a JSON
+object, a parameter given twice, a body over the size limit.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from twisted.web.iweb import IRequest
+
+from scs.errors import BadParameter, BodyTooLarge
+
+DEFAULT_MAX_BODY = 64 * 1024
+
+
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadParameter(f"{where} is not valid UTF-8") from None
+
+
+def _pairs(raw: bytes, where: str) -> list[tuple[str, str]]:
+    text = _decode(raw, where)
+    try:
+        return parse_qsl(text, keep_blank_values=True, errors="strict", strict_parsing=False)
+    except (UnicodeDecodeError, ValueError):
+        raise BadParameter(f"{where} holds percent-escapes that are not valid UTF-8") from None
+
+
+def read_body(request: IRequest, max_body: int) -> bytes:
+    length = request.getHeader(b"content-length")
+    if length is not None:
+        try:
+            declared = int(length)
+        except ValueError:
+            raise BadParameter("Content-Length is not a number") from None
+        if declared > max_body:
+            raise BodyTooLarge(f"body is larger than {max_body} bytes", limit=max_body)
+    content = request.content
+    if content is None:
+        return b""
+    content.seek(0)
+    body = content.read(max_body + 1)
+    if len(body) > max_body:
+        raise BodyTooLarge(f"body is larger than {max_body} bytes", limit=max_body)
+    return body
+
+
+def request_params(request: IRequest, max_body: int = DEFAULT_MAX_BODY) -> dict[str, Any]:
+    """All parameters of ``request`` as one dict of name to value."""
+    params: dict[str, Any] = {}
+
+    def add(name: str, value: Any) -> None:
+        if name in params:
+            raise BadParameter(f"parameter {name!r} is given twice", parameter=name)
+        params[name] = value
+
+    for name, value in _pairs(urlsplit(request.uri).query, "query string"):
+        add(name, value)
+
+    body = read_body(request, max_body)
+    if not body.strip():
+        return params
+    content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+    # curl -d '{...}' labels JSON as a form; a form never starts with "{".
+    looks_like_json = body.lstrip()[:1] == b"{"
+    if content_type == b"application/json" or (
+        looks_like_json and content_type in (b"", b"application/x-www-form-urlencoded")
+    ):
+        try:
+            document = json.loads(_decode(body, "body"))
+        except ValueError as e:
+            raise BadParameter(f"body is not valid JSON: {e}") from None
+        if not isinstance(document, dict):
+            raise BadParameter("a JSON body must be an object of parameters")
+        for name, value in document.items():
+            add(name, value)
+    elif content_type in (b"", b"application/x-www-form-urlencoded", b"text/plain"):
+        for name, value in _pairs(body, "body"):
+            add(name, value)
+    else:
+        raise BadParameter(
+            f"unsupported Content-Type {content_type.decode('latin-1')!r}: "
+            "send a query string, form fields or a JSON object"
+        )
+    return params

@@ -1,0 +1,116 @@
+"""The agent's object store schema: ``Broker``, ``App``, ``Node``, ``Queue``
+and the consumption relation between nodes and queues.
+
+It stands in for Axiom (see DESIGN §2): small synchronous transactions in the
+reactor thread, one SQLite file per agent.  Schema changes go through the
+Alembic revisions in ``scs/migrations``; this module is the current shape.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Broker(Base):
+    """An AMQP broker, kept once per URL and shared by apps and nodes."""
+
+    __tablename__ = "broker"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    url: Mapped[str] = mapped_column(String(1024), unique=True)
+
+
+class App(Base):
+    """A Celery application: its default broker and its ``-A`` target."""
+
+    __tablename__ = "app"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    broker_id: Mapped[int] = mapped_column(ForeignKey("broker.id"))
+    celery_app: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # JSON list of extra ``celery worker`` arguments for every instance.
+    arguments: Mapped[str] = mapped_column(Text, default="[]", server_default="[]")
+
+    broker: Mapped[Broker] = relationship(lazy="joined")
+    nodes: Mapped[list[Node]] = relationship(
+        back_populates="app", cascade="all, delete-orphan", passive_deletes=True
+    )
+    queues: Mapped[list[Queue]] = relationship(
+        back_populates="app", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class Node(Base):
+    """One worker instance owned by this agent (a ``celery worker`` process)."""
+
+    __tablename__ = "node"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # Unique on the agent, not per app: it becomes the Celery node name.
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    app_id: Mapped[int] = mapped_column(ForeignKey("app.id", ondelete="CASCADE"))
+    # None: use the app's broker.
+    broker_id: Mapped[int | None] = mapped_column(ForeignKey("broker.id"), nullable=True)
+    max_concurrency: Mapped[int] = mapped_column(Integer, default=1)
+    min_concurrency: Mapped[int] = mapped_column(Integer, default=1)
+    is_enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[float] = mapped_column(Float, default=0.0)
+    # JSON list of extra ``celery worker`` arguments for this instance.
+    arguments: Mapped[str] = mapped_column(Text, default="[]", server_default="[]")
+
+    app: Mapped[App] = relationship(back_populates="nodes", lazy="joined")
+    broker: Mapped[Broker | None] = relationship(lazy="joined")
+    consumptions: Mapped[list[Consumption]] = relationship(
+        back_populates="node",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+        order_by="Consumption.id",
+        lazy="selectin",
+    )
+
+
+class Queue(Base):
+    """A queue declaration of an app: where its messages come from."""
+
+    __tablename__ = "queue"
+    __table_args__ = (UniqueConstraint("app_id", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    app_id: Mapped[int] = mapped_column(ForeignKey("app.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    exchange: Mapped[str] = mapped_column(String(200))
+    routing_key: Mapped[str] = mapped_column(String(200))
+    exchange_type: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # JSON object of extra kombu queue options, or None.
+    options: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    app: Mapped[App] = relationship(back_populates="queues")
+
+
+class Consumption(Base):
+    """A node consuming from a queue.
+
+    It keeps a copy of the declaration it was told to use, because the
+    declaration may live on another agent of the cluster (DESIGN §7: queues
+    are owned by the agent they were declared on), and the worker must keep
+    consuming with it across restarts of either agent.
+    """
+
+    __tablename__ = "consumption"
+    __table_args__ = (UniqueConstraint("node_id", "queue_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node_id: Mapped[int] = mapped_column(ForeignKey("node.id", ondelete="CASCADE"))
+    queue_name: Mapped[str] = mapped_column(String(200))
+    exchange: Mapped[str] = mapped_column(String(200))
+    routing_key: Mapped[str] = mapped_column(String(200))
+    exchange_type: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    options: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    node: Mapped[Node] = relationship(back_populates="consumptions")

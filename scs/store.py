@@ -1,0 +1,420 @@
+"""Opening and upgrading the agent's store, and the queries the rest uses.
+
+Every public method is one small synchronous transaction, run in the
+reactor thread as Axiom's were; SQLite answers these in well under a
+millisecond, so nothing is gained by moving them to a thread.  Methods take
+validated values (see ``scs.validation``) and return the immutable records of
+``scs.records``; integrity problems come back as ``NotFound``/``Conflict``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event, inspect, select
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+from scs.errors import Conflict, NotFound
+from scs.models import App, Broker, Consumption, Node, Queue
+from scs.records import AppRecord, BrokerInfo, InstanceSpec, QueueBinding
+
+STORE_FILENAME = ".scs-store.sqlite"
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+# Sentinel for "parameter not given" where None is a meaningful value.
+UNSET: Any = object()
+
+
+def _enable_foreign_keys(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Bring the schema of ``engine`` to ``revision`` with Alembic."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+
+
+def schema_revision(engine: Engine) -> str | None:
+    with engine.connect() as connection:
+        if not inspect(connection).has_table("alembic_version"):
+            return None
+        return connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+
+
+class Store:
+    """The desired state of one agent: apps, instances, queues."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], revision: str = "head") -> Store:
+        """Open (creating and upgrading as needed) the store file at ``path``."""
+        engine = create_engine(f"sqlite:///{os.fspath(path)}")
+        event.listen(engine, "connect", _enable_foreign_keys)
+        migrate(engine, revision)
+        return cls(engine)
+
+    @classmethod
+    def in_directory(cls, directory: str | os.PathLike[str]) -> Store:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        return cls.open(Path(directory) / STORE_FILENAME)
+
+    @classmethod
+    def in_memory(cls, revision: str = "head") -> Store:
+        """A private in-memory store, for tests."""
+        engine = create_engine(
+            "sqlite://",
+            poolclass=StaticPool,
+            connect_args={"check_same_thread": False},
+        )
+        event.listen(engine, "connect", _enable_foreign_keys)
+        migrate(engine, revision)
+        return cls(engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        with self._sessions.begin() as session:
+            yield session
+
+    # -- brokers ---------------------------------------------------------
+
+    def _broker(self, session: Session, url: str) -> Broker:
+        url = BrokerInfo.from_url(url).url  # one row per broker, however spelt
+        broker = session.scalar(select(Broker).where(Broker.url == url))
+        if broker is None:
+            broker = Broker(url=url)
+            session.add(broker)
+        return broker
+
+    # -- apps ------------------------------------------------------------
+
+    def _app(self, session: Session, name: str) -> App:
+        app = session.scalar(select(App).where(App.name == name))
+        if app is None:
+            raise NotFound(f"no app named {name!r}", app=name)
+        return app
+
+    def _app_or_create(self, session: Session, name: str, default_broker: str) -> App:
+        app = session.scalar(select(App).where(App.name == name))
+        if app is None:
+            app = App(name=name, broker=self._broker(session, default_broker), arguments="[]")
+            session.add(app)
+            session.flush()
+        return app
+
+    def put_app(
+        self,
+        name: str,
+        default_broker: str,
+        *,
+        broker: str | None = None,
+        celery_app: Any = UNSET,
+        arguments: Sequence[str] | None = None,
+    ) -> tuple[AppRecord, bool]:
+        """Create or update an app; returns it and whether it was created."""
+        with self.transaction() as session:
+            existing = session.scalar(select(App).where(App.name == name))
+            app = self._app_or_create(session, name, broker or default_broker)
+            if broker is not None:
+                app.broker = self._broker(session, broker)
+            if celery_app is not UNSET:
+                app.celery_app = celery_app
+            if arguments is not None:
+                app.arguments = json.dumps(list(arguments))
+            session.flush()
+            return _app_record(app), existing is None
+
+    def ensure_app(self, name: str, default_broker: str) -> AppRecord:
+        with self.transaction() as session:
+            return _app_record(self._app_or_create(session, name, default_broker))
+
+    def get_app(self, name: str) -> AppRecord:
+        with self.transaction() as session:
+            return _app_record(self._app(session, name))
+
+    def list_apps(self) -> list[AppRecord]:
+        with self.transaction() as session:
+            return [_app_record(a) for a in session.scalars(select(App).order_by(App.name))]
+
+    def delete_app(self, name: str) -> list[str]:
+        """Delete an app with its instances and queues; returns the instances' names."""
+        with self.transaction() as session:
+            app = self._app(session, name)
+            names = [n.name for n in app.nodes]
+            session.delete(app)
+            return names
+
+    # -- nodes -----------------------------------------------------------
+
+    def _node(self, session: Session, name: str, app: str | None = None) -> Node:
+        node = session.scalar(select(Node).where(Node.name == name))
+        if node is None or (app is not None and node.app.name != app):
+            raise NotFound(f"no instance named {name!r}", instance=name)
+        return node
+
+    def add_node(
+        self,
+        app: str,
+        name: str,
+        default_broker: str,
+        *,
+        max_concurrency: int = 1,
+        min_concurrency: int = 1,
+        broker: str | None = None,
+        arguments: Sequence[str] = (),
+        queues: Sequence[QueueBinding] = (),
+    ) -> tuple[InstanceSpec, bool]:
+        """Add an instance; an identical existing one is returned as is.
+
+        Returns the instance and whether it was created.  An instance of the
+        same name with other settings is a ``Conflict``.
+        """
+        with self.transaction() as session:
+            found = session.scalar(select(Node).where(Node.name == name))
+            if found is not None:
+                spec = _instance_spec(found)
+                wanted_broker = (
+                    BrokerInfo.from_url(broker) if broker is not None else spec.broker
+                )
+                same = (
+                    found.app.name == app
+                    and spec.max_concurrency == max_concurrency
+                    and spec.min_concurrency == min_concurrency
+                    and spec.broker == wanted_broker
+                    and spec.node_arguments == tuple(arguments)
+                    and set(spec.queue_names) >= {q.name for q in queues}
+                )
+                if not same:
+                    raise Conflict(
+                        f"instance {name!r} exists with other settings", instance=name
+                    )
+                return spec, False
+            app_row = self._app_or_create(session, app, default_broker)
+            node = Node(
+                name=name,
+                app=app_row,
+                broker=self._broker(session, broker) if broker is not None else None,
+                max_concurrency=max_concurrency,
+                min_concurrency=min_concurrency,
+                is_enabled=True,
+                created_at=time.time(),
+                arguments=json.dumps(list(arguments)),
+            )
+            for binding in queues:
+                node.consumptions.append(_consumption(binding))
+            session.add(node)
+            session.flush()
+            return _instance_spec(node), True
+
+    def get_node(self, name: str, app: str | None = None) -> InstanceSpec:
+        with self.transaction() as session:
+            return _instance_spec(self._node(session, name, app))
+
+    def has_node(self, name: str) -> bool:
+        with self.transaction() as session:
+            return session.scalar(select(Node.id).where(Node.name == name)) is not None
+
+    def list_nodes(self, app: str | None = None) -> list[InstanceSpec]:
+        with self.transaction() as session:
+            query = select(Node).order_by(Node.created_at, Node.id)
+            if app is not None:
+                query = query.join(App).where(App.name == app)
+            return [_instance_spec(n) for n in session.scalars(query)]
+
+    def delete_node(self, name: str, app: str | None = None) -> InstanceSpec:
+        with self.transaction() as session:
+            node = self._node(session, name, app)
+            spec = _instance_spec(node)
+            session.delete(node)
+            return spec
+
+    def set_enabled(self, name: str, enabled: bool, app: str | None = None) -> InstanceSpec:
+        with self.transaction() as session:
+            node = self._node(session, name, app)
+            node.is_enabled = enabled
+            session.flush()
+            return _instance_spec(node)
+
+    def set_autoscale(
+        self,
+        name: str,
+        max_concurrency: int | None,
+        min_concurrency: int | None,
+        app: str | None = None,
+    ) -> InstanceSpec:
+        from scs.validation import check_concurrency_range
+
+        with self.transaction() as session:
+            node = self._node(session, name, app)
+            new_max = node.max_concurrency if max_concurrency is None else max_concurrency
+            new_min = node.min_concurrency if min_concurrency is None else min_concurrency
+            check_concurrency_range(new_max, new_min)
+            node.max_concurrency, node.min_concurrency = new_max, new_min
+            session.flush()
+            return _instance_spec(node)
+
+    def add_consumption(
+        self, name: str, binding: QueueBinding, app: str | None = None
+    ) -> InstanceSpec:
+        """Make the instance consume ``binding`` (replacing an older declaration)."""
+        with self.transaction() as session:
+            node = self._node(session, name, app)
+            for consumption in node.consumptions:
+                if consumption.queue_name == binding.name:
+                    node.consumptions.remove(consumption)
+                    session.flush()
+                    break
+            node.consumptions.append(_consumption(binding))
+            session.flush()
+            return _instance_spec(node)
+
+    def remove_consumption(self, name: str, queue: str, app: str | None = None) -> InstanceSpec:
+        with self.transaction() as session:
+            node = self._node(session, name, app)
+            for consumption in node.consumptions:
+                if consumption.queue_name == queue:
+                    node.consumptions.remove(consumption)
+                    session.flush()
+                    return _instance_spec(node)
+            raise NotFound(
+                f"instance {name!r} does not consume {queue!r}", instance=name, queue=queue
+            )
+
+    # -- queues ----------------------------------------------------------
+
+    def _queue(self, session: Session, app: str, name: str) -> Queue:
+        queue = session.scalar(
+            select(Queue).join(App).where(App.name == app, Queue.name == name)
+        )
+        if queue is None:
+            raise NotFound(f"no queue named {name!r} in app {app!r}", queue=name)
+        return queue
+
+    def declare_queue(
+        self, app: str, binding: QueueBinding, default_broker: str
+    ) -> tuple[QueueBinding, bool]:
+        """Declare (or re-declare with new settings) a queue of ``app``."""
+        with self.transaction() as session:
+            app_row = self._app_or_create(session, app, default_broker)
+            queue = session.scalar(
+                select(Queue).where(Queue.app_id == app_row.id, Queue.name == binding.name)
+            )
+            created = queue is None
+            if queue is None:
+                queue = Queue(app=app_row, name=binding.name)
+                session.add(queue)
+            queue.exchange = binding.exchange
+            queue.routing_key = binding.routing_key
+            queue.exchange_type = binding.exchange_type
+            queue.options = None if binding.options is None else json.dumps(binding.options)
+            session.flush()
+            return _queue_binding(queue), created
+
+    def get_queue(self, app: str, name: str) -> QueueBinding:
+        with self.transaction() as session:
+            return _queue_binding(self._queue(session, app, name))
+
+    def find_queue(self, app: str, name: str) -> QueueBinding | None:
+        try:
+            return self.get_queue(app, name)
+        except NotFound:
+            return None
+
+    def list_queues(self, app: str) -> list[QueueBinding]:
+        with self.transaction() as session:
+            query = select(Queue).join(App).where(App.name == app).order_by(Queue.name)
+            return [_queue_binding(q) for q in session.scalars(query)]
+
+    def delete_queue(self, app: str, name: str) -> QueueBinding:
+        with self.transaction() as session:
+            queue = self._queue(session, app, name)
+            binding = _queue_binding(queue)
+            session.delete(queue)
+            return binding
+
+    # -- whole-store views -----------------------------------------------
+
+    def dump(self) -> dict[str, list[tuple[Any, ...]]]:
+        """Every row of every table, for comparing the store before and after."""
+        tables: dict[str, list[tuple[Any, ...]]] = {}
+        with self.engine.connect() as connection:
+            for table in ("broker", "app", "node", "queue", "consumption"):
+                rows = connection.exec_driver_sql(f"SELECT * FROM {table} ORDER BY id")
+                tables[table] = [tuple(row) for row in rows]
+        return tables
+
+
+def _app_record(app: App) -> AppRecord:
+    return AppRecord(
+        name=app.name,
+        broker=BrokerInfo.from_url(app.broker.url),
+        celery_app=app.celery_app,
+        arguments=tuple(json.loads(app.arguments or "[]")),
+    )
+
+
+def _queue_binding(queue: Queue) -> QueueBinding:
+    return QueueBinding(
+        name=queue.name,
+        exchange=queue.exchange,
+        routing_key=queue.routing_key,
+        exchange_type=queue.exchange_type,
+        options=None if queue.options is None else json.loads(queue.options),
+    )
+
+
+def _consumption(binding: QueueBinding) -> Consumption:
+    return Consumption(
+        queue_name=binding.name,
+        exchange=binding.exchange,
+        routing_key=binding.routing_key,
+        exchange_type=binding.exchange_type,
+        options=None if binding.options is None else json.dumps(binding.options),
+    )
+
+
+def _instance_spec(node: Node) -> InstanceSpec:
+    app_arguments = tuple(json.loads(node.app.arguments or "[]"))
+    node_arguments = tuple(json.loads(node.arguments or "[]"))
+    broker = node.broker if node.broker is not None else node.app.broker
+    return InstanceSpec(
+        name=node.name,
+        app=node.app.name,
+        broker=BrokerInfo.from_url(broker.url),
+        max_concurrency=node.max_concurrency,
+        min_concurrency=node.min_concurrency,
+        is_enabled=node.is_enabled,
+        celery_app=node.app.celery_app,
+        queues=tuple(
+            QueueBinding(
+                name=c.queue_name,
+                exchange=c.exchange,
+                routing_key=c.routing_key,
+                exchange_type=c.exchange_type,
+                options=None if c.options is None else json.loads(c.options),
+            )
+            for c in node.consumptions
+        ),
+        arguments=app_arguments + node_arguments,
+        node_arguments=node_arguments,
+    )

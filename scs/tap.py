@@ -1,0 +1,278 @@
+"""Command line and service wiring: ``Options`` and ``makeService``.
+
+``makeService`` only builds the ``MultiService`` tree; every part lives in
+its own module.  ``main`` is the ``scs-agent`` console script: the same
+options, run in the foreground with logging set up from ``-l``/``-f``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import sys
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.service import IService, MultiService, Service
+from twisted.logger import Logger
+from twisted.python import usage
+
+from scs import __version__
+
+log = Logger(namespace="scs.tap")
+
+DEFAULT_ADDR = "127.0.0.1:8000"
+DEFAULT_BROKER = "amqp://guest:guest@127.0.0.1:5672//"
+DEFAULT_AMQP_SPEC = "/usr/share/amqp/specs/0-9-1-rabbit/amqp0-9-1.stripped.extended.xml"
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+
+
+def http_endpoint(addr: str) -> str:
+    """``[host]:port`` to a Twisted server endpoint string; a bare port
+    binds loopback."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise usage.UsageError(f"ADDR must be [host]:port, got {addr!r}")
+    host = host.strip("[]") or "127.0.0.1"
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise usage.UsageError(f"ADDR host must be an IP address, got {host!r}") from None
+    return f"tcp:{port}:interface={host.replace(':', chr(92) + ':')}"
+
+
+def endpoint_is_loopback(description: str) -> bool:
+    """Whether a server endpoint string binds only a loopback address."""
+    fields = description.split(":")
+    if fields[0] not in ("tcp", "tcp6", "ssl"):
+        # unix sockets are local by nature
+        return fields[0] == "unix"
+    for field in description.replace("\\:", "\0").split(":"):
+        if field.startswith("interface="):
+            host = field[len("interface=") :].replace("\0", ":")
+            try:
+                return ipaddress.ip_address(host).is_loopback
+            except ValueError:
+                return False
+    return False  # no interface: all addresses
+
+
+class Options(usage.Options):
+    synopsis = "[ADDR] [options]"
+    longdesc = (
+        "Run the SCS agent: the REST API on ADDR ([host]:port, default "
+        f"{DEFAULT_ADDR}; a bare :port binds 127.0.0.1), the supervisor of this "
+        "machine's Celery workers and the SRS cluster protocol."
+    )
+
+    optParameters = [
+        ["http", None, None, "Twisted server endpoint for HTTP, instead of ADDR."],
+        ["id", "i", None, "Agent id, unique in the cluster (default: host name)."],
+        ["instance-dir", "D", None, "Store, pid and log files (default: ./scs-data/<id>)."],
+        ["broker", "b", DEFAULT_BROKER, "AMQP broker for SRS and new apps."],
+        ["interval", None, 5.0, "Supervisor wake-up period in seconds.", float],
+        ["manhole", None, None, "Telnet manhole endpoint, e.g. tcp:2323:interface=127.0.0.1."],
+        ["manhole-passwd", None, None, "user:password file for the manhole."],
+        ["loglevel", "l", "info", f"Log level: {', '.join(LOG_LEVELS)}."],
+        ["logfile", "f", None, "Log to this file instead of stdout."],
+        ["amqp-spec", None, DEFAULT_AMQP_SPEC, "AMQP 0-9-1 spec XML for txamqp."],
+        ["cluster", None, "scs", "Answer only peers of this cluster name."],
+        ["auth-token-file", None, None, "Require this bearer token on the API."],
+    ]
+    optFlags = [
+        ["without-http", None, "Do not serve HTTP."],
+        ["without-srs", None, "Do not join the cluster."],
+        ["allow-remote", None, "Serve HTTP on a non-loopback address without a token."],
+        ["manhole-allow-remote", None, "Allow a non-loopback manhole endpoint."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["addr"] = None
+
+    def opt_version(self) -> None:
+        print(f"scs-agent {__version__}")
+        sys.exit(0)
+
+    def parseArgs(self, addr: str | None = None) -> None:
+        self["addr"] = addr
+
+    def postOptions(self) -> None:
+        if self["loglevel"] not in LOG_LEVELS:
+            raise usage.UsageError(
+                f"--loglevel must be one of {', '.join(LOG_LEVELS)}, got {self['loglevel']!r}"
+            )
+        if self["interval"] <= 0:
+            raise usage.UsageError("--interval must be a positive number of seconds")
+        if self["http"] and self["addr"]:
+            raise usage.UsageError("give ADDR or --http, not both")
+        self["http-endpoint"] = self["http"] or http_endpoint(self["addr"] or DEFAULT_ADDR)
+        if self["id"] is None:
+            self["id"] = socket.gethostname()
+        from scs.validation import check_name
+        from scs.errors import BadParameter
+
+        try:
+            check_name(self["id"], "agent id")
+        except BadParameter as e:
+            raise usage.UsageError(f"--id: {e.message}") from None
+        if self["instance-dir"] is None:
+            self["instance-dir"] = os.path.join("scs-data", self["id"])
+        from scs.validation import check_broker_url
+
+        try:
+            self["broker"] = check_broker_url(self["broker"])
+        except BadParameter as e:
+            raise usage.UsageError(f"--broker: {e.message}") from None
+        if (
+            not self["without-http"]
+            and not self["auth-token-file"]
+            and not self["allow-remote"]
+            and not endpoint_is_loopback(self["http-endpoint"])
+        ):
+            raise usage.UsageError(
+                "refusing to serve HTTP on a non-loopback address without "
+                "--auth-token-file; give --allow-remote to do it anyway"
+            )
+        if self["manhole"]:
+            if not self["manhole-passwd"]:
+                raise usage.UsageError("--manhole needs --manhole-passwd FILE")
+            if not self["manhole-allow-remote"] and not endpoint_is_loopback(self["manhole"]):
+                raise usage.UsageError(
+                    "refusing a non-loopback manhole endpoint; "
+                    "give --manhole-allow-remote to do it anyway"
+                )
+
+
+def http_url(endpoint: str) -> str:
+    """A best guess at this agent's base URL, shown to peers in /agents/."""
+    fields = endpoint.replace("\\:", "\0").split(":")
+    port = fields[1] if len(fields) > 1 else ""
+    host = "127.0.0.1"
+    for field in fields:
+        if field.startswith("interface="):
+            host = field[len("interface=") :].replace("\0", ":")
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}/"
+
+
+class _ClosingStore(Service):
+    """Closes the store after every other service has stopped."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.store.close()
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    from scs.agent import Agent, LocalAgent
+    from scs.store import Store
+    from scs.supervisor import Supervisor
+
+    if options["logfile"] and not options.get("console-logging"):
+        # Under plain twistd, -f adds a log file of its own at -l's level.
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.addObserver(_file_observer(options))
+
+    top = MultiService()
+    instance_dir = os.path.abspath(options["instance-dir"])
+    store = Store.in_directory(instance_dir)
+    # First in, last out: MultiService stops its children in reverse order.
+    _ClosingStore(store).setServiceParent(top)
+
+    supervisor = Supervisor(
+        store.list_nodes, instance_dir, interval=options["interval"], reactor=reactor
+    )
+    supervisor.setServiceParent(top)
+    local = LocalAgent(store, options["id"], options["broker"], supervisor)
+    url = "" if options["without-http"] else http_url(options["http-endpoint"])
+
+    srs = None
+    if not options["without-srs"]:
+        from scs.srs import SRS
+
+        srs = SRS(
+            options["id"],
+            cluster=options["cluster"],
+            url=url,
+            broker_url=options["broker"],
+            spec_path=options["amqp-spec"],
+            reactor=reactor,
+            summary=local.summary,
+        )
+        srs.setServiceParent(top)
+    agent = Agent(local, srs, url=url)
+    if srs is not None:
+        srs.connected_callbacks.append(agent.sync_apps_from_peers)
+
+    if not options["without-http"]:
+        from twisted.web.server import Site
+
+        from scs.http.api import API
+
+        site = Site(API(agent).resource())
+        site.displayTracebacks = False
+        strports.service(options["http-endpoint"], site, reactor=reactor).setServiceParent(top)
+    log.info(
+        "agent {agent_id} in {instance_dir}: http={http} srs={srs}",
+        agent_id=options["id"],
+        instance_dir=instance_dir,
+        http=None if options["without-http"] else options["http-endpoint"],
+        srs=srs is not None,
+    )
+    top.agent = agent  # for the manhole and for tests
+    return top
+
+
+def level_filtered(observer: Any, level_name: str) -> Any:
+    from twisted.logger import FilteringLogObserver, LogLevel, LogLevelFilterPredicate
+
+    return FilteringLogObserver(
+        observer,
+        [LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level_name))],
+    )
+
+
+def _file_observer(options: Options) -> Any:
+    from twisted.logger import textFileLogObserver
+
+    if options["logfile"] in (None, "-"):
+        stream = sys.stdout
+    else:
+        stream = open(options["logfile"], "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the process
+    return level_filtered(textFileLogObserver(stream), options["loglevel"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``scs-agent [ADDR] [options]``: the agent in the foreground.
+
+    The same as ``twistd -n scs-agent [options]``, with ``-l``/``-f``
+    deciding where the log goes and how much of it.
+    """
+    from twisted.scripts import twistd
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    config = twistd.ServerOptions()
+    try:
+        # No pid file: the agent keeps its own per-instance pid files.
+        config.parseOptions(["--nodaemon", "--pidfile=", "scs-agent", *args])
+    except usage.UsageError as e:
+        print(f"scs-agent: {e}", file=sys.stderr)
+        print("scs-agent: try --help for usage", file=sys.stderr)
+        sys.exit(2)
+    options = config.subOptions
+    options["console-logging"] = True
+    config["logger"] = lambda: _file_observer(options)
+    twistd.runApp(config)

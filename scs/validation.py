@@ -1,0 +1,273 @@
+"""Checking what operators send before anything touches the store.
+
+Every function here either returns a clean, typed value or raises
+``BadParameter`` with a message that names the parameter and the problem.
+Nothing here is ever run through a shell; the rules exist so that names are
+safe as Celery node names, queue names and file names, and so that a typo is
+refused instead of silently stored.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import unicodedata
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from scs.errors import BadParameter
+from scs.records import BrokerInfo, QueueBinding
+
+MAX_NAME_LENGTH = 64
+MAX_QUEUE_NAME_LENGTH = 200
+MAX_CONCURRENCY = 256
+MAX_ARGUMENTS = 50
+MAX_ARGUMENT_LENGTH = 1000
+MAX_OPTIONS_LENGTH = 4096
+
+# Letters and digits of any script, "_", "." and "-"; must start with a
+# letter, digit or "_".  This keeps "/", "@", whitespace, control characters
+# and shell metacharacters out of node names, file names and URLs.
+_NAME = re.compile(r"^\w[\w.\-]*$")
+# Routing keys may use the topic wildcards.
+_ROUTING_KEY = re.compile(r"^[\w.\-:*#]*$")
+_CELERY_APP = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*(:[A-Za-z_][A-Za-z0-9_.]*)?$")
+EXCHANGE_TYPES = ("direct", "topic", "fanout", "headers")
+
+# Paths that would shadow an app's URL.
+RESERVED_APP_NAMES = frozenset({"ping", "agents", "admin", "metrics", "instances", "static"})
+
+# Worker options the supervisor owns: letting an operator override them
+# would break supervision (a second node name, a detached worker, …).
+RESERVED_WORKER_OPTIONS = (
+    "-n",
+    "--hostname",
+    "-Q",
+    "--queues",
+    "--pidfile",
+    "--logfile",
+    "-f",
+    "-b",
+    "--broker",
+    "--autoscale",
+    "-A",
+    "--app",
+    "--detach",
+    "-D",
+)
+
+_TRUE = {"1", "true", "yes", "on", ""}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def check_name(value: Any, what: str = "name", max_length: int = MAX_NAME_LENGTH) -> str:
+    """A name for an app, instance or queue."""
+    if not isinstance(value, str):
+        raise BadParameter(f"{what} must be a string", parameter=what)
+    if value == "":
+        raise BadParameter(f"{what} must not be empty", parameter=what)
+    if len(value) > max_length:
+        raise BadParameter(
+            f"{what} is too long ({len(value)} characters, at most {max_length})",
+            parameter=what,
+        )
+    if unicodedata.normalize("NFC", value) != value:
+        raise BadParameter(f"{what} must be in Unicode normal form NFC", parameter=what)
+    if not _NAME.match(value):
+        raise BadParameter(
+            f"{what} may only hold letters, digits, '_', '.' and '-', "
+            "and must start with a letter, digit or '_'",
+            parameter=what,
+        )
+    return value
+
+
+def check_app_name(value: Any) -> str:
+    name = check_name(value, "app")
+    if name in RESERVED_APP_NAMES:
+        raise BadParameter(f"app may not be named {name!r}: the path is taken", parameter="app")
+    return name
+
+
+def check_instance_name(value: Any) -> str:
+    return check_name(value, "instance")
+
+
+def check_queue_name(value: Any, what: str = "queue") -> str:
+    return check_name(value, what, MAX_QUEUE_NAME_LENGTH)
+
+
+def check_int(value: Any, what: str, low: int, high: int) -> int:
+    if isinstance(value, bool):
+        raise BadParameter(f"{what} must be an integer", parameter=what)
+    if isinstance(value, str):
+        text = value.strip()
+        if not re.fullmatch(r"[+-]?\d{1,12}", text):
+            raise BadParameter(f"{what} must be an integer, got {value!r}", parameter=what)
+        value = int(text)
+    if not isinstance(value, int):
+        raise BadParameter(f"{what} must be an integer", parameter=what)
+    if not low <= value <= high:
+        raise BadParameter(f"{what} must be between {low} and {high}, got {value}", parameter=what)
+    return value
+
+
+def check_concurrency(value: Any, what: str) -> int:
+    low = 1 if what.startswith("max") else 0
+    return check_int(value, what, low, MAX_CONCURRENCY)
+
+
+def check_concurrency_range(max_concurrency: int, min_concurrency: int) -> None:
+    if min_concurrency > max_concurrency:
+        raise BadParameter(
+            f"min_concurrency ({min_concurrency}) is greater than "
+            f"max_concurrency ({max_concurrency})",
+            parameter="min_concurrency",
+        )
+
+
+def check_bool(value: Any, what: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE:
+        return True
+    if isinstance(value, str) and value.strip().lower() in _FALSE:
+        return False
+    raise BadParameter(f"{what} must be true or false, got {value!r}", parameter=what)
+
+
+def check_broker_url(value: Any, what: str = "broker") -> str:
+    if not isinstance(value, str) or not value:
+        raise BadParameter(f"{what} must be a non-empty amqp:// URL", parameter=what)
+    if len(value) > 1024 or any(c.isspace() or not c.isprintable() for c in value):
+        raise BadParameter(f"{what} must be a URL without spaces or control characters", parameter=what)
+    try:
+        return BrokerInfo.from_url(value).url
+    except ValueError as e:
+        raise BadParameter(f"{what}: {e}", parameter=what) from None
+
+
+def check_celery_app(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value) > 255 or not _CELERY_APP.match(value):
+        raise BadParameter(
+            "celery_app must be a Python import path such as 'proj.celery:app'",
+            parameter="celery_app",
+        )
+    return value
+
+
+def check_arguments(value: Any) -> tuple[str, ...]:
+    """Extra ``celery worker`` arguments: a JSON list of strings, or a string
+    split like a command line (split only: no shell ever sees it)."""
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        try:
+            items: list[Any] = shlex.split(value)
+        except ValueError as e:
+            raise BadParameter(f"arguments: {e}", parameter="arguments") from None
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise BadParameter("arguments must be a list of strings", parameter="arguments")
+    if len(items) > MAX_ARGUMENTS:
+        raise BadParameter(f"at most {MAX_ARGUMENTS} arguments", parameter="arguments")
+    for item in items:
+        if not isinstance(item, str) or not item:
+            raise BadParameter("arguments must be non-empty strings", parameter="arguments")
+        if len(item) > MAX_ARGUMENT_LENGTH or not item.isprintable():
+            raise BadParameter(
+                "an argument is too long or holds control characters", parameter="arguments"
+            )
+        option = item.split("=", 1)[0]
+        if option in RESERVED_WORKER_OPTIONS:
+            raise BadParameter(
+                f"argument {option!r} is set by the agent and cannot be overridden",
+                parameter="arguments",
+            )
+    return tuple(items)
+
+
+def check_queue_list(value: Any) -> tuple[str, ...]:
+    """``queues``: a comma-separated string or a JSON list of names."""
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        items: list[Any] = [part.strip() for part in value.split(",")]
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise BadParameter("queues must be a comma-separated list of names", parameter="queues")
+    names = [check_queue_name(item, "queues") for item in items]
+    if len(set(names)) != len(names):
+        raise BadParameter("queues names a queue twice", parameter="queues")
+    return tuple(names)
+
+
+def check_routing(value: Any, what: str) -> str:
+    if not isinstance(value, str) or len(value) > MAX_QUEUE_NAME_LENGTH:
+        raise BadParameter(f"{what} must be a string of at most 200 characters", parameter=what)
+    if not _ROUTING_KEY.match(value):
+        raise BadParameter(
+            f"{what} may only hold letters, digits and '_.-:*#'", parameter=what
+        )
+    return value
+
+
+def check_exchange_type(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if value not in EXCHANGE_TYPES:
+        raise BadParameter(
+            f"exchange_type must be one of {', '.join(EXCHANGE_TYPES)}",
+            parameter="exchange_type",
+        )
+    return str(value)
+
+
+def check_options(value: Any) -> dict[str, Any] | None:
+    if value is None or value == "" or value == "null":
+        return None
+    if isinstance(value, str):
+        if len(value) > MAX_OPTIONS_LENGTH:
+            raise BadParameter("options is too long", parameter="options")
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise BadParameter("options must be a JSON object", parameter="options") from None
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise BadParameter("options must be a JSON object", parameter="options")
+    if len(json.dumps(value)) > MAX_OPTIONS_LENGTH:
+        raise BadParameter("options is too long", parameter="options")
+    return value
+
+
+def queue_binding(name: str, params: Mapping[str, Any]) -> QueueBinding:
+    """A queue declaration from ``exchange``, ``routing_key``,
+    ``exchange_type`` and ``options``; exchange and routing key default to
+    the queue's name."""
+    exchange = params.get("exchange")
+    routing_key = params.get("routing_key")
+    return QueueBinding(
+        name=check_queue_name(name),
+        exchange=name if exchange in (None, "") else check_routing(exchange, "exchange"),
+        routing_key=name if routing_key in (None, "") else check_routing(routing_key, "routing_key"),
+        exchange_type=check_exchange_type(params.get("exchange_type")),
+        options=check_options(params.get("options")),
+    )
+
+
+def only(params: Mapping[str, Any], allowed: Iterable[str]) -> None:
+    """Refuse parameters a route does not know, naming them."""
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise BadParameter(
+            f"unknown parameter{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}",
+            parameter=unknown[0],
+            allowed=sorted(allowed),
+        )

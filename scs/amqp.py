@@ -1,0 +1,237 @@
+"""The SRS transport on a real broker: the only module that imports txamqp.
+
+``AMQPTransport`` keeps one AMQP 0-9-1 connection through a
+``ClientService`` (reconnect with exponential backoff and jitter). Each new
+connection is made usable in ``prepareConnection``: authenticate, open a
+channel, declare the cluster's direct and fanout exchanges, an exclusive
+auto-delete private queue bound to both, and start consuming it. Only then is
+the receiver told ``transport_connected``; when the connection goes,
+``transport_disconnected``.
+
+txAMQP 0.8.2 on Python 3 (DESIGN §2) shapes what goes on the wire: every
+``str`` it encodes is counted in characters, so names, routing keys and
+properties are kept ASCII (checked before sending) and bodies are bytes of
+ASCII JSON made by ``scs.srs``; bodies may come back as ``str`` and are
+turned back into bytes here; property names are hyphenated. A frozen broker
+is only noticed through AMQP heartbeats, so one is always negotiated.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Optional
+from urllib.parse import unquote, urlsplit
+
+import attr
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from txamqp.client import Closed as AMQPClosed
+from txamqp.content import Content
+from txamqp.factory import AMQFactory
+from txamqp.protocol import AMQClient
+from txamqp.queue import Closed as QueueClosed
+from zope.interface import implementer
+
+from scs import srs
+from scs.errors import Unavailable
+
+DEFAULT_SPEC_PATH = "/usr/share/amqp/specs/0-9-1-rabbit/amqp0-9-1.stripped.extended.xml"
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    userid: str
+    password: str
+    virtual_host: str
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """``amqp://user:pass@host:port/vhost``; as with kombu, ``//`` and an empty
+    path mean the vhost ``/``, and ``%2f`` may spell it too."""
+    parts = urlsplit(url)
+    if parts.scheme != "amqp":
+        raise ValueError("broker URL must start with amqp://: %r" % url)
+    vhost = unquote(parts.path[1:]) if parts.path else ""
+    return BrokerAddress(
+        host=parts.hostname or "127.0.0.1",
+        port=parts.port or 5672,
+        userid=unquote(parts.username) if parts.username else "guest",
+        password=unquote(parts.password) if parts.password else "guest",
+        virtual_host=vhost or "/",
+    )
+
+
+def _require_ascii(what: str, value: str) -> str:
+    # txAMQP would write a wrong length and corrupt the frame: refuse instead.
+    if not isinstance(value, str) or not value.isascii():
+        raise ValueError("%s must be an ASCII str for txAMQP: %r" % (what, value))
+    return value
+
+
+class _Client(AMQClient):
+    """An AMQClient that drops the connection when the broker closes our
+    channel, so that ClientService reconnects and everything is declared
+    again, instead of leaving a connection that can no longer publish."""
+
+    def channel_failed(self, channel: Any, reason: Failure) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+
+class _Factory(AMQFactory):
+    protocol = _Client
+
+
+@implementer(srs.ISRSTransport)
+class AMQPTransport(MultiService):
+    """``scs.srs.ISRSTransport`` over txAMQP, reconnecting by itself."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        broker_url: str,
+        *,
+        spec_path: Optional[str] = None,
+        reactor: Any = None,
+        rng: Optional[random.Random] = None,
+        heartbeat: int = 5,
+        connect_timeout: float = 5.0,
+        initial_delay: float = 0.5,
+        max_delay: float = 10.0,
+    ) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self._reactor = reactor
+        self._rng = rng if rng is not None else random.Random()
+        self.broker = parse_broker_url(broker_url)
+        for what in ("userid", "password", "virtual_host"):
+            _require_ascii(what, getattr(self.broker, what))
+        self._factory = _Factory(spec=spec_path or DEFAULT_SPEC_PATH, clock=reactor)
+        self._factory.set_vhost(self.broker.virtual_host)
+        self._factory.set_heartbeat(heartbeat)
+        endpoint = HostnameEndpoint(reactor, self.broker.host, self.broker.port, timeout=connect_timeout)
+        self._service = ClientService(
+            endpoint,
+            self._factory,
+            retryPolicy=backoffPolicy(initialDelay=initial_delay, maxDelay=max_delay, factor=2.0, jitter=self._rng.random),
+            clock=reactor,
+            prepareConnection=self._prepare,
+        )
+        self._service.setServiceParent(self)
+        self.agent_id: Optional[str] = None
+        self.cluster: Optional[str] = None
+        self.receiver: Any = None
+        self.reply_queue: Optional[str] = None
+        self._channel: Any = None
+        self._client: Optional[_Client] = None
+
+    def attach(self, agent_id: str, cluster: str, receiver: srs.ITransportReceiver) -> None:
+        self.agent_id, self.cluster, self.receiver = agent_id, cluster, receiver
+
+    def publish(self, kind: str, key: str, body: bytes, properties: dict[str, str]) -> Deferred:
+        """Send ``body``; fails with Unavailable when there is no connection."""
+        if not isinstance(body, bytes) or not body.isascii():
+            raise ValueError("AMQP body must be bytes of ASCII")
+        props = {"content-type": "application/json", "delivery-mode": 1}
+        for name, value in properties.items():
+            props[_require_ascii("property name", name)] = _require_ascii("property " + name, value)
+        channel = self._channel
+        if channel is None or self.cluster is None:
+            return defer.fail(Unavailable("not connected to the broker"))
+        direct, fanout = srs.exchange_names(self.cluster)
+        if kind == srs.DIRECT:
+            exchange, routing_key = direct, srs.routing_key(key)
+        elif kind == srs.FANOUT:
+            exchange, routing_key = fanout, ""
+        elif kind == srs.REPLY:
+            exchange, routing_key = "", _require_ascii("reply-to queue", key)
+        else:
+            raise ValueError("unknown publish kind %r" % kind)
+        d = channel.basic_publish(exchange=exchange, routing_key=routing_key, content=Content(body, properties=props))
+        d.addErrback(self._publish_failed)
+        return d
+
+    @staticmethod
+    def _publish_failed(failure: Failure) -> Failure:
+        if failure.check(AMQPClosed, QueueClosed):
+            return Failure(Unavailable("the broker connection is closed"))
+        return failure
+
+    # -- connection life ---------------------------------------------------
+
+    def _prepare(self, client: _Client) -> Deferred:
+        return Deferred.fromCoroutine(self._setup(client))
+
+    async def _setup(self, client: _Client) -> None:
+        assert self.agent_id is not None and self.cluster is not None, "attach() first"
+        broker = self.broker
+        await client.authenticate(broker.userid, broker.password)
+        channel = await client.channel(1)
+        await channel.channel_open()
+        direct, fanout = srs.exchange_names(self.cluster)
+        # Transient and auto-delete: every agent redeclares them identically
+        # on each connection (a restarted broker gets them back) and they
+        # vanish with the cluster's last queue, so clusters (and test runs)
+        # leave nothing behind. Our own binding keeps them alive while we are
+        # connected; a bind that loses the race with a deletion fails this
+        # preparation and ClientService simply tries again.
+        await channel.exchange_declare(exchange=direct, type="direct", durable=False, auto_delete=True)
+        await channel.exchange_declare(exchange=fanout, type="fanout", durable=False, auto_delete=True)
+        queue = srs.private_queue_name(self.cluster, self.agent_id, "%012x" % self._rng.getrandbits(48))
+        await channel.queue_declare(queue=queue, exclusive=True, auto_delete=True, durable=False)
+        await channel.queue_bind(queue=queue, exchange=direct, routing_key=srs.routing_key(self.agent_id))
+        await channel.queue_bind(queue=queue, exchange=fanout, routing_key="")
+        reply = await channel.basic_consume(queue=queue, no_ack=True)
+        deliveries = await client.queue(reply.consumer_tag)
+        self._client, self._channel, self.reply_queue = client, channel, queue
+        client.disconnected.wait().addBoth(self._lost, client)
+        self._consume(client, deliveries)
+        self.log.info(
+            "AMQP connected to {host}:{port} vhost {vhost}, queue {queue}",
+            host=broker.host,
+            port=broker.port,
+            vhost=broker.virtual_host,
+            queue=queue,
+            event="amqp.connected",
+        )
+        self.receiver.transport_connected(queue)
+
+    def _consume(self, client: _Client, deliveries: Any) -> None:
+        def got(message: Any) -> None:
+            self._deliver(message)
+            self._consume(client, deliveries)
+
+        def stopped(failure: Failure) -> None:
+            failure.trap(QueueClosed, AMQPClosed)
+
+        deliveries.get().addCallbacks(got, stopped)
+
+    def _deliver(self, message: Any) -> None:
+        content = message.content
+        body = content.body
+        # txAMQP hands a body back as str when it happens to decode as UTF-8.
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        properties = {k: v for k, v in content.properties.items() if isinstance(v, str)}
+        try:
+            self.receiver.message_received(body, properties)
+        except Exception:
+            self.log.failure("SRS receiver failed on a message")
+
+    def _lost(self, result: Any, client: _Client) -> None:
+        if self._client is not client:
+            return
+        self._client = self._channel = self.reply_queue = None
+        self.log.warn("AMQP connection to {host}:{port} lost", host=self.broker.host, port=self.broker.port, event="amqp.disconnected")
+        self.receiver.transport_disconnected(result if isinstance(result, Failure) else None)

@@ -171,7 +171,16 @@ class AMQPTransport(MultiService):
     # -- connection life ---------------------------------------------------
 
     def _prepare(self, client: _Client) -> Deferred:
-        return Deferred.fromCoroutine(self._setup(client))
+        d = Deferred.fromCoroutine(self._setup(client))
+        # Announce on the next reactor turn, once ClientService has seen the
+        # preparation succeed: a receiver that stops or restarts us from its
+        # callback must not re-enter ClientService mid-transition.
+        d.addCallback(lambda _: self._reactor.callLater(0, self._announce, client))
+        return d
+
+    def _announce(self, client: _Client) -> None:
+        if self._client is client and self.reply_queue is not None:
+            self.receiver.transport_connected(self.reply_queue)
 
     async def _setup(self, client: _Client) -> None:
         assert self.agent_id is not None and self.cluster is not None, "attach() first"
@@ -205,7 +214,6 @@ class AMQPTransport(MultiService):
             queue=queue,
             event="amqp.connected",
         )
-        self.receiver.transport_connected(queue)
 
     def _consume(self, client: _Client, deliveries: Any) -> None:
         def got(message: Any) -> None:

@@ -7,6 +7,7 @@ options, run in the foreground with logging set up from ``-l``/``-f``.
 
 from __future__ import annotations
 
+import getopt
 import ipaddress
 import os
 import socket
@@ -60,6 +61,13 @@ def endpoint_is_loopback(description: str) -> bool:
     return False  # no interface: all addresses
 
 
+def _seconds(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"--interval must be a number of seconds, got {value!r}") from None
+
+
 class Options(usage.Options):
     synopsis = "[ADDR] [options]"
     longdesc = (
@@ -73,7 +81,7 @@ class Options(usage.Options):
         ["id", "i", None, "Agent id, unique in the cluster (default: host name)."],
         ["instance-dir", "D", None, "Store, pid and log files (default: ./scs-data/<id>)."],
         ["broker", "b", DEFAULT_BROKER, "AMQP broker for SRS and new apps."],
-        ["interval", None, 5.0, "Supervisor wake-up period in seconds.", float],
+        ["interval", None, 5.0, "Supervisor wake-up period in seconds.", _seconds],
         ["manhole", None, None, "Telnet manhole endpoint, e.g. tcp:2323:interface=127.0.0.1."],
         ["manhole-passwd", None, None, "user:password file for the manhole."],
         ["loglevel", "l", "info", f"Log level: {', '.join(LOG_LEVELS)}."],
@@ -96,6 +104,23 @@ class Options(usage.Options):
     def opt_version(self) -> None:
         print(f"scs-agent {__version__}")
         sys.exit(0)
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        # The contract puts ADDR first (scs-agent :8001 -i agent1); Twisted's
+        # parser stops at the first positional argument, so move options
+        # ahead of positionals the way GNU getopt reads them.
+        if options is None:
+            options = sys.argv[1:]
+        try:
+            pairs, positional = getopt.gnu_getopt(options, self.shortOpt, self.longOpt)
+        except getopt.error as e:
+            raise usage.UsageError(str(e)) from None
+        takes_value = {f"--{name[:-1]}" for name in self.longOpt if name.endswith("=")}
+        takes_value |= {f"-{c}" for c, nxt in zip(self.shortOpt, self.shortOpt[1:] + " ") if nxt == ":"}
+        ordered: list[str] = []
+        for name, value in pairs:
+            ordered.extend([name, value] if name in takes_value else [name])
+        super().parseOptions([*ordered, "--", *positional] if positional else ordered)
 
     def parseArgs(self, addr: str | None = None) -> None:
         self["addr"] = addr

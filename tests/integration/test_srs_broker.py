@@ -172,3 +172,137 @@ class RequestTests(SRSBrokerTestCase):
         await sleep(2 * INTERVAL)
         self.assertEqual(a1.live_agents(), ["agent1", "agent2"])
         self.assertEqual(await b2.call("agent1", "who", {}), {"agent": "agent1", "op": "who", "args": {}})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PrivateBroker:
+    """A RabbitMQ node of our own: own node name, ports, config and data
+    directory (owned by the rabbitmq user), so it can be stopped freely."""
+
+    SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+
+    def __init__(self) -> None:
+        import pwd
+
+        if os.geteuid() != 0 or not os.path.exists(self.SERVER) or not shutil.which("rabbitmqctl"):
+            raise SkipTest("needs root and a RabbitMQ installation to run a private node")
+        try:
+            self.user = pwd.getpwnam("rabbitmq")
+        except KeyError:
+            raise SkipTest("no rabbitmq user")
+        self.dir = tempfile.mkdtemp(prefix="scs-rabbit-")
+        self.port = _free_port()
+        self.dist_port = _free_port()
+        self.node = "scs-test-%d@localhost" % self.port
+        self.url = "amqp://guest:guest@127.0.0.1:%d//" % self.port
+        files = {
+            # Not the system's config: that one listens on the shared 5672.
+            "rabbitmq.conf": "listeners.tcp.local = 127.0.0.1:%d\n" % self.port,
+            "rabbitmq-env.conf": "ERL_EPMD_ADDRESS=127.0.0.1\n",
+            "enabled_plugins": "[].\n",
+        }
+        for name, text in files.items():
+            with open(os.path.join(self.dir, name), "w") as f:
+                f.write(text)
+        for root, dirs, names in os.walk(self.dir):
+            for name in [root] + [os.path.join(root, n) for n in names]:
+                os.chown(name, self.user.pw_uid, self.user.pw_gid)
+        self.env = {
+            "PATH": "/usr/sbin:/usr/bin:/bin",
+            "HOME": self.user.pw_dir,  # the shared Erlang cookie, so rabbitmqctl reaches it
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_CONF_ENV_FILE": os.path.join(self.dir, "rabbitmq-env.conf"),
+            "RABBITMQ_CONFIG_FILE": os.path.join(self.dir, "rabbitmq.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": os.path.join(self.dir, "enabled_plugins"),
+            "RABBITMQ_MNESIA_BASE": os.path.join(self.dir, "mnesia"),
+            "RABBITMQ_LOG_BASE": os.path.join(self.dir, "log"),
+            "RABBITMQ_PID_FILE": os.path.join(self.dir, "pid"),
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+        }
+        self.process: Optional[subprocess.Popen] = None
+
+    def start(self) -> None:
+        log = open(os.path.join(self.dir, "server.log"), "ab")
+        self.process = subprocess.Popen(
+            ["runuser", "-u", "rabbitmq", "--", self.SERVER],
+            env=self.env,
+            cwd=self.dir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+
+    async def ready(self, timeout: float = 60) -> None:
+        def listening() -> bool:
+            assert self.process is not None and self.process.poll() is None, "private broker exited"
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+        await wait_until(listening, timeout, "private broker listening")
+
+    async def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        # rabbitmqctl as root runs itself as the rabbitmq user; off the reactor thread.
+        from twisted.internet.threads import deferToThread
+
+        await deferToThread(
+            subprocess.run, ["rabbitmqctl", "-n", self.node, "stop"], capture_output=True, timeout=60
+        )
+        process = self.process
+        await wait_until(lambda: process.poll() is not None, 30, "private broker stopped")
+
+    async def destroy(self) -> None:
+        try:
+            await self.stop()
+        finally:
+            if self.process is not None and self.process.poll() is None:
+                self.process.kill()
+                self.process.wait(10)
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class PrivateBrokerRestartTests(SRSBrokerTestCase):
+    timeout = 180
+
+    async def test_agents_reconnect_after_broker_restart(self) -> None:
+        broker = PrivateBroker()
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(broker.destroy()))
+        broker.start()
+        await broker.ready()
+
+        def agent(agent_id: str) -> SRS:
+            transport = AMQPTransport(broker.url, reactor=reactor, heartbeat=2, initial_delay=0.2, max_delay=1.0)
+            return self.agent(agent_id, transport=transport)
+
+        a1, a2 = agent("agent1"), agent("agent2")
+        reconnections: list[str] = []
+        a1.connected_callbacks.append(lambda: reconnections.append("up"))
+        await wait_until(lambda: a1.live_agents() == a2.live_agents() == ["agent1", "agent2"], 10, "cluster up")
+
+        await broker.stop()
+        await wait_until(lambda: not a1.is_connected() and not a2.is_connected(), 10, "disconnection noticed")
+        self.assertEqual(a1.live_agents(), ["agent1"])
+        self.assertEqual([r["alive"] for r in a1.members()], [False, False])
+        with self.assertRaises(errors.Unavailable):
+            await a1.call("agent2", "get", {})
+        started = time.monotonic()
+        self.assertEqual(await a1.scatter("list", {}, timeout=2.0), ({}, ["agent2"]))
+        self.assertLess(time.monotonic() - started, 0.1)
+        self.assertEqual(await a1.call("agent1", "local", {}), {"agent": "agent1", "op": "local", "args": {}})
+
+        broker.start()
+        await broker.ready()
+        await wait_until(lambda: a1.live_agents() == a2.live_agents() == ["agent1", "agent2"], 20, "cluster whole again")
+        self.assertEqual(reconnections, ["up", "up"])
+        self.assertEqual((await a1.call("agent2", "get", {}))["agent"], "agent2")
+        results, missing = await a2.scatter("list", {})
+        self.assertEqual((list(results), missing), (["agent1"], []))

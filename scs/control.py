@@ -1,0 +1,255 @@
+"""Celery remote control, off the reactor thread.
+
+Celery's ``app.control`` and ``inspect`` block (they publish, then wait for
+replies up to a timeout), so every call runs in a thread pool through
+``deferToThreadPool`` and comes back as a Deferred.  One ``celery.Celery``
+object is kept per broker URL: building one per call would open a new broker
+connection every time.  Every call names its ``destination``: without it
+Celery waits out its whole timeout for replies that may never come; with it
+Celery stops as soon as every named node has answered.  The batch calls take
+a list of nodes so that one broker round trip covers every worker on that
+broker.
+
+Broker failures surface as :class:`BrokerUnavailable` (an
+``scs.errors.Unavailable``); a node that does not answer is simply missing
+from a batch result, and is a :class:`scs.errors.GatewayTimeout` for the
+single-node commands.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+from scs.errors import GatewayTimeout, SCSError, Unavailable
+
+T = TypeVar("T")
+
+
+class BrokerUnavailable(Unavailable):
+    code = "unavailable"
+
+
+class CommandFailed(SCSError):
+    """The worker answered a control command with an error."""
+
+    status = 502
+    code = "error"
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    from kombu.exceptions import OperationalError
+
+    errors: list[type[BaseException]] = [OperationalError, OSError, socket.timeout]
+    try:
+        import amqp.exceptions
+
+        errors.append(amqp.exceptions.ConnectionError)
+    except ImportError:  # pragma: no cover - amqp is a kombu dependency
+        pass
+    return tuple(errors)
+
+
+class CeleryControl:
+    """Celery's remote control for the supervisor, returning Deferreds.
+
+    ``reactor`` and ``threadpool`` are injectable; by default the global
+    reactor and its thread pool.  ``connect_timeout`` bounds how long a call
+    spends finding out that the broker is gone.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any = None,
+        threadpool: Any = None,
+        connect_timeout: float = 1.0,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self._reactor = reactor
+        self._threadpool = threadpool
+        self._connect_timeout = connect_timeout
+        self._apps: dict[str, Any] = {}
+
+    # -- plumbing ---------------------------------------------------------
+
+    def app(self, broker_url: str) -> Any:
+        """The cached Celery app for this broker (built in the reactor thread,
+        so the cache needs no lock)."""
+        app = self._apps.get(broker_url)
+        if app is None:
+            from celery import Celery
+
+            app = Celery("scs-control", broker=broker_url, set_as_current=False)
+            app.conf.broker_connection_timeout = self._connect_timeout
+            # Fail fast: the supervisor retries at its next wake-up; a control
+            # call must not sit in a thread retrying a dead broker.
+            app.conf.broker_connection_retry = False
+            app.conf.broker_connection_max_retries = 0
+            app.control  # noqa: B018 - build the cached property here, not racing in threads
+            self._apps[broker_url] = app
+        return app
+
+    def _run(self, f: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
+        pool = self._threadpool
+        if pool is None:
+            pool = self._reactor.getThreadPool()
+        errors = _connection_errors()
+
+        def call() -> T:
+            try:
+                return f(*args, **kwargs)
+            except errors as e:
+                raise BrokerUnavailable(f"broker unavailable: {e}") from e
+
+        return deferToThreadPool(self._reactor, pool, call)
+
+    def close(self) -> None:
+        apps, self._apps = self._apps, {}
+        for app in apps.values():
+            try:
+                app.close()
+            except Exception:  # pragma: no cover - best effort at shutdown
+                self.log.failure("closing celery app")
+
+    # -- batch calls (one round trip per broker) --------------------------
+
+    def ping(self, broker_url: str, nodes: Sequence[str], timeout: float) -> Deferred[set[str]]:
+        """The subset of ``nodes`` that answered a ping within ``timeout``."""
+        app = self.app(broker_url)
+        destination = list(nodes)
+
+        def call() -> set[str]:
+            replies = app.control.ping(destination=destination, timeout=timeout)
+            return {node for reply in replies or () for node in reply}
+
+        return self._run(call)
+
+    def active_queues(
+        self, broker_url: str, nodes: Sequence[str], timeout: float
+    ) -> Deferred[dict[str, list[str]]]:
+        """``{node: [queue names]}`` for the nodes that answered."""
+        app = self.app(broker_url)
+        destination = list(nodes)
+
+        def call() -> dict[str, list[str]]:
+            replies = app.control.inspect(destination=destination, timeout=timeout).active_queues()
+            return {
+                node: [q["name"] for q in queues or ()]
+                for node, queues in (replies or {}).items()
+                if isinstance(queues, list)
+            }
+
+        return self._run(call)
+
+    def stats(
+        self, broker_url: str, nodes: Sequence[str], timeout: float
+    ) -> Deferred[dict[str, dict[str, Any]]]:
+        """``{node: stats}`` for the nodes that answered."""
+        app = self.app(broker_url)
+        destination = list(nodes)
+
+        def call() -> dict[str, dict[str, Any]]:
+            replies = app.control.inspect(destination=destination, timeout=timeout).stats()
+            return {n: s for n, s in (replies or {}).items() if isinstance(s, dict)}
+
+        return self._run(call)
+
+    # -- commands to one node ---------------------------------------------
+
+    def _command(self, node: str, send: Callable[[], Any]) -> Callable[[], str]:
+        def call() -> str:
+            replies = send()
+            for reply in replies or ():
+                if node in reply:
+                    answer = reply[node]
+                    if isinstance(answer, dict) and "error" in answer:
+                        raise CommandFailed(str(answer["error"]), node=node)
+                    if isinstance(answer, dict):
+                        return str(answer.get("ok", ""))
+                    return str(answer)
+            raise GatewayTimeout(f"{node} did not answer", node=node)
+
+        return call
+
+    def add_consumer(
+        self,
+        broker_url: str,
+        node: str,
+        queue: str,
+        *,
+        exchange: str | None = None,
+        routing_key: str | None = None,
+        exchange_type: str | None = None,
+        timeout: float = 1.0,
+    ) -> Deferred[str]:
+        app = self.app(broker_url)
+        return self._run(
+            self._command(
+                node,
+                lambda: app.control.add_consumer(
+                    queue,
+                    exchange=exchange or queue,
+                    exchange_type=exchange_type or "direct",
+                    routing_key=routing_key or queue,
+                    destination=[node],
+                    reply=True,
+                    timeout=timeout,
+                ),
+            )
+        )
+
+    def cancel_consumer(
+        self, broker_url: str, node: str, queue: str, *, timeout: float = 1.0
+    ) -> Deferred[str]:
+        app = self.app(broker_url)
+        return self._run(
+            self._command(
+                node,
+                lambda: app.control.cancel_consumer(
+                    queue, destination=[node], reply=True, timeout=timeout
+                ),
+            )
+        )
+
+    def autoscale(
+        self, broker_url: str, node: str, max: int, min: int, *, timeout: float = 1.0
+    ) -> Deferred[str]:
+        app = self.app(broker_url)
+        return self._run(
+            self._command(
+                node,
+                lambda: app.control.autoscale(
+                    max, min, destination=[node], reply=True, timeout=timeout
+                ),
+            )
+        )
+
+    # -- the broker itself --------------------------------------------------
+
+    def broker_alive(self, broker_url: str, timeout: float = 1.0) -> Deferred[bool]:
+        """Can a plain AMQP connection be opened to this broker now?"""
+
+        def call() -> bool:
+            from kombu import Connection
+
+            conn = Connection(broker_url, connect_timeout=timeout)
+            try:
+                conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=timeout)
+                return True
+            except Exception:
+                return False
+            finally:
+                conn.release()
+
+        pool = self._threadpool or self._reactor.getThreadPool()
+        return deferToThreadPool(self._reactor, pool, call)

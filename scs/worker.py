@@ -1,0 +1,248 @@
+"""One Celery worker process: its command line, its ProcessProtocol, and the
+few operating-system look-ups the supervisor needs about processes it did not
+spawn itself (workers left over from a previous agent run)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from scs.records import InstanceSpec, QueueBinding
+
+PIDFILE = "worker.pid"
+LOGFILE = "worker.log"
+
+
+def private_queue(name: str) -> str:
+    """The queue every instance consumes and never cancels."""
+    return f"dq.{name}"
+
+
+def node_name(name: str, hostname: str) -> str:
+    return f"{name}@{hostname}"
+
+
+def instance_path(instance_dir: str, name: str, *parts: str) -> str:
+    return os.path.join(instance_dir, name, *parts)
+
+
+def is_plain_binding(q: QueueBinding) -> bool:
+    """True when ``celery worker -Q name`` declares exactly this binding.
+
+    ``-Q`` declares a queue bound to a direct exchange of the same name with
+    the queue name as routing key.  Any other binding must reach the worker
+    through ``add_consumer`` (which carries exchange and routing key), or the
+    worker would consume a queue bound the wrong way.
+    """
+    return (
+        q.exchange in (q.name, "")
+        and q.routing_key in (q.name, "")
+        and q.exchange_type in (None, "", "direct")
+    )
+
+
+# --without-mingle: measured on this machine (celery 5.7, RabbitMQ on
+# loopback, 3 runs each), a worker answers its first ping 1.53-1.58 s after
+# spawn by default, 0.45-0.59 s with --without-mingle --without-gossip and
+# 0.45-0.46 s with --without-mingle alone.  Mingle is the whole second: at
+# start it asks every other worker for its revoked-task ids and logical clock
+# and waits for the replies.  The agent restarts workers often (crashes,
+# hangs, reconfiguration) and readiness gates the API, so that second is
+# paid on every restart for a feature (cross-worker revoke sync at start)
+# that a supervised, per-instance worker rarely needs.  Gossip costs nothing
+# measurable at start and feeds worker events to monitors, so it stays on.
+# An app or instance that wants mingle back can pass its own arguments; the
+# Supervisor's ``mingle=True`` switches the default.
+WITHOUT_MINGLE = "--without-mingle"
+
+
+def build_argv(
+    spec: InstanceSpec,
+    instance_dir: str,
+    hostname: str,
+    *,
+    mingle: bool = False,
+    python: str | None = None,
+) -> list[str]:
+    """The worker's command line as an argv list (it never goes through a shell).
+
+    ``-A`` and ``-b`` are Celery's global options: Celery 5's ``worker``
+    subcommand rejects ``-b``, so both come before ``worker``.
+    """
+    name = spec.name
+    argv = [python or sys.executable, "-m", "celery"]
+    if spec.celery_app:
+        argv += ["-A", spec.celery_app]
+    argv += ["-b", spec.broker.url, "worker"]
+    queues = [private_queue(name)]
+    queues += [q.name for q in spec.queues if is_plain_binding(q) and q.name != queues[0]]
+    argv += [
+        "-n",
+        node_name(name, hostname),
+        "-Q",
+        ",".join(queues),
+        f"--autoscale={spec.max_concurrency},{spec.min_concurrency}",
+        "--pidfile",
+        instance_path(instance_dir, name, PIDFILE),
+        "--logfile",
+        instance_path(instance_dir, name, LOGFILE),
+    ]
+    if not mingle and WITHOUT_MINGLE not in spec.arguments:
+        argv.append(WITHOUT_MINGLE)
+    argv += list(spec.arguments)
+    return argv
+
+
+class WorkerProcess(ProcessProtocol):
+    """The protocol of one spawned worker.
+
+    It holds no policy: it reports the exit to ``on_ended`` and lets the
+    supervisor decide.  The worker's stdout and stderr are not pipes but the
+    log file itself (see :func:`spawn_worker`), so nothing flows through here
+    and a pool child that outlives the main process cannot delay
+    ``processEnded``.
+    """
+
+    log = Logger()
+
+    def __init__(self, name: str, on_ended: Callable[[WorkerProcess, Failure], None]) -> None:
+        self.name = name
+        self._on_ended = on_ended
+        self.pid: int | None = None
+        self.ended = False
+        self.exit_code: int | None = None
+        self.exit_signal: int | None = None
+
+    def connectionMade(self) -> None:
+        self.pid = self.transport.pid
+        self.log.info("{name} worker started pid={pid}", name=self.name, pid=self.pid)
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        # Only reached if a spawner hands us pipes anyway; the log file has it.
+        pass
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended = True
+        value = reason.value
+        self.exit_code = getattr(value, "exitCode", None)
+        self.exit_signal = getattr(value, "signal", None)
+        self.log.info(
+            "{name} worker exited pid={pid} code={code} signal={sig}",
+            name=self.name,
+            pid=self.pid,
+            code=self.exit_code,
+            sig=self.exit_signal,
+        )
+        self._on_ended(self, reason)
+
+    def signal(self, sig: str) -> bool:
+        """Send ``"TERM"``/``"KILL"``/``"STOP"``…; False if it has already exited."""
+        if self.ended or self.transport is None:
+            return False
+        try:
+            self.transport.signalProcess(sig)
+        except ProcessExitedAlready:
+            return False
+        except OSError:
+            return False
+        return True
+
+
+def spawn_worker(
+    spawner: Any,
+    protocol: WorkerProcess,
+    argv: Sequence[str],
+    instance_dir: str,
+    name: str,
+    env: dict[str, str] | None = None,
+) -> None:
+    """Create the instance directory and spawn ``argv`` with ``spawner``
+    (an ``IReactorProcess``).  stdout/stderr are appended to worker.log;
+    stdin is /dev/null.  The child inherits ``env`` (default: the agent's
+    environment, so a ``celery_app`` module on its PYTHONPATH is found)."""
+    directory = instance_path(instance_dir, name)
+    os.makedirs(directory, exist_ok=True)
+    logfd = os.open(
+        os.path.join(directory, LOGFILE), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644
+    )
+    nullfd = os.open(os.devnull, os.O_RDONLY)
+    try:
+        spawner.spawnProcess(
+            protocol,
+            argv[0],
+            list(argv),
+            env=dict(os.environ if env is None else env),
+            path=directory,
+            childFDs={0: nullfd, 1: logfd, 2: logfd},
+        )
+    finally:
+        # The child has its own copies after fork; ours are not needed.
+        os.close(logfd)
+        os.close(nullfd)
+
+
+class ProcessTable:
+    """The OS look-ups needed to find and end a worker this agent did not
+    spawn (one left running by a previous, crashed agent).  Injected so that
+    unit tests can fake the process table."""
+
+    def cmdline(self, pid: int) -> list[str] | None:
+        """argv of a live process, or None if there is none (zombies count as none)."""
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+            # The state follows the parenthesised command name.
+            if stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] in (b"Z", b"X"):
+                return None
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                raw = f.read()
+        except (OSError, ValueError):
+            return None
+        return [a.decode("utf-8", "surrogateescape") for a in raw.split(b"\0") if a]
+
+    def kill(self, pid: int, sig: int) -> None:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def read_pidfile(self, path: str) -> int | None:
+        try:
+            with open(path, encoding="ascii") as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            return None
+
+
+def is_worker_for(cmdline: Sequence[str] | None, name: str) -> bool:
+    """Does this command line belong to a celery worker for instance ``name``?
+
+    Checked before killing a pid from a pid file: pids get reused, and only a
+    worker with this node name must be ended.
+    """
+    if not cmdline:
+        return False
+    # With setproctitle installed Celery renames itself "[celeryd: node:...]".
+    if f"celeryd: {name}@" in " ".join(cmdline):
+        return True
+    if not any("celery" in a for a in cmdline) or "worker" not in cmdline:
+        return False
+    prefix = f"{name}@"
+    for i, arg in enumerate(cmdline):
+        if arg in ("-n", "--hostname") and i + 1 < len(cmdline):
+            if cmdline[i + 1].startswith(prefix):
+                return True
+        elif arg.startswith("--hostname=") and arg[len("--hostname=") :].startswith(prefix):
+            return True
+    return False
+
+
+SIGNALS = {"TERM": signal.SIGTERM, "KILL": signal.SIGKILL}

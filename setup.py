@@ -34,6 +34,7 @@ setup(
             "hypothesis>=6.100",
             "supervisor>=4.2.5",
             "playwright>=1.44",
+            "wheel>=0.43",  # the normal-install test builds a wheel offline
         ],
     },
     entry_points={"console_scripts": ["scs-agent = scs.tap:main"]},

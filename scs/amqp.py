@@ -139,7 +139,9 @@ class AMQPTransport(MultiService):
     def attach(self, agent_id: str, cluster: str, receiver: srs.ITransportReceiver) -> None:
         self.agent_id, self.cluster, self.receiver = agent_id, cluster, receiver
 
-    def publish(self, kind: str, key: str, body: bytes, properties: dict[str, str]) -> Deferred:
+    def publish(
+        self, kind: str, key: str, body: bytes, properties: dict[str, str], mandatory: bool = False
+    ) -> Deferred:
         """Send ``body``; fails with Unavailable when there is no connection."""
         if not isinstance(body, bytes) or not body.isascii():
             raise ValueError("AMQP body must be bytes of ASCII")
@@ -158,7 +160,9 @@ class AMQPTransport(MultiService):
             exchange, routing_key = "", _require_ascii("reply-to queue", key)
         else:
             raise ValueError("unknown publish kind %r" % kind)
-        d = channel.basic_publish(exchange=exchange, routing_key=routing_key, content=Content(body, properties=props))
+        d = channel.basic_publish(
+            exchange=exchange, routing_key=routing_key, mandatory=mandatory, content=Content(body, properties=props)
+        )
         d.addErrback(self._publish_failed)
         return d
 
@@ -205,7 +209,8 @@ class AMQPTransport(MultiService):
         deliveries = await client.queue(reply.consumer_tag)
         self._client, self._channel, self.reply_queue = client, channel, queue
         client.disconnected.wait().addBoth(self._lost, client)
-        self._consume(client, deliveries)
+        self._consume(client, deliveries, self._deliver)
+        self._consume(client, client.basic_return_queue, self._return)
         self.log.info(
             "AMQP connected to {host}:{port} vhost {vhost}, queue {queue}",
             host=broker.host,
@@ -215,10 +220,10 @@ class AMQPTransport(MultiService):
             event="amqp.connected",
         )
 
-    def _consume(self, client: _Client, deliveries: Any) -> None:
+    def _consume(self, client: _Client, deliveries: Any, handle: Any) -> None:
         def got(message: Any) -> None:
-            self._deliver(message)
-            self._consume(client, deliveries)
+            handle(message)
+            self._consume(client, deliveries, handle)
 
         def stopped(failure: Failure) -> None:
             failure.trap(QueueClosed, AMQPClosed)
@@ -226,6 +231,12 @@ class AMQPTransport(MultiService):
         deliveries.get().addCallbacks(got, stopped)
 
     def _deliver(self, message: Any) -> None:
+        self._hand_over(self.receiver.message_received, message)
+
+    def _return(self, message: Any) -> None:
+        self._hand_over(self.receiver.message_returned, message)
+
+    def _hand_over(self, receive: Any, message: Any) -> None:
         content = message.content
         body = content.body
         # txAMQP hands a body back as str when it happens to decode as UTF-8.
@@ -233,11 +244,13 @@ class AMQPTransport(MultiService):
             body = body.encode("utf-8")
         properties = {k: v for k, v in content.properties.items() if isinstance(v, str)}
         try:
-            self.receiver.message_received(body, properties)
+            receive(body, properties)
         except Exception:
             self.log.failure("SRS receiver failed on a message")
 
     def _lost(self, result: Any, client: _Client) -> None:
+        # txAMQP never closes this queue itself: end our loop on it.
+        client.basic_return_queue.close()
         if self._client is not client:
             return
         self._client = self._channel = self.reply_queue = None

@@ -118,6 +118,9 @@ class ITransportReceiver(Interface):
     def message_received(body: bytes, properties: dict[str, str]) -> None:
         """One message from the private queue; properties use hyphenated names."""
 
+    def message_returned(body: bytes, properties: dict[str, str]) -> None:
+        """A mandatory message we published could not be routed to any queue."""
+
 
 class ISRSTransport(IService):
     """The wire under SRS: a service that keeps one broker connection."""
@@ -127,9 +130,10 @@ class ISRSTransport(IService):
     def attach(agent_id: str, cluster: str, receiver: ITransportReceiver) -> None:
         """Set identity and receiver; called once, before the service starts."""
 
-    def publish(kind: str, key: str, body: bytes, properties: dict[str, str]) -> Deferred:
+    def publish(kind: str, key: str, body: bytes, properties: dict[str, str], mandatory: bool = False) -> Deferred:
         """Send ``body``; ``kind`` is DIRECT, FANOUT or REPLY. Fails with
-        ``scs.errors.Unavailable`` when not connected."""
+        ``scs.errors.Unavailable`` when not connected. A ``mandatory`` message
+        that reaches no queue comes back through ``message_returned``."""
 
 
 @attr.s(auto_attribs=True)
@@ -279,11 +283,15 @@ class SRS(MultiService):
         d = Deferred(lambda _: self._forget_call(correlation_id))
         timer = self._reactor.callLater(timeout, self._call_timed_out, correlation_id)
         self._calls[correlation_id] = _PendingCall(d, agent_id, op, timer)
+        # Mandatory: when the agent has no queue (crashed, not yet detected)
+        # the broker returns the request at once and we fail fast instead of
+        # waiting out the timeout.
         sent = self._send(
             DIRECT,
             agent_id,
             self._envelope("request", op=op, args=args),
             {"reply-to": self._reply_queue, "correlation-id": correlation_id},
+            mandatory=True,
         )
         sent.addErrback(self._call_send_failed, correlation_id)
         return d
@@ -392,6 +400,20 @@ class SRS(MultiService):
             self._on_reply(sender, message, properties)
         else:
             self._log_once(("type", sender, str(kind)), "SRS ignored message type {kind} from {sender}", kind=kind, sender=sender)
+
+    def message_returned(self, body: bytes, properties: dict[str, str]) -> None:
+        pending = self._calls.pop(properties.get("correlation-id", ""), None)
+        if pending is None:
+            return
+        if pending.timer.active():
+            pending.timer.cancel()
+        self.log.info(
+            "SRS request {op} to {member} returned: no such agent connected",
+            op=pending.op,
+            member=pending.agent_id,
+            event="srs.call.unroutable",
+        )
+        pending.deferred.errback(Unavailable("agent %s is not connected to the cluster" % pending.agent_id, agent=pending.agent_id))
 
     # -- receiving ---------------------------------------------------------
 
@@ -599,10 +621,15 @@ class SRS(MultiService):
         message.update(fields)
         return message
 
-    def _send(self, kind: str, key: str, message: dict[str, Any], properties: dict[str, str]) -> Deferred:
+    def _send(
+        self, kind: str, key: str, message: dict[str, Any], properties: dict[str, str], mandatory: bool = False
+    ) -> Deferred:
         try:
             body = encode_message(message)
-            d = self.transport.publish(kind, key, body, properties)
+            if mandatory:
+                d = self.transport.publish(kind, key, body, properties, mandatory=True)
+            else:
+                d = self.transport.publish(kind, key, body, properties)
         except Exception:
             d = defer.fail()
 

@@ -75,7 +75,8 @@ class FakeAMQPNetwork:
         if known[0] != kind:
             raise ValueError("exchange %s redeclared as %s" % (exchange, kind))
 
-    def route(self, exchange: str, routing_key: str, body: bytes, properties: dict) -> None:
+    def route(self, exchange: str, routing_key: str, body: bytes, properties: dict) -> int:
+        """Queue ``body`` for every matching queue; return how many matched."""
         self.published.append(FakeDelivery(exchange, routing_key, body, dict(properties)))
         if exchange == "":
             targets = [routing_key] if routing_key in self.queues else []
@@ -84,6 +85,7 @@ class FakeAMQPNetwork:
             targets = sorted({q for q, key in bindings if kind == "fanout" or key == routing_key})
         for queue in targets:
             self.clock.callLater(self.latency, self._deliver, queue, body, dict(properties))
+        return len(targets)
 
     def _deliver(self, queue: str, body: bytes, properties: dict) -> None:
         # The queue may have gone (connection lost) while the message was in flight.
@@ -139,7 +141,9 @@ class FakeTransport(_Service):
         if self.running and self.network.running:
             self._schedule_connect(self.network.reconnect_delay)
 
-    def publish(self, kind: str, key: str, body: bytes, properties: dict[str, str]) -> _defer.Deferred:
+    def publish(
+        self, kind: str, key: str, body: bytes, properties: dict[str, str], mandatory: bool = False
+    ) -> _defer.Deferred:
         if not isinstance(body, bytes):
             raise TypeError("AMQP body must be bytes, got %r" % type(body))
         body.decode("ascii")  # raises: txAMQP 0.8.2 would corrupt non-ASCII
@@ -156,14 +160,21 @@ class FakeTransport(_Service):
             return _defer.fail(_Unavailable("not connected to the broker"))
         direct, fanout = _srs.exchange_names(self.cluster)
         if kind == _srs.DIRECT:
-            self.network.route(direct, _srs.routing_key(key), body, properties)
+            routed = self.network.route(direct, _srs.routing_key(key), body, properties)
         elif kind == _srs.FANOUT:
-            self.network.route(fanout, "", body, properties)
+            routed = self.network.route(fanout, "", body, properties)
         elif kind == _srs.REPLY:
-            self.network.route("", key, body, properties)
+            routed = self.network.route("", key, body, properties)
         else:
             raise ValueError("unknown publish kind %r" % kind)
+        if mandatory and not routed:
+            # As basic.return: the broker hands an unroutable message back.
+            self.network.clock.callLater(self.network.latency, self._returned, body, dict(properties))
         return _defer.succeed(None)
+
+    def _returned(self, body: bytes, properties: dict) -> None:
+        if self.connected:
+            self.receiver.message_returned(body, properties)
 
     def _schedule_connect(self, delay: float) -> None:
         if self._pending_connect is not None and self._pending_connect.active():
@@ -196,3 +207,255 @@ class FakeTransport(_Service):
         self._drop_queue()
         if was_connected and not self.crashed:
             self.receiver.transport_disconnected(_Failure(_Unavailable(why)))
+
+
+# --- Supervisor: fake process spawner, control and process table (owner: supervisor) ---
+# FakeSpawner stands in for IReactorProcess.spawnProcess and lets the test
+# end processes; FakeControl has scs.control.CeleryControl's interface over
+# an in-memory set of Celery nodes; FakeProcessTable stands in for
+# scs.worker.ProcessTable (pid files of workers left by a crashed agent).
+
+from twisted.internet.error import (
+    ProcessDone as _ProcessDone,
+    ProcessExitedAlready as _ProcessExitedAlready,
+    ProcessTerminated as _ProcessTerminated,
+)
+
+_SIGNUMS = {"TERM": 15, "KILL": 9, "INT": 2, "STOP": 19, "CONT": 18, "HUP": 1}
+
+
+class FakeProcess:
+    """The transport a FakeSpawner gives a ProcessProtocol."""
+
+    def __init__(self, spawner: "FakeSpawner", protocol: _Any, pid: int, executable: str,
+                 args: list, env: _Any, path: _Any, childFDs: _Any) -> None:
+        self.spawner = spawner
+        self.proto = protocol
+        self.pid: _Optional[int] = pid
+        self.executable = executable
+        self.args = list(args)
+        self.env = env
+        self.path = path
+        self.childFDs = childFDs
+        self.signals: list = []
+        self.ended = False
+
+    def signalProcess(self, sig: _Any) -> None:
+        if self.ended:
+            raise _ProcessExitedAlready()
+        self.signals.append(sig)
+        if sig == "KILL" or (sig in ("TERM", "INT") and not self.spawner.ignore_term):
+            self.spawner._schedule(self.exit, None, _SIGNUMS.get(sig, 15))
+
+    def exit(self, code: _Optional[int] = 0, signal: _Optional[int] = None) -> None:
+        """The process ends with exit ``code`` or by ``signal``."""
+        if self.ended:
+            return
+        self.ended = True
+        self.pid = None
+        if signal is None and code == 0:
+            reason = _Failure(_ProcessDone(0))
+        else:
+            reason = _Failure(_ProcessTerminated(exitCode=code if signal is None else None, signal=signal))
+        self.proto.processEnded(reason)
+
+    def loseConnection(self) -> None:
+        pass
+
+    def closeStdin(self) -> None:
+        pass
+
+
+class FakeSpawner:
+    """Records spawnProcess calls.  ``processes`` lists every FakeProcess;
+    ``alive`` the ones not ended.  TERM/INT/KILL end a process (after
+    ``exit_delay`` on ``clock`` when given, else at once) unless
+    ``ignore_term`` is set, which makes only KILL work, like a hung worker.
+    ``fail`` makes spawnProcess raise OSError."""
+
+    def __init__(self, clock: _Any = None, exit_delay: float = 0.0) -> None:
+        self.clock = clock
+        self.exit_delay = exit_delay
+        self.processes: list[FakeProcess] = []
+        self.ignore_term = False
+        self.fail = False
+        self._next_pid = 1000
+
+    def spawnProcess(self, processProtocol: _Any, executable: str, args: _Any = (), env: _Any = None,
+                     path: _Any = None, uid: _Any = None, gid: _Any = None, usePTY: bool = False,
+                     childFDs: _Any = None) -> FakeProcess:
+        if self.fail:
+            raise OSError("fake spawn failure")
+        self._next_pid += 1
+        p = FakeProcess(self, processProtocol, self._next_pid, executable, args, env, path, childFDs)
+        self.processes.append(p)
+        processProtocol.makeConnection(p)
+        return p
+
+    @property
+    def alive(self) -> list[FakeProcess]:
+        return [p for p in self.processes if not p.ended]
+
+    def _schedule(self, f: _Any, *args: _Any) -> None:
+        if self.clock is None:
+            f(*args)
+        else:
+            self.clock.callLater(self.exit_delay, f, *args)
+
+
+class FakeControl:
+    """scs.control.CeleryControl's interface over in-memory nodes.
+
+    ``nodes`` maps a node name to ``{"queues": [...], "autoscaler": {...},
+    "responsive": bool}``; ``up(node, ...)`` adds one.  ``broker_up = False``
+    makes every call fail with Unavailable (and broker_alive answer False).
+    With a ``clock``, a ping that misses a node takes its whole ``timeout``
+    on that clock, as Celery's does.  ``paused = True`` holds every call's
+    Deferred in ``held`` until ``release()``.  ``calls`` records
+    ``(method, broker_url, args...)``.
+    """
+
+    def __init__(self, clock: _Any = None) -> None:
+        self.clock = clock
+        self.nodes: dict[str, dict] = {}
+        self.broker_up = True
+        self.calls: list[tuple] = []
+        self.paused = False
+        self.held: list[tuple[_defer.Deferred, _Any]] = []
+        self.closed = False
+
+    def up(self, node: str, queues: _Any = (), max: int = 1, min: int = 1) -> dict:
+        n = {"queues": list(queues), "autoscaler": {"max": max, "min": min, "current": min, "qty": 0},
+             "responsive": True}
+        self.nodes[node] = n
+        return n
+
+    def down(self, node: str) -> None:
+        self.nodes.pop(node, None)
+
+    def _answering(self, nodes: _Any) -> list[str]:
+        return [n for n in nodes if n in self.nodes and self.nodes[n]["responsive"]]
+
+    def _result(self, compute: _Any, delay: float = 0.0) -> _defer.Deferred:
+        d: _defer.Deferred = _defer.Deferred()
+
+        def run() -> None:
+            if not self.broker_up:
+                d.errback(_Failure(_Unavailable("broker unavailable (fake)")))
+                return
+            try:
+                value = compute()
+            except Exception:
+                d.errback(_Failure())
+            else:
+                d.callback(value)
+
+        def go() -> None:
+            if self.clock is not None and delay > 0:
+                self.clock.callLater(delay, run)
+            else:
+                run()
+
+        if self.paused:
+            self.held.append((d, go))
+        else:
+            go()
+        return d
+
+    def release(self) -> None:
+        self.paused = False
+        held, self.held = self.held, []
+        for _d, go in held:
+            go()
+
+    def ping(self, broker_url: str, nodes: _Any, timeout: float) -> _defer.Deferred:
+        nodes = list(nodes)
+        self.calls.append(("ping", broker_url, nodes, timeout))
+        answering = self._answering(nodes)
+        delay = timeout if len(answering) < len(nodes) else 0.0
+        return self._result(lambda: set(self._answering(nodes)), delay)
+
+    def active_queues(self, broker_url: str, nodes: _Any, timeout: float) -> _defer.Deferred:
+        nodes = list(nodes)
+        self.calls.append(("active_queues", broker_url, nodes, timeout))
+        return self._result(lambda: {n: list(self.nodes[n]["queues"]) for n in self._answering(nodes)})
+
+    def stats(self, broker_url: str, nodes: _Any, timeout: float) -> _defer.Deferred:
+        nodes = list(nodes)
+        self.calls.append(("stats", broker_url, nodes, timeout))
+        return self._result(lambda: {n: {"autoscaler": dict(self.nodes[n]["autoscaler"]), "pid": 1}
+                                     for n in self._answering(nodes)})
+
+    def _one(self, node: str, change: _Any) -> _defer.Deferred:
+        def compute() -> str:
+            if not self._answering([node]):
+                from scs.errors import GatewayTimeout
+                raise GatewayTimeout("%s did not answer" % node)
+            return change(self.nodes[node])
+        return self._result(compute)
+
+    def add_consumer(self, broker_url: str, node: str, queue: str, *, exchange: _Any = None,
+                     routing_key: _Any = None, exchange_type: _Any = None, timeout: float = 1.0) -> _defer.Deferred:
+        self.calls.append(("add_consumer", broker_url, node, queue, exchange, routing_key, exchange_type))
+
+        def change(n: dict) -> str:
+            if queue not in n["queues"]:
+                n["queues"].append(queue)
+            return "add consumer %s" % queue
+        return self._one(node, change)
+
+    def cancel_consumer(self, broker_url: str, node: str, queue: str, *, timeout: float = 1.0) -> _defer.Deferred:
+        self.calls.append(("cancel_consumer", broker_url, node, queue))
+
+        def change(n: dict) -> str:
+            if queue in n["queues"]:
+                n["queues"].remove(queue)
+            return "no longer consuming from %s" % queue
+        return self._one(node, change)
+
+    def autoscale(self, broker_url: str, node: str, max: int, min: int, *, timeout: float = 1.0) -> _defer.Deferred:
+        self.calls.append(("autoscale", broker_url, node, max, min))
+
+        def change(n: dict) -> str:
+            n["autoscaler"].update(max=max, min=min)
+            return "autoscale now max=%d min=%d" % (max, min)
+        return self._one(node, change)
+
+    def broker_alive(self, broker_url: str, timeout: float = 1.0) -> _defer.Deferred:
+        self.calls.append(("broker_alive", broker_url))
+        return _defer.succeed(self.broker_up)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def count(self, method: str) -> int:
+        return sum(1 for c in self.calls if c[0] == method)
+
+
+class FakeProcessTable:
+    """scs.worker.ProcessTable over a dict ``{pid: argv}``.  ``kill`` records
+    the signal; a process leaves the table on KILL, and on TERM unless its
+    pid is in ``ignore_term``."""
+
+    def __init__(self, processes: _Optional[dict] = None) -> None:
+        self.processes: dict[int, list[str]] = dict(processes or {})
+        self.ignore_term: set[int] = set()
+        self.killed: list[tuple[int, int]] = []
+        self.pidfiles: dict[str, int] = {}
+
+    def cmdline(self, pid: int) -> _Optional[list[str]]:
+        return self.processes.get(pid)
+
+    def kill(self, pid: int, sig: int) -> None:
+        self.killed.append((pid, sig))
+        if sig == 9 or (sig == 15 and pid not in self.ignore_term):
+            self.processes.pop(pid, None)
+
+    def read_pidfile(self, path: str) -> _Optional[int]:
+        if path in self.pidfiles:
+            return self.pidfiles[path]
+        try:
+            with open(path, encoding="ascii") as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            return None

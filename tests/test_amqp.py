@@ -52,6 +52,9 @@ class Recorder:
     def message_received(self, body: bytes, properties: dict[str, str]) -> None:
         self.messages.put((body, properties))
 
+    def message_returned(self, body: bytes, properties: dict[str, str]) -> None:
+        raise AssertionError("unexpected returned message %r" % body)
+
     def next(self) -> Deferred:
         return self.messages.get().addTimeout(WAIT, reactor)
 
@@ -117,6 +120,20 @@ class TransportContract:
         await b.publish(srs.REPLY, props["reply-to"], _body(answer=2), {"correlation-id": props["correlation-id"]})
         body, props = await ra.next()
         self.assertEqual((json.loads(body), props["correlation-id"]), ({"answer": 2}, "c-42"))  # type: ignore[attr-defined]
+
+    async def test_mandatory_message_to_nobody_comes_back(self) -> None:
+        a, ra = await self.start("a")
+        returned: Deferred = Deferred()
+        ra.message_returned = lambda body, props: returned.callback((body, props))
+        await a.publish(srs.DIRECT, "nobody", _body(r=1), {"correlation-id": "c-7"}, mandatory=True)
+        body, props = await returned.addTimeout(WAIT, reactor)
+        self.assertEqual((json.loads(body), props["correlation-id"]), ({"r": 1}, "c-7"))  # type: ignore[attr-defined]
+        # Without mandatory it is dropped silently; a marker shows nothing else came back.
+        returned = Deferred()
+        await a.publish(srs.DIRECT, "nobody", _body(r=2), {}, mandatory=False)
+        await a.publish(srs.DIRECT, "nobody", _body(r=3), {}, mandatory=True)
+        body, _ = await returned.addTimeout(WAIT, reactor)
+        self.assertEqual(json.loads(body), {"r": 3})  # type: ignore[attr-defined]
 
     async def test_non_ascii_ids_and_payload_round_trip(self) -> None:
         a, ra = await self.start("agënt-ä")

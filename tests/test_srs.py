@@ -220,10 +220,23 @@ class CallTests(SynchronousTestCase):
         later.callback("too late")
         self.c.settle()  # must not raise AlreadyCalledError
 
-    def test_call_to_unknown_agent_times_out(self) -> None:
+    def test_call_to_unknown_agent_fails_fast(self) -> None:
         d = self.a1.call("nobody", "get", {}, timeout=2)
-        self.c.clock.advance(2)
-        self.failureResultOf(d, errors.GatewayTimeout)
+        self.c.settle()
+        error = self.failureResultOf(d, errors.Unavailable).value
+        self.assertEqual(error.details, {"agent": "nobody"})
+        self.assertEqual([e["member"] for e in self.c.events_named("srs.call.unroutable")], ["nobody"])
+
+    def test_call_to_crashed_agent_fails_fast_before_it_is_dead(self) -> None:
+        self.a2.transport.crash()
+        self.assertEqual(self.a1.live_agents(), ["agent1", "agent2"])
+        d = self.a1.call("agent2", "get", {}, timeout=2)
+        self.c.settle()
+        self.failureResultOf(d, errors.Unavailable)
+
+    def test_returned_message_of_a_finished_call_is_ignored(self) -> None:
+        self.a1.message_returned(b"{}", {"correlation-id": "unknown"})
+        self.a1.message_returned(b"{}", {})
 
     def test_call_to_self_is_local_and_json_shaped(self) -> None:
         self.a1.handler = lambda op, args: {"t": (1, 2)}

@@ -111,8 +111,11 @@ class MembershipTests(SRSBrokerTestCase):
         results, missing = await a1.scatter("list", {}, timeout=0.5)
         self.assertEqual((sorted(results), missing), (["agent2"], ["agent3"]))
         self.assertGreaterEqual(time.monotonic() - started, 0.5)
-        with self.assertRaises(errors.GatewayTimeout):
-            await a1.call("agent3", "get", {}, timeout=0.3)
+        # Its queue is gone, so the broker returns a request at once.
+        started = time.monotonic()
+        with self.assertRaises(errors.Unavailable):
+            await a1.call("agent3", "get", {}, timeout=2.0)
+        self.assertLess(time.monotonic() - started, 0.5)
         await wait_until(lambda: a1.live_agents() == ["agent1", "agent2"], 3 * INTERVAL + 0.5, "agent3 dead")
         self.assertEqual([r["alive"] for r in a1.members()], [True, True, False])
         started = time.monotonic()
@@ -122,6 +125,14 @@ class MembershipTests(SRSBrokerTestCase):
 
 
 class RequestTests(SRSBrokerTestCase):
+    async def test_call_timeout(self) -> None:
+        a1, a2 = await self.cluster_of("agent1", "agent2")
+        a2.handler = lambda op, args: Deferred()
+        started = time.monotonic()
+        with self.assertRaises(errors.GatewayTimeout):
+            await a1.call("agent2", "hang", {}, timeout=0.3)
+        self.assertGreaterEqual(time.monotonic() - started, 0.3)
+
     async def test_call_and_remote_errors(self) -> None:
         a1, a2 = await self.cluster_of("agent1", "agent2")
         self.assertEqual(await a1.call("agent2", "get", {"x": 1}), {"agent": "agent2", "op": "get", "args": {"x": 1}})

@@ -1,0 +1,117 @@
+"""A private RabbitMQ node for tests that stop or restart the broker.
+
+It has its own node name, AMQP and distribution ports and data directory
+(owned by the ``rabbitmq`` user), so the shared broker on 5672 is never
+touched.  It runs in the foreground in its own process group, stopped by
+pid.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+from tests.integration.agents import free_port
+
+RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
+
+
+def available() -> bool:
+    try:
+        pwd.getpwnam("rabbitmq")
+    except KeyError:
+        return False
+    return RABBITMQ_SERVER.exists() and os.geteuid() == 0
+
+
+class PrivateRabbitMQ:
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.name = f"scs-test-{uuid.uuid4().hex[:8]}@localhost"
+        self.port = free_port()
+        self.dist_port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def _env(self) -> dict[str, str]:
+        d = str(self.directory)
+        env = dict(os.environ)
+        env.update(
+            RABBITMQ_NODENAME=self.name,
+            RABBITMQ_NODE_IP_ADDRESS="127.0.0.1",
+            RABBITMQ_NODE_PORT=str(self.port),
+            RABBITMQ_DIST_PORT=str(self.dist_port),
+            RABBITMQ_MNESIA_BASE=f"{d}/mnesia",
+            RABBITMQ_LOG_BASE=f"{d}/log",
+            RABBITMQ_PID_FILE=f"{d}/pid",
+            RABBITMQ_ENABLED_PLUGINS_FILE=f"{d}/enabled_plugins",
+            RABBITMQ_CONFIG_FILE=f"{d}/rabbitmq",
+            RABBITMQ_ADVANCED_CONFIG_FILE=f"{d}/advanced.config",
+            HOME="/var/lib/rabbitmq",  # its Erlang cookie
+        )
+        return env
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        shutil.chown(self.directory, "rabbitmq", "rabbitmq")
+        with open(self.directory.parent / f"{self.directory.name}.out", "ab") as out:
+            self.process = subprocess.Popen(
+                [str(RABBITMQ_SERVER)],
+                env=self._env(),
+                user="rabbitmq",
+                group="rabbitmq",
+                cwd=self.directory,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while not self.answers():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"private RabbitMQ exited with {self.process.returncode}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"private RabbitMQ did not answer in {timeout} s")
+            time.sleep(0.2)
+
+    def answers(self) -> bool:
+        """Whether the node completes an AMQP handshake (not just listens)."""
+        from kombu import Connection
+
+        try:
+            with Connection(self.url, connect_timeout=1) as connection:
+                connection.ensure_connection(max_retries=1)
+            return True
+        except Exception:  # noqa: BLE001 - any failure means not yet
+            return False
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+        # The Erlang VM's helpers (erl_child_setup, inet_gethost) share the group.
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) != 0:
+                    return
+            time.sleep(0.1)

@@ -1,0 +1,796 @@
+"""The admin page of one agent, served at ``/admin/``.
+
+Server-rendered with ``twisted.web.template`` (which escapes every string
+it is given), plain HTML forms that POST and redirect (303) back to the
+page, so it works without JavaScript.  It lists this agent's instances with
+forms to change them, the apps and queue declarations of this agent, and a
+read-only view of the other agents' instances.
+
+Protection:
+
+- cross-site request forgery: every form carries a token, the HMAC (with a
+  per-process secret) of a random nonce kept in an HttpOnly, SameSite=Strict
+  cookie (double submit, signed); a POST whose token does not match, or
+  whose ``Origin`` is another site, is refused and changes nothing;
+- with ``--auth-token-file``: the token as a bearer token, as the password
+  of HTTP basic auth, or through the login form, which sets a signed
+  session cookie (``scs.http.auth``);
+- bad input is shown on the page, with what was sent, escaped; never a
+  stack trace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+from klein import Klein
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+from twisted.web.template import Element, Tag, XMLFile, flattenString, renderer, tags
+
+from scs import validation as v
+from scs.errors import BadParameter, SCSError
+from scs.http.auth import SESSION_COOKIE, SESSION_LIFETIME, TokenAuth
+from scs.http.params import DEFAULT_MAX_BODY, request_params
+from scs.store import UNSET
+
+log = Logger(namespace="scs.http.admin")
+
+TEMPLATE = FilePath(__file__).sibling("templates").child("admin.xml")
+ADMIN_ROOT = "/admin/"
+CSRF_COOKIE = b"scs_csrf"
+CSRF_FIELD = "csrf"
+_NONCE = re.compile(rb"^[0-9a-f]{32}$")
+
+# What a successful POST says on the page it redirects to: a fixed set, so
+# the query string cannot put words on the page.
+NOTICES = {
+    "login": "Logged in.",
+    "logout": "Logged out.",
+    "app": "App saved.",
+    "create": "Instance created.",
+    "delete": "Instance deleted.",
+    "enable": "Instance enabled.",
+    "disable": "Instance disabled.",
+    "restart": "Instance restarted.",
+    "autoscale": "Autoscale set.",
+    "consume": "Queue added to the instance.",
+    "cancel": "Queue removed from the instance.",
+    "declare": "Queue declared.",
+    "undeclare": "Queue declaration deleted.",
+}
+
+SECURITY_HEADERS = {
+    b"Content-Type": b"text/html; charset=utf-8",
+    # No script at all; forms may only go back to this agent.
+    b"Content-Security-Policy": b"default-src 'none'; style-src 'unsafe-inline'; "
+    b"form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    b"X-Frame-Options": b"DENY",
+    b"X-Content-Type-Options": b"nosniff",
+    b"Referrer-Policy": b"no-referrer",
+    b"Cache-Control": b"no-store",
+}
+
+# The per-instance actions: form action -> (agent operation, notice key).
+INSTANCE_ACTIONS = {
+    "delete": "instance_delete",
+    "enable": "instance_enable",
+    "disable": "instance_disable",
+    "restart": "instance_restart",
+    "autoscale": "autoscale_set",
+    "consume": "consume",
+    "cancel": "cancel",
+}
+
+
+@attrs.frozen
+class PageData:
+    """Everything the page shows, gathered before rendering."""
+
+    agent_id: str
+    root: str
+    csrf: str
+    auth_enabled: bool
+    logged_in: bool
+    members: list[dict[str, Any]] = attrs.Factory(list)
+    local: list[dict[str, Any]] = attrs.Factory(list)
+    others: dict[str, list[dict[str, Any]]] = attrs.Factory(dict)
+    missing: tuple[str, ...] = ()
+    apps: list[Any] = attrs.Factory(list)
+    queues: list[tuple[str, Any]] = attrs.Factory(list)
+    notice: str | None = None
+    error: str | None = None
+    sent: tuple[tuple[str, str], ...] = ()
+    # Values to put back into the form that failed: form id -> field -> value.
+    refill: dict[str, dict[str, str]] = attrs.Factory(dict)
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+class AdminPage(Element):
+    loader = XMLFile(TEMPLATE)
+
+    def __init__(self, data: PageData) -> None:
+        super().__init__()
+        self.data = data
+
+    # -- helpers ----------------------------------------------------------
+
+    def form(self, action: str, *children: Any, **attributes: str) -> Tag:
+        """A POST form to ``root + action`` carrying the anti-forgery token."""
+        return tags.form(
+            tags.input(type="hidden", name=CSRF_FIELD, value=self.data.csrf),
+            *children,
+            method="post",
+            action=self.data.root + action,
+            **attributes,
+        )
+
+    def field(self, form_id: str, name: str, label: str, default: str = "", **attributes: str) -> Tag:
+        value = self.data.refill.get(form_id, {}).get(name, default)
+        return tags.label(
+            label,
+            " ",
+            tags.input(name=name, value=value, id=f"{form_id}-{name}", **attributes),
+        )
+
+    def instance_form(self, instance: dict[str, Any], action: str, *children: Any) -> Tag:
+        return self.form(
+            "instance/" + action,
+            tags.input(type="hidden", name="app", value=instance["app"]),
+            tags.input(type="hidden", name="name", value=instance["name"]),
+            *children,
+            **{"class": "inline", "data-action": action},
+        )
+
+    # -- renderers ----------------------------------------------------------
+
+    @renderer
+    def agent_id(self, request: IRequest, tag: Tag) -> Tag:
+        return tag(self.data.agent_id)
+
+    @renderer
+    def messages(self, request: IRequest, tag: Tag) -> Any:
+        out = []
+        if self.data.notice:
+            out.append(tags.p(self.data.notice, id="notice", **{"class": "notice", "role": "status"}))
+        if self.data.error:
+            box = tags.div(
+                tags.p(tags.strong("Error: "), self.data.error),
+                id="error",
+                **{"class": "error", "role": "alert"},
+            )
+            if self.data.sent:
+                box(
+                    tags.p("You sent:"),
+                    tags.dl(*[(tags.dt(k), tags.dd(tags.code(val))) for k, val in self.data.sent]),
+                )
+            out.append(box)
+        return out
+
+    @renderer
+    def session(self, request: IRequest, tag: Tag) -> Any:
+        if not self.data.auth_enabled or not self.data.logged_in:
+            return ""
+        return tag(self.form("logout", tags.button("Log out", type="submit")))
+
+    @renderer
+    def login(self, request: IRequest, tag: Tag) -> Any:
+        if self.data.logged_in:
+            return ""
+        return tag(
+            tags.h2("Log in"),
+            tags.p("This agent needs its access token (the content of --auth-token-file)."),
+            self.form(
+                "login",
+                tags.label(
+                    "Token ",
+                    tags.input(type="password", name="token", id="login-token", autocomplete="off"),
+                ),
+                " ",
+                tags.button("Log in", type="submit"),
+                id="login",
+            ),
+        )
+
+    @renderer
+    def body(self, request: IRequest, tag: Tag) -> Any:
+        if not self.data.logged_in:
+            return ""
+        return tag
+
+    @renderer
+    def members(self, request: IRequest, tag: Tag) -> Any:
+        rows = []
+        for m in self.data.members:
+            rows.append(
+                tags.tr(
+                    tags.td(m.get("id")),
+                    tags.td(_text(m.get("url"))),
+                    tags.td("yes" if m.get("alive") else "no"),
+                    tags.td(_text(m.get("instances"))),
+                )
+            )
+        return tag(*rows)
+
+    @renderer
+    def local_instances(self, request: IRequest, tag: Tag) -> Any:
+        if not self.data.local:
+            return tag(tags.tr(tags.td("No instances on this agent.", colspan="9")))
+        rows = []
+        for inst in self.data.local:
+            queues = []
+            for q in inst["queues"]:
+                queues.append(
+                    tags.li(
+                        tags.span(q, **{"class": "queue"}),
+                        " ",
+                        self.instance_form(
+                            inst,
+                            "cancel",
+                            tags.input(type="hidden", name="queue", value=q),
+                            tags.button("remove", type="submit", title=f"stop consuming {q}"),
+                        ),
+                    )
+                )
+            toggle = (
+                self.instance_form(inst, "disable", tags.button("Disable", type="submit"))
+                if inst["is_enabled"]
+                else self.instance_form(inst, "enable", tags.button("Enable", type="submit"))
+            )
+            broker = inst["broker"]
+            rows.append(
+                tags.tr(
+                    tags.td(tags.code(inst["name"]), **{"class": "name"}),
+                    tags.td(inst["app"]),
+                    tags.td(inst["state"], **{"class": "state state-" + str(inst["state"])}),
+                    tags.td("yes" if inst["is_enabled"] else "no", **{"class": "enabled"}),
+                    tags.td(_text(inst["pid"]), **{"class": "pid"}),
+                    tags.td(str(inst["restarts"]), **{"class": "restarts"}),
+                    tags.td(
+                        f"{inst['min_concurrency']}–{inst['max_concurrency']}",
+                        **{"class": "concurrency"},
+                    ),
+                    tags.td(
+                        tags.ul(*queues, **{"class": "queues"}),
+                        self.instance_form(
+                            inst,
+                            "consume",
+                            tags.input(name="queue", size="12", placeholder="queue", required=""),
+                            tags.button("add queue", type="submit"),
+                        ),
+                    ),
+                    tags.td(
+                        tags.div(
+                            "broker ",
+                            tags.code(
+                                f"{broker['userid']}@{broker['hostname']}:{broker['port']}"
+                                f"/{broker['virtual_host']}"
+                            ),
+                        ),
+                        tags.div("arguments ", tags.code(" ".join(inst.get("arguments") or ())))
+                        if inst.get("arguments")
+                        else "",
+                        self.instance_form(
+                            inst,
+                            "autoscale",
+                            tags.label(
+                                "max ",
+                                tags.input(name="max", size="3", value=str(inst["max_concurrency"])),
+                            ),
+                            tags.label(
+                                " min ",
+                                tags.input(name="min", size="3", value=str(inst["min_concurrency"])),
+                            ),
+                            tags.button("set autoscale", type="submit"),
+                        ),
+                        toggle,
+                        self.instance_form(inst, "restart", tags.button("Restart", type="submit")),
+                        self.instance_form(inst, "delete", tags.button("Delete", type="submit")),
+                    ),
+                    id="instance-" + inst["name"],
+                    **{"class": "instance", "data-name": inst["name"]},
+                )
+            )
+        return tag(*rows)
+
+    @renderer
+    def create_form(self, request: IRequest, tag: Tag) -> Tag:
+        f = "create"
+        return tag(
+            self.form(
+                "instances",
+                tags.p(
+                    self.field(f, "app", "app", required=""),
+                    " ",
+                    self.field(f, "name", "name (empty: random)"),
+                ),
+                tags.p(
+                    self.field(f, "max_concurrency", "max concurrency", "1", size="3"),
+                    " ",
+                    self.field(f, "min_concurrency", "min concurrency", "1", size="3"),
+                    " ",
+                    self.field(f, "queues", "queues (comma list)"),
+                ),
+                tags.p(
+                    self.field(f, "broker", "broker URL (empty: the app's)", size="40"),
+                    " ",
+                    self.field(f, "arguments", "extra worker arguments", size="30"),
+                ),
+                tags.button("Create instance", type="submit"),
+                id="create-instance",
+            )
+        )
+
+    @renderer
+    def apps(self, request: IRequest, tag: Tag) -> Tag:
+        rows = [
+            tags.tr(
+                tags.td(tags.code(a.name)),
+                tags.td(tags.code(f"{a.broker.userid}@{a.broker.hostname}:{a.broker.port}/{a.broker.virtual_host}")),
+                tags.td(_text(a.celery_app)),
+                tags.td(tags.code(" ".join(a.arguments))),
+            )
+            for a in self.data.apps
+        ]
+        if not rows:
+            rows = [tags.tr(tags.td("No apps yet.", colspan="4"))]
+        return tag(*rows)
+
+    @renderer
+    def app_form(self, request: IRequest, tag: Tag) -> Tag:
+        f = "app"
+        return tag(
+            self.form(
+                "apps",
+                tags.p(
+                    self.field(f, "name", "name", required=""),
+                    " ",
+                    self.field(f, "broker", "broker URL", size="40"),
+                ),
+                tags.p(
+                    self.field(f, "celery_app", "celery app (-A)"),
+                    " ",
+                    self.field(f, "arguments", "extra worker arguments", size="30"),
+                ),
+                tags.button("Save app", type="submit"),
+                id="put-app",
+            )
+        )
+
+    @renderer
+    def queues(self, request: IRequest, tag: Tag) -> Tag:
+        rows = []
+        for app, q in self.data.queues:
+            rows.append(
+                tags.tr(
+                    tags.td(app),
+                    tags.td(tags.code(q.name)),
+                    tags.td(q.exchange),
+                    tags.td(q.routing_key),
+                    tags.td(_text(q.exchange_type)),
+                    tags.td(tags.code(_text(q.options))),
+                    tags.td(
+                        self.form(
+                            "queues/delete",
+                            tags.input(type="hidden", name="app", value=app),
+                            tags.input(type="hidden", name="name", value=q.name),
+                            tags.button("Delete", type="submit"),
+                            **{"class": "inline"},
+                        )
+                    ),
+                    **{"class": "queue-declaration", "data-name": q.name},
+                )
+            )
+        if not rows:
+            rows = [tags.tr(tags.td("No queues declared on this agent.", colspan="7"))]
+        return tag(*rows)
+
+    @renderer
+    def queue_form(self, request: IRequest, tag: Tag) -> Tag:
+        f = "declare"
+        return tag(
+            self.form(
+                "queues",
+                tags.p(
+                    self.field(f, "app", "app", required=""),
+                    " ",
+                    self.field(f, "name", "queue", required=""),
+                ),
+                tags.p(
+                    self.field(f, "exchange", "exchange (empty: the queue's name)"),
+                    " ",
+                    self.field(f, "routing_key", "routing key (empty: the queue's name)"),
+                ),
+                tags.p(
+                    self.field(f, "exchange_type", "exchange type"),
+                    " ",
+                    self.field(f, "options", "options (JSON object)", size="30"),
+                ),
+                tags.button("Declare queue", type="submit"),
+                id="declare-queue",
+            )
+        )
+
+    @renderer
+    def others(self, request: IRequest, tag: Tag) -> Tag:
+        rows = []
+        for agent in sorted(self.data.others):
+            for inst in self.data.others[agent]:
+                rows.append(
+                    tags.tr(
+                        tags.td(agent),
+                        tags.td(tags.code(inst.get("name"))),
+                        tags.td(_text(inst.get("app"))),
+                        tags.td(_text(inst.get("state"))),
+                        tags.td("yes" if inst.get("is_enabled") else "no"),
+                        tags.td(_text(inst.get("pid"))),
+                        tags.td(_text(inst.get("restarts"))),
+                        tags.td(f"{inst.get('min_concurrency')}–{inst.get('max_concurrency')}"),
+                        tags.td(", ".join(str(q) for q in inst.get("queues") or ())),
+                        **{"class": "other-instance"},
+                    )
+                )
+        if not rows:
+            rows = [tags.tr(tags.td("No instances on other agents.", colspan="9"))]
+        return tag(*rows)
+
+    @renderer
+    def missing(self, request: IRequest, tag: Tag) -> Any:
+        if not self.data.missing:
+            return ""
+        return tag("These agents did not answer: ", ", ".join(self.data.missing))
+
+
+class Admin:
+    """The admin page as a Klein app; ``resource()`` is mounted at ``root``."""
+
+    app = Klein()
+
+    def __init__(
+        self,
+        agent: Any,
+        auth: TokenAuth | None = None,
+        secret: bytes | None = None,
+        root: str = ADMIN_ROOT,
+        max_body: int = DEFAULT_MAX_BODY,
+        nonce: Callable[[], bytes] = lambda: os.urandom(16).hex().encode(),
+    ) -> None:
+        self.agent = agent
+        self.auth = auth
+        # Restarting the agent invalidates open pages' tokens: a reload fixes it.
+        self.secret = secret if secret is not None else os.urandom(32)
+        self.root = root
+        self.max_body = max_body
+        self._nonce = nonce
+
+    def resource(self) -> IResource:
+        return self.app.resource()
+
+    # -- plumbing -----------------------------------------------------------
+
+    def _csrf_nonce(self, request: IRequest) -> bytes:
+        """This browser's nonce, setting a new cookie when it has none."""
+        nonce = request.getCookie(CSRF_COOKIE)
+        if nonce is None or not _NONCE.match(nonce):
+            nonce = self._nonce()
+            request.addCookie(
+                CSRF_COOKIE,
+                nonce,
+                path=self.root,
+                httpOnly=True,
+                sameSite="strict",
+                secure=request.isSecure(),
+            )
+        return nonce
+
+    def csrf_token(self, nonce: bytes) -> str:
+        return hmac.new(self.secret, b"csrf:" + nonce, hashlib.sha256).hexdigest()
+
+    def _csrf_ok(self, request: IRequest, params: Mapping[str, Any]) -> bool:
+        nonce = request.getCookie(CSRF_COOKIE)
+        sent = params.get(CSRF_FIELD)
+        if nonce is None or not _NONCE.match(nonce) or not isinstance(sent, str):
+            return False
+        if not hmac.compare_digest(sent.encode("utf-8", "replace"), self.csrf_token(nonce).encode()):
+            return False
+        return _same_origin(request)
+
+    def _logged_in(self, request: IRequest) -> bool:
+        return self.auth is None or self.auth.check_admin(request)
+
+    async def _page(
+        self,
+        request: IRequest,
+        status: int = 200,
+        error: str | None = None,
+        sent: Iterable[tuple[str, str]] = (),
+        refill: dict[str, dict[str, str]] | None = None,
+        notice: str | None = None,
+    ) -> bytes:
+        logged_in = self._logged_in(request)
+        nonce = self._csrf_nonce(request)
+        data: dict[str, Any] = {
+            "agent_id": self.agent.agent_id,
+            "root": self.root,
+            "csrf": self.csrf_token(nonce),
+            "auth_enabled": self.auth is not None,
+            "logged_in": logged_in,
+            "notice": notice,
+            "error": error,
+            "sent": tuple(sent),
+            "refill": refill or {},
+        }
+        if logged_in:
+            data.update(await self._gather())
+        else:
+            status = 401 if status < 400 else status
+            # Not a basic-auth challenge: a browser would show its own
+            # dialog instead of the login form.
+            request.setHeader(b"WWW-Authenticate", b'Bearer realm="scs-agent admin"')
+        body = await flattenString(request, AdminPage(PageData(**data)))
+        request.setResponseCode(status)
+        for name, value in SECURITY_HEADERS.items():
+            request.setHeader(name, value)
+        return b"<!DOCTYPE html>\n" + body
+
+    async def _gather(self) -> dict[str, Any]:
+        local = self.agent.local
+        store = local.store
+        others: dict[str, list[dict[str, Any]]] = {}
+        missing: tuple[str, ...] = ()
+        try:
+            results, missing = await self.agent.instance_details()
+            others = {a: list(r) for a, r in results.items() if a != self.agent.agent_id}
+        except SCSError as e:
+            log.warn("admin: listing other agents failed: {error}", error=e.message)
+        apps = store.list_apps()
+        queues = [(a.name, q) for a in apps for q in store.list_queues(a.name)]
+        return {
+            "members": self.agent.members(),
+            "local": local.instance_details(),
+            "others": others,
+            "missing": tuple(missing),
+            "apps": apps,
+            "queues": queues,
+        }
+
+    def _redirect(self, request: IRequest, done: str) -> bytes:
+        request.setResponseCode(303)
+        request.setHeader(b"Location", f"{self.root}?done={done}".encode())
+        request.setHeader(b"Cache-Control", b"no-store")
+        return b""
+
+    async def _post(
+        self,
+        request: IRequest,
+        form_id: str,
+        run: Callable[[dict[str, Any]], Any],
+        login_required: bool = True,
+    ) -> bytes:
+        """The common path of every form: read, check, run, redirect; or
+        show the page with the error."""
+        try:
+            params = request_params(request, self.max_body)
+        except SCSError as e:
+            return await self._page(request, e.status, error=e.message)
+        sent = [
+            (k, val if isinstance(val, str) else repr(val))
+            for k, val in params.items()
+            if k not in (CSRF_FIELD, "token")
+        ]
+        if not self._csrf_ok(request, params):
+            log.warn("admin: refused a form without a valid anti-forgery token", event="admin.csrf")
+            return await self._page(
+                request,
+                403,
+                error="The form's anti-forgery token is missing or wrong "
+                "(the page may be from before the agent restarted): reload the page and try again.",
+            )
+        if login_required and not self._logged_in(request):
+            return await self._page(request, 401, error="Log in first.")
+        fields = {k: val for k, val in params.items() if k != CSRF_FIELD}
+        try:
+            done = await run(fields)
+        except SCSError as e:
+            return await self._page(
+                request, e.status, error=e.message, sent=sent, refill={form_id: dict(sent)}
+            )
+        except Exception:  # noqa: BLE001 - never a stack trace on the page
+            log.failure("admin: {form} failed", Failure(), form=form_id)
+            return await self._page(request, 500, error="Internal error; see the agent's log.", sent=sent)
+        return self._redirect(request, done)
+
+    # -- routes -------------------------------------------------------------
+
+    @app.route("/", methods=["GET", "HEAD"])
+    async def page(self, request: IRequest) -> bytes:
+        done = request.args.get(b"done", [b""])[0].decode("ascii", "replace")
+        return await self._page(request, notice=NOTICES.get(done))
+
+    @app.route("/login", methods=["POST"])
+    async def login(self, request: IRequest) -> bytes:
+        async def run(fields: dict[str, Any]) -> str:
+            v.only(fields, ("token",))
+            if self.auth is None:
+                return "login"
+            token = fields.get("token")
+            if not isinstance(token, str) or not self.auth.check_token(token):
+                log.warn("admin: failed login", event="admin.login.failed")
+                raise _LoginFailed("wrong token")
+            request.addCookie(
+                SESSION_COOKIE,
+                self.auth.new_session(),
+                path=self.root,
+                httpOnly=True,
+                sameSite="strict",
+                secure=request.isSecure(),
+                max_age=str(int(SESSION_LIFETIME)),
+            )
+            return "login"
+
+        return await self._post(request, "login", run, login_required=False)
+
+    @app.route("/logout", methods=["POST"])
+    async def logout(self, request: IRequest) -> bytes:
+        async def run(fields: dict[str, Any]) -> str:
+            request.addCookie(
+                SESSION_COOKIE,
+                b"",
+                path=self.root,
+                httpOnly=True,
+                sameSite="strict",
+                secure=request.isSecure(),
+                max_age="0",
+            )
+            return "logout"
+
+        return await self._post(request, "logout", run, login_required=False)
+
+    @app.route("/apps", methods=["POST"])
+    async def put_app(self, request: IRequest) -> bytes:
+        async def run(fields: dict[str, Any]) -> str:
+            v.only(fields, ("name", "broker", "celery_app", "arguments"))
+            await self.agent.app_put(
+                v.check_app_name(fields.get("name", "")),
+                broker=v.check_broker_url(fields["broker"]) if _given(fields, "broker") else None,
+                celery_app=v.check_celery_app(fields["celery_app"]) if "celery_app" in fields else UNSET,
+                arguments=list(v.check_arguments(fields["arguments"])) if "arguments" in fields else None,
+            )
+            return "app"
+
+        return await self._post(request, "app", run)
+
+    @app.route("/instances", methods=["POST"])
+    async def create(self, request: IRequest) -> bytes:
+        async def run(fields: dict[str, Any]) -> str:
+            v.only(
+                fields,
+                ("app", "name", "max_concurrency", "min_concurrency", "queues", "broker", "arguments"),
+            )
+            app = v.check_app_name(fields.get("app", ""))
+            name = v.check_instance_name(fields["name"]) if _given(fields, "name") else None
+            max_c = v.check_concurrency(fields.get("max_concurrency") or "1", "max_concurrency")
+            min_c = v.check_concurrency(fields.get("min_concurrency") or "1", "min_concurrency")
+            v.check_concurrency_range(max_c, min_c)
+            queues = list(v.check_queue_list(fields.get("queues", "")))
+            broker = v.check_broker_url(fields["broker"]) if _given(fields, "broker") else None
+            arguments = list(v.check_arguments(fields.get("arguments", "")))
+            local = self.agent.local
+            # This agent's page edits this agent: the instance is created
+            # here, not placed at random in the cluster as the API does.
+            local.store.ensure_app(app, local.default_broker)
+            log.info("admin: --> Node.add(app={app}, name={name})", app=app, name=name)
+            result = await local.instance_create(
+                app,
+                name,
+                max_concurrency=max_c,
+                min_concurrency=min_c,
+                queues=queues,
+                broker=broker,
+                arguments=arguments,
+            )
+            log.info("admin: <-- created {name}", name=result["instance"]["name"])
+            return "create"
+
+        return await self._post(request, "create", run)
+
+    @app.route("/instance/<action>", methods=["POST"])
+    async def instance(self, request: IRequest, action: str) -> bytes:
+        operation = INSTANCE_ACTIONS.get(action)
+
+        async def run(fields: dict[str, Any]) -> str:
+            if operation is None:
+                raise BadParameter(f"unknown action {action!r}", parameter="action")
+            extra: dict[str, Any] = {}
+            if action == "autoscale":
+                v.only(fields, ("app", "name", "max", "min"))
+                if _given(fields, "max"):
+                    extra["max"] = v.check_concurrency(fields["max"], "max")
+                if _given(fields, "min"):
+                    extra["min"] = v.check_concurrency(fields["min"], "min")
+                if not extra:
+                    raise BadParameter("give max, min or both", parameter="max")
+                if "max" in extra and "min" in extra:
+                    v.check_concurrency_range(extra["max"], extra["min"])
+            elif action in ("consume", "cancel"):
+                v.only(fields, ("app", "name", "queue"))
+                extra["queue"] = v.check_queue_name(fields.get("queue", ""))
+            else:
+                v.only(fields, ("app", "name"))
+            name = v.check_instance_name(fields.get("name", ""))
+            app = v.check_app_name(fields["app"]) if _given(fields, "app") else None
+            await self.agent.instance_operation(operation, name, app, **extra)
+            return action
+
+        return await self._post(request, "instance-" + action, run)
+
+    @app.route("/queues", methods=["POST"])
+    async def declare(self, request: IRequest) -> bytes:
+        async def run(fields: dict[str, Any]) -> str:
+            v.only(fields, ("app", "name", "exchange", "routing_key", "exchange_type", "options"))
+            app = v.check_app_name(fields.get("app", ""))
+            binding = v.queue_binding(
+                fields.get("name", ""), {k: val for k, val in fields.items() if k not in ("app", "name")}
+            )
+            await self.agent.queue_declare(app, binding)
+            return "declare"
+
+        return await self._post(request, "declare", run)
+
+    @app.route("/queues/delete", methods=["POST"])
+    async def undeclare(self, request: IRequest) -> bytes:
+        async def run(fields: dict[str, Any]) -> str:
+            v.only(fields, ("app", "name"))
+            await self.agent.queue_operation(
+                "queue_delete",
+                v.check_app_name(fields.get("app", "")),
+                v.check_queue_name(fields.get("name", "")),
+            )
+            return "undeclare"
+
+        return await self._post(request, "undeclare", run)
+
+    @app.route("/<path:rest>", methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
+    async def elsewhere(self, request: IRequest, rest: str) -> bytes:
+        known = {"login", "logout", "apps", "instances", "queues", "queues/delete"}
+        if rest in known or rest.startswith("instance/"):
+            request.setHeader(b"Allow", b"POST")
+            return await self._page(request, 405, error="This address only takes a form (POST).")
+        return await self._page(request, 404, error="No such page.")
+
+
+class _LoginFailed(SCSError):
+    status = 401
+    code = "unauthorized"
+
+
+def _given(fields: Mapping[str, Any], name: str) -> bool:
+    """A form sends every field; an empty one means "not given"."""
+    value = fields.get(name)
+    return value is not None and value != ""
+
+
+def _same_origin(request: IRequest) -> bool:
+    """False when the browser says the form came from another site."""
+    origin = request.getHeader(b"origin")
+    if origin is None:
+        return True  # not a browser, or an old one: the token decides
+    host = request.getHeader(b"host")
+    try:
+        parts = urlsplit(origin.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return False
+    return host is not None and parts.scheme in ("http", "https") and parts.netloc.encode() == host

@@ -1,0 +1,393 @@
+"""Prometheus metrics of one agent, served at ``/metrics``.
+
+Everything lives in a per-agent ``CollectorRegistry`` (never the process's
+global one) so that two agents in one test process do not share counters.
+
+Two kinds of source:
+
+- read at scrape time by ``AgentCollector``: instances by state and their
+  restart counts (``supervisor.status``), peers alive (``agent.members()``);
+- counted as things happen: HTTP requests by route and status
+  (``CountingResource`` around the site), and the supervisor's and workers'
+  structured log events (``MetricsObserver`` on the global log publisher,
+  added and removed by ``MetricsService``): worker starts and exits, wake-up
+  durations, ping round trips, API operations by outcome.
+
+Observing log events rather than calling into the supervisor keeps this
+module a reader: nothing in the supervisor depends on metrics being on.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import Any
+from urllib.parse import unquote
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from twisted.application.service import Service
+from twisted.logger import ILogObserver, Logger, LogPublisher, globalLogPublisher
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource
+from zope.interface import implementer
+
+from scs.records import STATES
+
+log = Logger(namespace="scs.metrics")
+
+# Wake-ups and pings are short; the buckets cover 1 ms to 30 s.
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# The agent's own request ids waiting for their "<--" line; bounded so that
+# a lost reply line cannot grow it forever.
+MAX_PENDING_OPERATIONS = 10_000
+
+
+class AgentCollector:
+    """Reads the agent's state at scrape time."""
+
+    def __init__(self, agent: Any) -> None:
+        self.agent = agent
+
+    def describe(self) -> list[Metric]:
+        # Described up front so that registering does not call collect()
+        # (which would read the store before the agent has started).
+        return [
+            GaugeMetricFamily("scs_instances", "Instances of this agent by state.", labels=["state"]),
+            CounterMetricFamily(
+                "scs_instance_restarts", "Restarts of each instance's worker.", labels=["app", "instance"]
+            ),
+            GaugeMetricFamily("scs_peers", "Other agents of the cluster by liveness.", labels=["alive"]),
+            GaugeMetricFamily("scs_srs_connected", "1 when this agent is connected to the cluster."),
+        ]
+
+    def collect(self) -> Iterator[Metric]:
+        by_state = GaugeMetricFamily(
+            "scs_instances", "Instances of this agent by state.", labels=["state"]
+        )
+        restarts = CounterMetricFamily(
+            "scs_instance_restarts", "Restarts of each instance's worker.", labels=["app", "instance"]
+        )
+        counts = dict.fromkeys(STATES, 0)
+        try:
+            local = self.agent.local
+            for spec in local.store.list_nodes():
+                status = local.status(spec.name)
+                counts[status.state] = counts.get(status.state, 0) + 1
+                restarts.add_metric([spec.app, spec.name], status.restarts)
+        except Exception:  # noqa: BLE001 - a scrape must not fail on a bad row
+            log.failure("metrics: reading instances failed")
+        for state, count in counts.items():
+            by_state.add_metric([state], count)
+        yield by_state
+        yield restarts
+
+        peers = GaugeMetricFamily("scs_peers", "Other agents of the cluster by liveness.", labels=["alive"])
+        alive = dead = 0
+        try:
+            for member in self.agent.members():
+                if member["id"] == self.agent.agent_id:
+                    continue
+                if member["alive"]:
+                    alive += 1
+                else:
+                    dead += 1
+        except Exception:  # noqa: BLE001
+            log.failure("metrics: reading members failed")
+        peers.add_metric(["true"], alive)
+        peers.add_metric(["false"], dead)
+        yield peers
+
+        srs = getattr(self.agent, "srs", None)
+        connected = GaugeMetricFamily(
+            "scs_srs_connected", "1 when this agent is connected to the cluster."
+        )
+        connected.add_metric([], 1 if srs is not None and srs.is_connected() else 0)
+        yield connected
+
+
+class AgentMetrics:
+    """The registry of one agent and the metrics counted as things happen."""
+
+    def __init__(self, agent: Any = None, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=False)
+        if agent is not None:
+            self.registry.register(AgentCollector(agent))
+        self.http_requests = Counter(
+            "scs_http_requests",
+            "HTTP requests by route, method and status.",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.worker_starts = Counter(
+            "scs_worker_starts", "Worker processes spawned.", registry=self.registry
+        )
+        self.worker_exits = Counter(
+            "scs_worker_exits",
+            "Worker processes that ended, by how: exit code or signal.",
+            ["how"],
+            registry=self.registry,
+        )
+        self.supervisor_events = Counter(
+            "scs_supervisor_events",
+            "Supervisor events: wake-ups, spawns (node.restart), starts, kills, failures.",
+            ["event"],
+            registry=self.registry,
+        )
+        self.operations = Counter(
+            "scs_operations",
+            "Agent operations (API, admin, peers) by operation and outcome status.",
+            ["operation", "status"],
+            registry=self.registry,
+        )
+        self.wakeup_seconds = Histogram(
+            "scs_supervisor_wakeup_seconds",
+            "How long each supervisor wake-up took.",
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.ping_seconds = Histogram(
+            "scs_worker_ping_seconds",
+            "Round trip of the supervisor's batched worker pings.",
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.observer = MetricsObserver(self)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def resource(self) -> IResource:
+        return MetricsResource(self)
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if value < 0:
+        return None
+    return float(value)
+
+
+# The supervisor's ``scs_event`` values worth counting, as named in
+# scs/supervisor.py.  A fixed set keeps the label's cardinality bounded.
+SUPERVISOR_EVENTS = (
+    "wake-up",
+    "node.restart",
+    "successfully started",
+    "successfully restarted",
+    "unresponsive",
+    "unresponsive.kill",
+    "failed",
+    "backoff",
+    "reconfigure",
+    "broker.down",
+    "broker.up",
+    "node.consume_from",
+    "node.cancel_consume_from",
+    "node.autoscale",
+    "control.error",
+    "ping.error",
+)
+
+
+@implementer(ILogObserver)
+class MetricsObserver:
+    """Counts the structured log events that carry metrics.
+
+    - the supervisor's ``scs_event`` values (``SUPERVISOR_EVENTS``), and its
+      ``wake-up.done``/``ping.done`` events with a ``duration``/``rtt`` in
+      seconds, if it logs them;
+    - the worker protocol's ``worker started``/``worker exited`` lines;
+    - the agent's ``-->``/``<--`` operation lines, paired by request id.
+    """
+
+    def __init__(self, metrics: AgentMetrics) -> None:
+        self.metrics = metrics
+        self._operations: OrderedDict[str, str] = OrderedDict()
+        # Set once the supervisor reports durations itself, so that the
+        # wrappers of ``instrument`` stop measuring them a second time.
+        self.supervisor_times_wakeups = False
+        self.supervisor_times_pings = False
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        try:
+            self._observe(event)
+        except Exception:  # noqa: BLE001 - an observer that raises is removed by twisted
+            pass
+
+    def _observe(self, event: dict[str, Any]) -> None:
+        kind = event.get("scs_event")
+        fmt = event.get("log_format") or ""
+        if kind is not None:
+            if kind in SUPERVISOR_EVENTS:
+                self.metrics.supervisor_events.labels(kind).inc()
+            elif kind == "wake-up.done":
+                seconds = _number(event.get("duration"))
+                if seconds is not None:
+                    self.supervisor_times_wakeups = True
+                    self.metrics.wakeup_seconds.observe(seconds)
+            elif kind == "ping.done":
+                seconds = _number(event.get("rtt", event.get("duration")))
+                if seconds is not None:
+                    self.supervisor_times_pings = True
+                    self.metrics.ping_seconds.observe(seconds)
+        elif fmt.startswith("{name} worker started"):
+            self.metrics.worker_starts.inc()
+        elif fmt.startswith("{name} worker exited"):
+            how = "signal" if event.get("sig") is not None else "code"
+            self.metrics.worker_exits.labels(how).inc()
+        elif fmt.startswith("{{{request}}} --> "):
+            self._operations[str(event.get("request"))] = str(event.get("operation"))
+            while len(self._operations) > MAX_PENDING_OPERATIONS:
+                self._operations.popitem(last=False)
+        elif fmt.startswith("{{{request}}} <-- "):
+            operation = self._operations.pop(str(event.get("request")), None)
+            if operation is not None:
+                self.metrics.operations.labels(operation, str(event.get("status", ""))).inc()
+
+
+class TimedControl:
+    """A Celery control object that times the supervisor's batched pings.
+
+    Only a ping every node answered is a round trip; one that waited out
+    its timeout measures the timeout, so it is not observed.
+    """
+
+    def __init__(self, control: Any, metrics: AgentMetrics, clock: Callable[[], float]) -> None:
+        self._control = control
+        self._metrics = metrics
+        self._clock = clock
+
+    def ping(self, broker_url: str, nodes: Any, timeout: float) -> Any:
+        started = self._clock()
+        nodes = list(nodes)
+        d = self._control.ping(broker_url, nodes, timeout)
+
+        def observe(answered: Any) -> Any:
+            if not self._metrics.observer.supervisor_times_pings and set(nodes) <= set(answered):
+                self._metrics.ping_seconds.observe(max(0.0, self._clock() - started))
+            return answered
+
+        d.addCallback(observe)
+        return d
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._control, name)
+
+
+def instrument(supervisor: Any, metrics: AgentMetrics, clock: Callable[[], float]) -> None:
+    """Time the supervisor's wake-ups and pings from outside.
+
+    The supervisor logs when a wake-up starts but not how long it took, and
+    when it pings but not the answer's round trip; until it does
+    (``wake-up.done``/``ping.done`` events, which take over), this wraps its
+    ``wake`` (the periodic loop and the agent both call it; a wake-up asked
+    for while one runs is timed from the asking) and its control object.
+    """
+    wake = supervisor.wake
+
+    def timed_wake() -> Any:
+        started = clock()
+        d = wake()
+
+        def observe(result: Any) -> Any:
+            if not metrics.observer.supervisor_times_wakeups:
+                metrics.wakeup_seconds.observe(max(0.0, clock() - started))
+            return result
+
+        d.addBoth(observe)
+        return d
+
+    supervisor.wake = timed_wake
+    control = getattr(supervisor, "_control", None)
+    if control is not None and not isinstance(control, TimedControl):
+        supervisor._control = TimedControl(control, metrics, clock)
+
+
+class MetricsService(Service):
+    """Observes the log while the agent runs."""
+
+    def __init__(self, metrics: AgentMetrics, publisher: LogPublisher | None = None) -> None:
+        self.metrics = metrics
+        self.publisher = publisher if publisher is not None else globalLogPublisher
+
+    def startService(self) -> None:
+        super().startService()
+        self.publisher.addObserver(self.metrics.observer)
+
+    def stopService(self) -> None:
+        self.publisher.removeObserver(self.metrics.observer)
+        super().stopService()
+
+
+class MetricsResource(Resource):
+    """``GET /metrics`` in the Prometheus text format."""
+
+    isLeaf = True
+
+    def __init__(self, metrics: AgentMetrics) -> None:
+        super().__init__()
+        self.metrics = metrics
+
+    def render(self, request: IRequest) -> bytes:
+        if request.method not in (b"GET", b"HEAD"):
+            request.setResponseCode(405)
+            request.setHeader(b"Allow", b"GET, HEAD")
+            request.setHeader(b"Content-Type", b"application/json")
+            return b'{"error": "method not allowed here", "allowed": ["GET", "HEAD"]}'
+        body = self.metrics.render()
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode())
+        request.setHeader(b"Cache-Control", b"no-store")
+        return b"" if request.method == b"HEAD" else body
+
+
+def route_of(url_map: Any) -> Callable[[IRequest], str]:
+    """A function naming the API route a request goes to (its Klein
+    endpoint), so that request counts have one label per route rather than
+    one per instance name."""
+
+    def name(request: IRequest) -> str:
+        try:
+            path = unquote(request.path.decode("ascii"), errors="strict")
+        except (UnicodeDecodeError, ValueError):
+            return "invalid-path"
+        try:
+            adapter = url_map.bind("localhost", path_info=path, default_method=request.method.decode("ascii"))
+            rule, _arguments = adapter.match(return_rule=True)
+        except Exception:  # noqa: BLE001 - werkzeug's redirects and 404s are exceptions
+            return "other"
+        endpoint = str(rule.endpoint)
+        if endpoint.endswith("_branch"):
+            endpoint = endpoint[: -len("_branch")]
+        if endpoint.startswith("405-"):
+            endpoint = "method-not-allowed"
+        return endpoint
+
+    return name
+
+
+class CountingResource(Resource):
+    """Counts every request by route, method and final status, then hands
+    it to ``wrapped`` (a leaf resource)."""
+
+    isLeaf = True
+
+    def __init__(self, wrapped: IResource, metrics: AgentMetrics, route: Callable[[IRequest], str]) -> None:
+        super().__init__()
+        self.wrapped = wrapped
+        self.metrics = metrics
+        self.route = route
+
+    def render(self, request: IRequest) -> Any:
+        route = self.route(request)
+        method = request.method.decode("latin-1")
+        if method not in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"):
+            method = "other"  # keep the label set bounded
+
+        def count(result: Any) -> None:
+            self.metrics.http_requests.labels(route, method, str(request.code)).inc()
+
+        request.notifyFinish().addBoth(count)
+        return self.wrapped.render(request)

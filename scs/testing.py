@@ -362,8 +362,9 @@ class FakeControl:
             go()
         return d
 
-    def release(self) -> None:
-        self.paused = False
+    def release(self, keep_paused: bool = False) -> None:
+        """Run the held calls; with ``keep_paused`` the calls they lead to are held in turn."""
+        self.paused = keep_paused
         held, self.held = self.held, []
         for _d, go in held:
             go()

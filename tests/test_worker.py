@@ -1,0 +1,165 @@
+"""Unit tests of scs.worker: the worker command line, WorkerProcess and the
+process-table helpers."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from scs.records import BrokerInfo, InstanceSpec, QueueBinding
+from scs.testing import FakeSpawner
+from scs.worker import (
+    ProcessTable,
+    WorkerProcess,
+    build_argv,
+    is_worker_for,
+    spawn_worker,
+)
+
+BROKER = BrokerInfo.from_url("amqp://guest:guest@127.0.0.1:5672//")
+
+
+def spec(**kw):
+    kw.setdefault("name", "w1")
+    kw.setdefault("app", "foo")
+    kw.setdefault("broker", BROKER)
+    return InstanceSpec(**kw)
+
+
+class BuildArgvTests(SynchronousTestCase):
+    def test_full_command_line(self) -> None:
+        s = spec(
+            celery_app="proj.celery",
+            max_concurrency=4,
+            min_concurrency=2,
+            queues=(QueueBinding("tasks", "tasks", "tasks"), QueueBinding("t2", "t2", "t2", "direct")),
+            arguments=("--loglevel=INFO", "-E"),
+        )
+        argv = build_argv(s, "/data", "host.example")
+        self.assertEqual(
+            argv,
+            [
+                sys.executable, "-m", "celery", "-A", "proj.celery",
+                "-b", "amqp://guest:guest@127.0.0.1:5672/%2F", "worker",
+                "-n", "w1@host.example",
+                "-Q", "dq.w1,tasks,t2",
+                "--autoscale=4,2",
+                "--pidfile", "/data/w1/worker.pid",
+                "--logfile", "/data/w1/worker.log",
+                "--without-mingle",
+                "--loglevel=INFO", "-E",
+            ],
+        )
+
+    def test_without_celery_app_has_no_dash_a(self) -> None:
+        argv = build_argv(spec(), "/d", "h")
+        self.assertNotIn("-A", argv)
+        # -b is a global celery option: it must come before the subcommand.
+        self.assertLess(argv.index("-b"), argv.index("worker"))
+
+    def test_queue_with_other_binding_is_left_to_add_consumer(self) -> None:
+        s = spec(queues=(QueueBinding("odd", "ex", "key", "topic"), QueueBinding("plain", "plain", "plain")))
+        argv = build_argv(s, "/d", "h")
+        self.assertEqual(argv[argv.index("-Q") + 1], "dq.w1,plain")
+
+    def test_mingle_switch(self) -> None:
+        self.assertNotIn("--without-mingle", build_argv(spec(), "/d", "h", mingle=True))
+        # Not repeated when the instance already asks for it.
+        argv = build_argv(spec(arguments=("--without-mingle",)), "/d", "h")
+        self.assertEqual(argv.count("--without-mingle"), 1)
+
+    def test_non_ascii_name(self) -> None:
+        argv = build_argv(spec(name="wörker"), "/d", "h")
+        self.assertIn("wörker@h", argv)
+        self.assertIn("dq.wörker", argv)
+
+
+class IsWorkerForTests(SynchronousTestCase):
+    def test_matches_own_command_line(self) -> None:
+        self.assertTrue(is_worker_for(build_argv(spec(), "/d", "h"), "w1"))
+
+    def test_other_name_or_program(self) -> None:
+        self.assertFalse(is_worker_for(build_argv(spec(), "/d", "h"), "w"))
+        self.assertFalse(is_worker_for(["/bin/sleep", "-n", "w1@h"], "w1"))
+        self.assertFalse(is_worker_for(None, "w1"))
+        self.assertFalse(is_worker_for([], "w1"))
+
+    def test_setproctitle_form(self) -> None:
+        self.assertTrue(is_worker_for(["[celeryd: w1@h:MainProcess] -active- (worker)"], "w1"))
+
+
+class WorkerProcessTests(SynchronousTestCase):
+    def test_reports_exit(self) -> None:
+        ended = []
+        proto = WorkerProcess("w1", lambda p, r: ended.append((p, r)))
+        spawner = FakeSpawner()
+        transport = spawner.spawnProcess(proto, "x", ["x"])
+        self.assertEqual(proto.pid, transport.pid)
+        transport.exit(code=3)
+        self.assertEqual(len(ended), 1)
+        self.assertIs(ended[0][0], proto)
+        self.assertEqual(proto.exit_code, 3)
+        self.assertTrue(proto.ended)
+        self.assertFalse(proto.signal("TERM"))
+
+    def test_reports_signal(self) -> None:
+        proto = WorkerProcess("w1", lambda p, r: None)
+        FakeSpawner().spawnProcess(proto, "x", ["x"])
+        proto.processEnded(Failure(ProcessTerminated(signal=9)))
+        self.assertEqual(proto.exit_signal, 9)
+
+    def test_clean_exit(self) -> None:
+        proto = WorkerProcess("w1", lambda p, r: None)
+        FakeSpawner().spawnProcess(proto, "x", ["x"])
+        proto.processEnded(Failure(ProcessDone(0)))
+        self.assertEqual(proto.exit_code, 0)
+
+    def test_signal_goes_to_transport(self) -> None:
+        spawner = FakeSpawner()
+        spawner.ignore_term = True
+        proto = WorkerProcess("w1", lambda p, r: None)
+        t = spawner.spawnProcess(proto, "x", ["x"])
+        self.assertTrue(proto.signal("TERM"))
+        self.assertEqual(t.signals, ["TERM"])
+
+
+class SpawnWorkerTests(SynchronousTestCase):
+    def test_spawn_makes_directory_and_maps_output_to_log(self) -> None:
+        base = self.mktemp()
+        spawner = FakeSpawner()
+        proto = WorkerProcess("w1", lambda p, r: None)
+        argv = build_argv(spec(), base, "h")
+        os.environ["SCS_TEST_MARKER"] = "1"
+        self.addCleanup(os.environ.pop, "SCS_TEST_MARKER", None)
+        spawn_worker(spawner, proto, argv, base, "w1")
+        (p,) = spawner.processes
+        self.assertEqual(p.args, argv)
+        self.assertEqual(p.executable, argv[0])
+        self.assertTrue(os.path.isfile(os.path.join(base, "w1", "worker.log")))
+        self.assertEqual(p.env.get("SCS_TEST_MARKER"), "1")
+        self.assertEqual(p.path, os.path.join(base, "w1"))
+        # stdout and stderr are the same descriptor (the log file), not pipes.
+        self.assertIsInstance(p.childFDs[1], int)
+        self.assertEqual(p.childFDs[1], p.childFDs[2])
+
+
+class ProcessTableTests(SynchronousTestCase):
+    def test_own_process(self) -> None:
+        cmd = ProcessTable().cmdline(os.getpid())
+        self.assertIsNotNone(cmd)
+        self.assertIn("python", cmd[0])
+
+    def test_missing_process(self) -> None:
+        # pid_max is at most 2**22 on Linux.
+        self.assertIsNone(ProcessTable().cmdline(2**22 + 1))
+
+    def test_pidfile(self) -> None:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("1234\n")
+        self.assertEqual(ProcessTable().read_pidfile(path), 1234)
+        self.assertIsNone(ProcessTable().read_pidfile(path + ".missing"))

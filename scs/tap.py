@@ -162,9 +162,22 @@ class Options(usage.Options):
                 "refusing to serve HTTP on a non-loopback address without "
                 "--auth-token-file; give --allow-remote to do it anyway"
             )
+        if self["auth-token-file"]:
+            from scs.http.auth import TokenFileError, read_token_file
+
+            try:
+                read_token_file(self["auth-token-file"])
+            except TokenFileError as e:
+                raise usage.UsageError(f"--auth-token-file: {e}") from None
         if self["manhole"]:
             if not self["manhole-passwd"]:
                 raise usage.UsageError("--manhole needs --manhole-passwd FILE")
+            from scs.manhole import ManholeConfigError, check_password_file
+
+            try:
+                check_password_file(self["manhole-passwd"])
+            except ManholeConfigError as e:
+                raise usage.UsageError(f"--manhole-passwd: {e}") from None
             if not self["manhole-allow-remote"] and not endpoint_is_loopback(self["manhole"]):
                 raise usage.UsageError(
                     "refusing a non-loopback manhole endpoint; "
@@ -242,14 +255,41 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if srs is not None:
         srs.connected_callbacks.append(agent.sync_apps_from_peers)
 
+    from scs.metrics import AgentMetrics, MetricsService, instrument
+
+    metrics = AgentMetrics(agent)
+    MetricsService(metrics).setServiceParent(top)
+    instrument(supervisor, metrics, reactor.seconds)
     if not options["without-http"]:
         from twisted.web.server import Site
 
+        from scs.http.admin import Admin
         from scs.http.api import API
+        from scs.http.auth import TokenAuth, guarded
+        from scs.metrics import CountingResource, route_of
 
-        site = Site(API(agent).resource())
+        auth = TokenAuth.from_file(options["auth-token-file"]) if options["auth-token-file"] else None
+        api = API(agent, mounts={"admin": Admin(agent, auth).resource(), "metrics": metrics.resource()})
+        # Counted outside the guard, so that refused requests show as 401s.
+        resource = CountingResource(guarded(api.resource(), auth), metrics, route_of(API.app.url_map))
+        site = Site(resource)
         site.displayTracebacks = False
         strports.service(options["http-endpoint"], site, reactor=reactor).setServiceParent(top)
+        _log_access_decision(options)
+    if options["manhole"]:
+        from scs.manhole import manhole_service
+
+        manhole_service(
+            options["manhole"], options["manhole-passwd"], agent, reactor=reactor, metrics=metrics
+        ).setServiceParent(top)
+        log.info(
+            "manhole on {endpoint}: {scope}, password file {passwd}",
+            endpoint=options["manhole"],
+            scope="loopback only"
+            if endpoint_is_loopback(options["manhole"])
+            else "NOT loopback (--manhole-allow-remote): telnet sends passwords in clear",
+            passwd=options["manhole-passwd"],
+        )
     log.info(
         "agent {agent_id} in {instance_dir}: http={http} srs={srs}",
         agent_id=options["id"],
@@ -259,6 +299,29 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     )
     top.agent = agent  # for the manhole and for tests
     return top
+
+
+def _log_access_decision(options: Options) -> None:
+    """Say at start who can reach the HTTP surfaces and why."""
+    endpoint = options["http-endpoint"]
+    if options["auth-token-file"]:
+        log.info(
+            "HTTP on {endpoint}: API, /metrics and /admin/ need the token of {path}",
+            endpoint=endpoint,
+            path=options["auth-token-file"],
+        )
+    elif endpoint_is_loopback(endpoint):
+        log.info(
+            "HTTP on {endpoint}: loopback only, no token (give --auth-token-file "
+            "to serve other addresses safely)",
+            endpoint=endpoint,
+        )
+    else:
+        log.warn(
+            "HTTP on {endpoint}: NOT loopback and no token (--allow-remote): "
+            "anyone who can reach it can control this agent",
+            endpoint=endpoint,
+        )
 
 
 def level_filtered(observer: Any, level_name: str) -> Any:

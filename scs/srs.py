@@ -42,6 +42,10 @@ Choices the contract left open:
   ``missing`` names the peers heard from within the liveness window (the
   ones a listing would have asked), so the listing can name them in its
   missing-agents header; callers may also check ``is_connected()``.
+* ``connected_callbacks`` run ``discovery_delay`` seconds (default a
+  quarter heartbeat period) after each connection, not at once: our first
+  heartbeat asks peers to answer with theirs, and a callback that scatters
+  (fetching the apps of the cluster) must find them in the table.
 * ``call`` to this agent's own id runs the handler directly (no broker
   round trip, works while disconnected); the result is still passed through
   JSON so that local and remote answers look the same.
@@ -187,6 +191,7 @@ class SRS(MultiService):
         reactor: Optional[IReactorTime] = None,
         summary: Callable[[], dict] = lambda: {},
         rng: Optional[random.Random] = None,
+        discovery_delay: Optional[float] = None,
     ) -> None:
         super().__init__()
         if reactor is None:
@@ -197,6 +202,7 @@ class SRS(MultiService):
         self.cluster = cluster
         self.url = url
         self.heartbeat_interval = heartbeat_interval
+        self.discovery_delay = heartbeat_interval / 4 if discovery_delay is None else discovery_delay
         self.summary = summary
         self.handler: Callable[[str, dict], Any] = _default_handler
         self.connected_callbacks: list[Callable[[], Any]] = []
@@ -220,6 +226,7 @@ class SRS(MultiService):
         self._ignored_logged: set[tuple[str, str, str]] = set()
         self._beat = LoopingCall(self._heartbeat_tick)
         self._beat.clock = reactor
+        self._discovery: Any = None
 
     # -- service -----------------------------------------------------------
 
@@ -227,6 +234,7 @@ class SRS(MultiService):
         """Say bye (so peers drop us at once), fail what is pending, disconnect."""
         if self._beat.running:
             self._beat.stop()
+        self._cancel_discovery()
         d: Deferred = defer.succeed(None)
         if self._connected:
             d = self._send(FANOUT, "", self._envelope("bye"), {})
@@ -346,9 +354,19 @@ class SRS(MultiService):
         self._send_heartbeat(hello=True)
         if not self._beat.running:
             self._beat.start(self.heartbeat_interval, now=False)
+        self._cancel_discovery()
+        self._discovery = self._reactor.callLater(self.discovery_delay, self._run_connected_callbacks)
+
+    def _run_connected_callbacks(self) -> None:
+        self._discovery = None
         for callback in list(self.connected_callbacks):
             d = defer.maybeDeferred(callback)
             d.addErrback(lambda f: self.log.failure("SRS connected callback failed", f))
+
+    def _cancel_discovery(self) -> None:
+        if self._discovery is not None and self._discovery.active():
+            self._discovery.cancel()
+        self._discovery = None
 
     def transport_disconnected(self, reason: Optional[Failure]) -> None:
         if not self._connected:
@@ -358,6 +376,7 @@ class SRS(MultiService):
         self._last_connected = self._reactor.seconds()
         if self._beat.running:
             self._beat.stop()
+        self._cancel_discovery()
         self.log.warn(
             "SRS {agent_id} lost the broker: {reason}",
             agent_id=self.agent_id,

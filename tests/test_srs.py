@@ -495,6 +495,8 @@ class ReconnectionTests(SynchronousTestCase):
         connected: list[str] = []
         c.agents["agent1"].connected_callbacks.append(lambda: connected.append("up"))
         c.settle()
+        self.assertEqual(connected, [])  # peers get a moment to answer our hello
+        c.clock.advance(INTERVAL / 4)
         self.assertEqual(connected, ["up"])
         c.network.stop_broker()
         self.assertFalse(c.agents["agent1"].is_connected())
@@ -504,6 +506,7 @@ class ReconnectionTests(SynchronousTestCase):
         c.clock.advance(10 * INTERVAL)  # heartbeats are not attempted while down
         c.network.start_broker()
         c.settle()
+        c.clock.advance(INTERVAL / 4)
         self.assertEqual(connected, ["up", "up"])
         self.assertEqual(c.agents["agent1"].live_agents(), ["agent1", "agent2"])
         d = c.agents["agent1"].call("agent2", "get", {})
@@ -519,12 +522,37 @@ class ReconnectionTests(SynchronousTestCase):
         self.assertEqual(c.agents["agent1"].live_agents(), ["agent1", "agent2"])
         self.assertEqual(c.agents["agent2"].live_agents(), ["agent1", "agent2"])
 
+    def test_connected_callback_finds_the_peers(self) -> None:
+        c = Cluster(self, "agent1", "agent2")
+        c.settle()
+        late = c.add(self, "agent3", start=False)
+        gathered: list[Any] = []
+        late.connected_callbacks.append(lambda: late.scatter("app_export", {}).addCallback(gathered.append))
+        late.startService()
+        c.settle()
+        self.assertEqual(gathered, [])
+        c.clock.advance(INTERVAL / 4)
+        c.settle()
+        self.assertEqual([sorted(gathered[0][0]), gathered[0][1]], [["agent1", "agent2"], []])
+
+    def test_no_connected_callback_after_a_quick_disconnection(self) -> None:
+        c = Cluster(self)
+        agent = c.add(self, "agent1", start=False)
+        called: list[int] = []
+        agent.connected_callbacks.append(lambda: called.append(1))
+        agent.startService()
+        c.settle()
+        c.network.stop_broker()
+        c.clock.advance(INTERVAL)
+        self.assertEqual(called, [])
+
     def test_failing_connected_callback_is_logged(self) -> None:
         c = Cluster(self)
         agent = c.add(self, "agent1", start=False)
         agent.connected_callbacks.append(lambda: 1 / 0)
         agent.startService()
         c.settle()
+        c.clock.advance(INTERVAL)
         self.assertTrue(agent.is_connected())
         self.assertEqual(len(c.failures(ZeroDivisionError)), 1)
 

@@ -313,7 +313,7 @@ class PrivateBrokerRestartTests(SRSBrokerTestCase):
         broker.start()
         await broker.ready()
         await wait_until(lambda: a1.live_agents() == a2.live_agents() == ["agent1", "agent2"], 20, "cluster whole again")
-        self.assertEqual(reconnections, ["up", "up"])
+        await wait_until(lambda: reconnections == ["up", "up"], INTERVAL, "connected callbacks run again")
         self.assertEqual((await a1.call("agent2", "get", {}))["agent"], "agent2")
         results, missing = await a2.scatter("list", {})
         self.assertEqual((list(results), missing), (["agent1"], []))

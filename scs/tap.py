@@ -172,17 +172,17 @@ class Options(usage.Options):
         if self["manhole"]:
             if not self["manhole-passwd"]:
                 raise usage.UsageError("--manhole needs --manhole-passwd FILE")
+            if not self["manhole-allow-remote"] and not endpoint_is_loopback(self["manhole"]):
+                raise usage.UsageError(
+                    "refusing a non-loopback manhole endpoint; "
+                    "give --manhole-allow-remote to do it anyway"
+                )
             from scs.manhole import ManholeConfigError, check_password_file
 
             try:
                 check_password_file(self["manhole-passwd"])
             except ManholeConfigError as e:
                 raise usage.UsageError(f"--manhole-passwd: {e}") from None
-            if not self["manhole-allow-remote"] and not endpoint_is_loopback(self["manhole"]):
-                raise usage.UsageError(
-                    "refusing a non-loopback manhole endpoint; "
-                    "give --manhole-allow-remote to do it anyway"
-                )
 
 
 def http_url(endpoint: str) -> str:

@@ -263,16 +263,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if not options["without-http"]:
         from twisted.web.server import Site
 
-        from scs.http.admin import Admin
-        from scs.http.api import API
-        from scs.http.auth import TokenAuth, guarded
-        from scs.metrics import CountingResource, route_of
+        from scs.http.auth import TokenAuth
 
         auth = TokenAuth.from_file(options["auth-token-file"]) if options["auth-token-file"] else None
-        api = API(agent, mounts={"admin": Admin(agent, auth).resource(), "metrics": metrics.resource()})
-        # Counted outside the guard, so that refused requests show as 401s.
-        resource = CountingResource(guarded(api.resource(), auth), metrics, route_of(API.app.url_map))
-        site = Site(resource)
+        site = Site(http_resource(agent, metrics, auth))
         site.displayTracebacks = False
         strports.service(options["http-endpoint"], site, reactor=reactor).setServiceParent(top)
         _log_access_decision(options)
@@ -299,6 +293,19 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     )
     top.agent = agent  # for the manhole and for tests
     return top
+
+
+def http_resource(agent: Any, metrics: Any, auth: Any = None) -> Any:
+    """The whole HTTP site: the API with the admin page and /metrics
+    mounted, behind the token check, every request counted."""
+    from scs.http.admin import Admin
+    from scs.http.api import API
+    from scs.http.auth import guarded
+    from scs.metrics import CountingResource, route_of
+
+    api = API(agent, mounts={"admin": Admin(agent, auth).resource(), "metrics": metrics.resource()})
+    # Counted outside the guard, so that refused requests show as 401s.
+    return CountingResource(guarded(api.resource(), auth), metrics, route_of(API.app.url_map))
 
 
 def _log_access_decision(options: Options) -> None:

@@ -176,6 +176,19 @@ class AMQPTransport(MultiService):
 
     def _prepare(self, client: _Client) -> Deferred:
         d = Deferred.fromCoroutine(self._setup(client))
+
+        def failed(failure: Failure) -> Failure:
+            # ClientService drops this connection and retries with backoff.
+            self.log.warn(
+                "AMQP set-up on {host}:{port} failed: {error}",
+                host=self.broker.host,
+                port=self.broker.port,
+                error=failure.getErrorMessage(),
+                event="amqp.setup.failed",
+            )
+            return failure
+
+        d.addErrback(failed)
         # Announce on the next reactor turn, once ClientService has seen the
         # preparation succeed: a receiver that stops or restarts us from its
         # callback must not re-enter ClientService mid-transition.

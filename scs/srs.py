@@ -64,7 +64,7 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
 
@@ -81,6 +81,9 @@ REPLY = "reply"  # key: the asker's private queue name, from its reply-to
 
 # A peer silent for this many of its heartbeat periods is dead.
 DEAD_AFTER_PERIODS = 3
+# Bounds on the period a peer announces, so that one misconfigured (or
+# hostile) peer cannot make itself immortal or flap.
+MIN_PERIOD, MAX_PERIOD = 0.05, 60.0
 
 
 def _ascii_name(text: str) -> str:
@@ -377,8 +380,9 @@ class SRS(MultiService):
         if self._beat.running:
             self._beat.stop()
         self._cancel_discovery()
-        self.log.warn(
-            "SRS {agent_id} lost the broker: {reason}",
+        self.log.emit(
+            LogLevel.warn if self.running else LogLevel.info,
+            "SRS {agent_id} disconnected from the broker: {reason}",
             agent_id=self.agent_id,
             reason=reason.getErrorMessage() if reason is not None else "closed",
             event="srs.disconnected",
@@ -432,6 +436,9 @@ class SRS(MultiService):
             member=pending.agent_id,
             event="srs.call.unroutable",
         )
+        # The broker just told us it has no queue: it is gone now, not in
+        # three periods (its next heartbeat, if any, brings it back).
+        self._peer_left(pending.agent_id)
         pending.deferred.errback(Unavailable("agent %s is not connected to the cluster" % pending.agent_id, agent=pending.agent_id))
 
     # -- receiving ---------------------------------------------------------
@@ -466,8 +473,8 @@ class SRS(MultiService):
         if isinstance(message.get("url"), str):
             member.url = message["url"]
         interval = message.get("interval")
-        if isinstance(interval, (int, float)) and interval > 0:
-            member.interval = float(interval)
+        if isinstance(interval, (int, float)) and not isinstance(interval, bool):
+            member.interval = min(max(float(interval), MIN_PERIOD), MAX_PERIOD)
         if isinstance(message.get("summary"), dict):
             member.summary = message["summary"]
         self._log_transitions()
@@ -591,7 +598,7 @@ class SRS(MultiService):
                     event="srs.member.alive",
                 )
             else:
-                why = "left" if m.left else ("disconnected" if not self._connected else "silent")
+                why = "gone" if m.left else ("disconnected" if not self._connected else "silent")
                 self.log.warn(
                     "SRS member {member} is dead ({why})",
                     member=m.id,

@@ -115,6 +115,14 @@ class MembershipTests(SynchronousTestCase):
         dead = [e for e in c.events_named("srs.member.dead") if e["agent_id"] == "agent1"]
         self.assertEqual([(e["member"], e["why"]) for e in dead], [("agent2", "silent")])
 
+    def test_announced_period_is_bounded(self) -> None:
+        c = Cluster(self, "agent1", "agent2")
+        c.agents["agent2"].heartbeat_interval = 1e9
+        c.settle()
+        c.agents["agent2"].transport.crash()
+        c.clock.advance(3 * srs.MAX_PERIOD + 1)
+        self.assertEqual(c.agents["agent1"].live_agents(), ["agent1"])
+
     def test_membership_changes_are_logged_once(self) -> None:
         c = Cluster(self, "agent1", "agent2")
         c.settle()
@@ -233,6 +241,11 @@ class CallTests(SynchronousTestCase):
         d = self.a1.call("agent2", "get", {}, timeout=2)
         self.c.settle()
         self.failureResultOf(d, errors.Unavailable)
+        # The broker's word is enough: listings stop waiting for it now.
+        self.assertEqual(self.a1.live_agents(), ["agent1"])
+        d = self.a1.scatter("list", {})
+        self.c.settle()
+        self.assertEqual(self.successResultOf(d)[1], [])
 
     def test_returned_message_of_a_finished_call_is_ignored(self) -> None:
         self.a1.message_returned(b"{}", {"correlation-id": "unknown"})

@@ -107,21 +107,29 @@ class MembershipTests(SRSBrokerTestCase):
         a1, a2, a3 = await self.cluster_of("agent1", "agent2", "agent3")
         # As kill -9 looks to the others: the queue vanishes, no bye is said.
         await a3.transport.stopService()
-        started = time.monotonic()
+        crashed_at = started = time.monotonic()
         results, missing = await a1.scatter("list", {}, timeout=0.5)
         self.assertEqual((sorted(results), missing), (["agent2"], ["agent3"]))
         self.assertGreaterEqual(time.monotonic() - started, 0.5)
-        # Its queue is gone, so the broker returns a request at once.
-        started = time.monotonic()
-        with self.assertRaises(errors.Unavailable):
-            await a1.call("agent3", "get", {}, timeout=2.0)
-        self.assertLess(time.monotonic() - started, 0.5)
         await wait_until(lambda: a1.live_agents() == ["agent1", "agent2"], 3 * INTERVAL + 0.5, "agent3 dead")
+        # Dead by silence: its last heartbeat came at most a period before the crash.
+        self.assertGreaterEqual(time.monotonic() - crashed_at, 2 * INTERVAL - 0.05)
         self.assertEqual([r["alive"] for r in a1.members()], [True, True, False])
         started = time.monotonic()
         results, missing = await a1.scatter("list", {}, timeout=2.0)
         self.assertEqual((sorted(results), missing), (["agent2"], []))
         self.assertLess(time.monotonic() - started, 0.5)
+
+    async def test_call_to_crashed_peer_fails_fast(self) -> None:
+        a1, a2 = await self.cluster_of("agent1", "agent2")
+        await a2.transport.stopService()
+        # Its queue is gone, so the broker returns the request at once, and
+        # the peer counts as gone from then on.
+        started = time.monotonic()
+        with self.assertRaises(errors.Unavailable):
+            await a1.call("agent2", "get", {}, timeout=2.0)
+        self.assertLess(time.monotonic() - started, 0.5)
+        self.assertEqual(a1.live_agents(), ["agent1"])
 
 
 class RequestTests(SRSBrokerTestCase):

@@ -14,7 +14,6 @@ import os
 import random
 from typing import Any, Optional
 
-import pytest
 from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.trial.unittest import TestCase
@@ -22,10 +21,6 @@ from twisted.trial.unittest import TestCase
 from scs import srs
 from scs.errors import Unavailable
 from scs.testing import FakeAMQPNetwork
-
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:twisted.internet.defer.returnValue was deprecated:DeprecationWarning"
-)
 
 BROKER_URL = os.environ.get("SCS_TEST_BROKER", "amqp://guest:guest@127.0.0.1:5672//")
 WAIT = 5.0  # seconds: upper bound of every wait in these tests

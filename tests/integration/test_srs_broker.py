@@ -18,7 +18,6 @@ import tempfile
 import time
 from typing import Any, Callable, Optional
 
-import pytest
 from twisted.internet import defer, reactor, task
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SkipTest, TestCase
@@ -26,10 +25,6 @@ from twisted.trial.unittest import SkipTest, TestCase
 from scs import errors
 from scs.amqp import AMQPTransport
 from scs.srs import SRS
-
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:twisted.internet.defer.returnValue was deprecated:DeprecationWarning"
-)
 
 BROKER_URL = os.environ.get("SCS_TEST_BROKER", "amqp://guest:guest@127.0.0.1:5672//")
 INTERVAL = 0.5  # SRS heartbeat period: short so that death is seen quickly

@@ -1,0 +1,253 @@
+"""Prometheus metrics (issue 5): /metrics parses with prometheus_client's
+own parser; its numbers follow instances created, killed and restarted, on
+the real Supervisor driven by fakes and a MemoryReactorClock."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.defer import succeed
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogPublisher, Logger
+
+from scs.agent import Agent, LocalAgent
+from scs.metrics import AgentMetrics, MetricsService, TimedControl, instrument
+from scs.store import Store
+from scs.supervisor import Supervisor
+from scs.testing import FakeControl, FakeProcessTable, FakeSpawner
+from surfaces_support import BROKER, Surfaces
+
+
+def scrape(site: Surfaces) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of /metrics, parsed by prometheus_client's parser."""
+    response = site.request("GET", "/metrics")
+    assert response.code == 200
+    assert response.header("content-type").startswith("text/plain; version=")
+    samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+class Machine:
+    """An agent whose real Supervisor spawns fake processes, with the
+    metrics observing a private log publisher."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.clock = MemoryReactorClock()
+        self.spawner = FakeSpawner()
+        self.control = FakeControl()
+        self.store = Store.in_memory()
+        self.publisher = LogPublisher()
+        self.supervisor = Supervisor(
+            self.store.list_nodes,
+            os.fspath(tmp_path),
+            reactor=self.clock,
+            control=self.control,
+            spawner=self.spawner,
+            process_table=FakeProcessTable(),
+            hostname="h",
+            interval=5.0,
+            min_uptime=10.0,
+        )
+        # The supervisor logs to our publisher; the agent's operation lines
+        # and the worker protocol's lines go to the global one, observed
+        # only while this test runs.
+        self.supervisor.log = Logger(observer=self.publisher)
+        self.agent = Agent(LocalAgent(self.store, "agent1", BROKER, self.supervisor))
+        self.agent.local.ready_timeout = 5.0
+        self.site = Surfaces(agent=self.agent)
+        self.metrics = self.site.metrics
+        instrument(self.supervisor, self.metrics, self.clock.seconds)
+        self.services = [MetricsService(self.metrics, self.publisher), MetricsService(self.metrics)]
+        for service in self.services:
+            service.startService()
+        self.supervisor.startService()
+
+    def stop(self) -> None:
+        self.supervisor.stopService()
+        for service in self.services:
+            service.stopService()
+
+    def worker(self, name: str) -> Any:
+        (process,) = [p for p in self.spawner.alive if p.proto.name == name]
+        return process
+
+    def answer(self, name: str) -> None:
+        self.control.up(f"{name}@h", queues=[f"dq.{name}"])
+        self.clock.advance(self.supervisor.probe_interval)
+
+
+@pytest.fixture
+def machine(tmp_path: Path) -> Any:
+    m = Machine(tmp_path)
+    yield m
+    m.stop()
+
+
+def test_metrics_parse_and_have_every_family() -> None:
+    site = Surfaces()
+    site.request("PUT", "/foo/instances/w1/")
+    samples = scrape(site)
+    names = {name for name, _ in samples}
+    for family in [
+        "scs_instances",
+        "scs_peers",
+        "scs_srs_connected",
+        "scs_http_requests_total",
+        "scs_worker_starts_total",
+        "scs_supervisor_wakeup_seconds_count",
+        "scs_worker_ping_seconds_count",
+        "scs_instance_restarts_total",
+    ]:
+        assert family in names, family
+    assert value(samples, "scs_instances", state="running") == 1
+    assert value(samples, "scs_instances", state="failed") == 0
+    assert value(samples, "scs_instance_restarts_total", app="foo", instance="w1") == 0
+    assert value(samples, "scs_http_requests_total", route="instance_create_named", method="PUT", status="201") == 1
+
+
+def test_http_requests_by_route_and_status() -> None:
+    site = Surfaces()
+    site.request("GET", "/ping/")
+    site.request("GET", "/ping")
+    site.request("GET", "/foo/instances/nope/")
+    site.request("GET", "/foo/instances/other/")
+    site.request("DELETE", "/ping/")
+    site.request("GET", "/no/such/thing/here/")
+    site.request("GET", "/admin/")
+    samples = scrape(site)
+    assert value(samples, "scs_http_requests_total", route="ping", method="GET", status="200") == 2
+    # One label per route, not per instance name.
+    assert value(samples, "scs_http_requests_total", route="instance_get", method="GET", status="404") == 2
+    assert value(samples, "scs_http_requests_total", route="method-not-allowed", method="DELETE", status="405") == 1
+    assert value(samples, "scs_http_requests_total", route="not-found", method="GET", status="404") == 1
+    assert value(samples, "scs_http_requests_total", route="admin", method="GET", status="200") == 1
+
+
+def test_counters_follow_instances_created_killed_and_restarted(machine: Machine) -> None:
+    before = scrape(machine.site)
+    assert value(before, "scs_supervisor_events_total", event="wake-up") == 1
+    assert machine.site.request("PUT", "/foo/instances/w1/?nowait=1").code == 202
+    first = machine.worker("w1")
+    machine.answer("w1")
+
+    created = scrape(machine.site)
+    assert value(created, "scs_instances", state="running") == 1
+    assert value(created, "scs_supervisor_events_total", event="node.restart") == 1
+    assert value(created, "scs_supervisor_events_total", event="successfully started") == 1
+    assert value(created, "scs_operations_total", operation="Node.add", status="202") == 1
+    assert value(created, "scs_worker_starts_total") == 1
+    assert value(created, "scs_instance_restarts_total", app="foo", instance="w1") == 0
+
+    # Killed: the supervisor restarts it at once (from processEnded).
+    machine.clock.advance(60)
+    first.exit(code=None, signal=9)
+    machine.worker("w1")
+    killed = scrape(machine.site)
+    assert value(killed, "scs_worker_exits_total", how="signal") == 1
+    assert value(killed, "scs_worker_starts_total") == 2
+    assert value(killed, "scs_instance_restarts_total", app="foo", instance="w1") == 1
+    assert value(killed, "scs_supervisor_events_total", event="node.restart") == 2
+    assert value(killed, "scs_instances", state="starting") == 1
+    machine.answer("w1")
+    restarted = scrape(machine.site)
+    assert value(restarted, "scs_supervisor_events_total", event="successfully restarted") == 1
+    assert value(restarted, "scs_instances", state="running") == 1
+
+    # Restarted through the API.
+    assert machine.site.request("POST", "/foo/instances/w1/restart").code == 200
+    machine.worker("w1")
+    after = scrape(machine.site)
+    assert value(after, "scs_instance_restarts_total", app="foo", instance="w1") == 2
+    assert value(after, "scs_supervisor_events_total", event="node.restart") == 3
+
+
+def test_wakeup_durations_and_ping_round_trips(machine: Machine) -> None:
+    machine.site.request("PUT", "/foo/instances/w1/?nowait=1")
+    machine.answer("w1")
+    machine.clock.advance(5.0)  # a periodic wake-up pings every worker
+    samples = scrape(machine.site)
+    assert value(samples, "scs_supervisor_wakeup_seconds_count") >= 2
+    assert value(samples, "scs_worker_ping_seconds_count") >= 1
+
+
+def test_supervisor_reported_durations_take_over() -> None:
+    metrics = AgentMetrics()
+    clock = MemoryReactorClock()
+
+    class Sup:
+        def __init__(self) -> None:
+            self._control = FakeControl()
+
+        def wake(self) -> Any:
+            clock.advance(0.25)
+            return succeed(None)
+
+    sup = Sup()
+    instrument(sup, metrics, clock.seconds)
+    assert isinstance(sup._control, TimedControl)
+    sup._control.up("w1@h")
+    sup.wake()
+    sup._control.ping(BROKER, ["w1@h"], 1.0)
+    sup._control.ping(BROKER, ["w1@h", "gone@h"], 1.0)  # a timeout is not a round trip
+    registry = metrics.registry
+    assert registry.get_sample_value("scs_supervisor_wakeup_seconds_sum") == 0.25
+    assert registry.get_sample_value("scs_worker_ping_seconds_count") == 1
+    metrics.observer({"scs_event": "wake-up.done", "duration": 0.5, "log_format": ""})
+    metrics.observer({"scs_event": "ping.done", "rtt": 0.002, "log_format": ""})
+    sup.wake()
+    sup._control.ping(BROKER, ["w1@h"], 1.0)
+    assert registry.get_sample_value("scs_supervisor_wakeup_seconds_count") == 2
+    assert registry.get_sample_value("scs_supervisor_wakeup_seconds_sum") == 0.75
+    assert registry.get_sample_value("scs_worker_ping_seconds_count") == 2
+
+
+def test_peers_alive_from_the_membership_table() -> None:
+    class Cluster(Agent):
+        def members(self) -> list[dict[str, Any]]:
+            return [
+                {"id": "agent1", "alive": True},
+                {"id": "agent2", "alive": True},
+                {"id": "agent3", "alive": True},
+                {"id": "agent4", "alive": False},
+            ]
+
+    site = Surfaces(agent=Cluster(LocalAgent(Store.in_memory(), "agent1", BROKER)))
+    samples = scrape(site)
+    assert value(samples, "scs_peers", alive="true") == 2
+    assert value(samples, "scs_peers", alive="false") == 1
+
+
+def test_registries_are_per_agent() -> None:
+    one, two = Surfaces(), Surfaces()
+    one.request("GET", "/ping/")
+    assert value(scrape(two), "scs_http_requests_total", route="ping", method="GET", status="200") == 0
+
+
+def test_a_failing_read_does_not_break_the_scrape() -> None:
+    site = Surfaces()
+    site.request("PUT", "/foo/instances/w1/")
+
+    def broken(name: str) -> Any:
+        raise RuntimeError("boom")
+
+    site.supervisor.status = broken
+    samples = scrape(site)
+    assert value(samples, "scs_instances", state="running") == 0
+
+
+def test_metrics_answer_get_only() -> None:
+    site = Surfaces()
+    response = site.request("POST", "/metrics")
+    assert response.code == 405
+    assert response.header("allow") == "GET, HEAD"

@@ -236,6 +236,16 @@ class CeleryControl:
 
     # -- the broker itself --------------------------------------------------
 
+    def warm(self, broker_url: str) -> Deferred[None]:
+        """Get the app, its connection pool and the ping machinery ready
+        (one ping to a node that does not exist)."""
+        app = self.app(broker_url)
+
+        def call() -> None:
+            app.control.ping(destination=["scs-warm-up@nowhere"], timeout=0.01)
+
+        return self._run(call)
+
     def broker_alive(self, broker_url: str, timeout: float = 1.0) -> Deferred[bool]:
         """Can a plain AMQP connection be opened to this broker now?"""
 

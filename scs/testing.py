@@ -422,6 +422,10 @@ class FakeControl:
             return "autoscale now max=%d min=%d" % (max, min)
         return self._one(node, change)
 
+    def warm(self, broker_url: str) -> _defer.Deferred:
+        self.calls.append(("warm", broker_url))
+        return _defer.succeed(None)
+
     def broker_alive(self, broker_url: str, timeout: float = 1.0) -> _defer.Deferred:
         self.calls.append(("broker_alive", broker_url))
         return _defer.succeed(self.broker_up)

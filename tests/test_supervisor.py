@@ -391,7 +391,7 @@ class BrokerOutageTests(SynchronousTestCase):
         self.assertEqual(len(h.named("broker.up")), 1)
         self.assertTrue(h.named("broker.grace"))
         # Grace over (30 s since it came back): now it is blamed.
-        h.clock.advance(5)
+        h.clock.advance(5.5)
         d = h.sup.wake()
         h.clock.advance(5)
         self.successResultOf(d)

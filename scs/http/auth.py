@@ -19,7 +19,6 @@ import base64
 import hashlib
 import hmac
 import json
-import os
 import time
 from collections.abc import Callable
 from urllib.parse import unquote_to_bytes
@@ -182,7 +181,3 @@ def guarded(resource: IResource, auth: TokenAuth | None) -> IResource:
     if auth is None:
         return resource
     return TokenGuard(resource, auth)
-
-
-def random_secret() -> bytes:
-    return os.urandom(32)

@@ -85,7 +85,9 @@ def test_log_in_and_list_the_agents_instances(agent: AgentProcess) -> None:
     for name in ("mh-one", "mh-two"):
         status, body, _ = agent.request("PUT", f"/foo/instances/{name}/?nowait=1")
         assert status == 202, body
-    assert "manhole on tcp:" in agent.log_text() and "loopback only" in agent.log_text()
+    log = agent.log_text()
+    assert "manhole on tcp:" in log and "loopback only, password file" in log
+    assert "HTTP on tcp:" in log and "loopback only, no token" in log
     telnet = TelnetConnection(agent.manhole_port)  # type: ignore[attr-defined]
     try:
         telnet.login("operator", "letmein-0451")

@@ -4,6 +4,9 @@ sleeps: time moves by clock.advance()."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+
 import os
 
 from twisted.internet.testing import MemoryReactorClock
@@ -25,6 +28,14 @@ def spec(name="w1", **kw):
     return InstanceSpec(name=name, **kw)
 
 
+
+def tmpdir(tc) -> str:
+    """A fresh directory under the system temp dir, removed after the test
+    (trial's mktemp() would put it in the current directory under pytest)."""
+    d = tempfile.mkdtemp(prefix="scs-test-")
+    tc.addCleanup(shutil.rmtree, d, True)
+    return d
+
 class Harness:
     """A Supervisor wired to fakes; ``specs`` is what desired() returns."""
 
@@ -37,8 +48,8 @@ class Harness:
         self.control = FakeControl(clock=self.clock if timed else None)
         self.table = FakeProcessTable()
         self.specs = list(specs)
-        self.dir = tc.mktemp()
-        os.makedirs(self.dir)
+        self.dir = tmpdir(tc)
+        os.makedirs(self.dir, exist_ok=True)
         self.events: list[dict] = []
         self.rand = 0.0
         kw.setdefault("interval", 5.0)

@@ -3,6 +3,9 @@ process-table helpers."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+
 import os
 import sys
 
@@ -29,6 +32,14 @@ def spec(**kw):
     kw.setdefault("broker", BROKER)
     return InstanceSpec(**kw)
 
+
+
+def tmpdir(tc) -> str:
+    """A fresh directory under the system temp dir, removed after the test
+    (trial's mktemp() would put it in the current directory under pytest)."""
+    d = tempfile.mkdtemp(prefix="scs-test-")
+    tc.addCleanup(shutil.rmtree, d, True)
+    return d
 
 class BuildArgvTests(SynchronousTestCase):
     def test_full_command_line(self) -> None:
@@ -129,7 +140,7 @@ class WorkerProcessTests(SynchronousTestCase):
 
 class SpawnWorkerTests(SynchronousTestCase):
     def test_spawn_makes_directory_and_maps_output_to_log(self) -> None:
-        base = self.mktemp()
+        base = os.path.join(tmpdir(self), "instances")
         spawner = FakeSpawner()
         proto = WorkerProcess("w1", lambda p, r: None)
         argv = build_argv(spec(), base, "h")
@@ -158,7 +169,7 @@ class ProcessTableTests(SynchronousTestCase):
         self.assertIsNone(ProcessTable().cmdline(2**22 + 1))
 
     def test_pidfile(self) -> None:
-        path = self.mktemp()
+        path = os.path.join(tmpdir(self), "worker.pid")
         with open(path, "w") as f:
             f.write("1234\n")
         self.assertEqual(ProcessTable().read_pidfile(path), 1234)

@@ -8,12 +8,16 @@ wait is bounded; every worker process seen is killed by pid in cleanup.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+
 import os
 import signal
 import socket
 import subprocess
 import time
 import uuid
+from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
@@ -64,14 +68,24 @@ def alive(pid: int) -> bool:
     return TABLE.cmdline(pid) is not None
 
 
-class WorkerIntegrationTests(TestCase):
+
+def tmpdir(tc) -> str:
+    """A fresh directory under the system temp dir, removed after the test
+    (trial's mktemp() would put it in the current directory under pytest)."""
+    d = tempfile.mkdtemp(prefix="scs-test-")
+    tc.addCleanup(shutil.rmtree, d, True)
+    return d
+
+class _WorkerTestCase(TestCase):
+    """Set-up, clean-up and helpers; the tests are in the subclasses."""
+
     timeout = 90
 
     def setUp(self) -> None:
         if not _broker_reachable():
             raise SkipTest("no RabbitMQ on 127.0.0.1:5672")
-        self.dir = os.path.abspath(self.mktemp())
-        os.makedirs(self.dir)
+        self.dir = tmpdir(self)
+        os.makedirs(self.dir, exist_ok=True)
         # A node name of its own per test run: nothing else answers for it.
         self.hostname = f"scs-it-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.prefix = f"it{uuid.uuid4().hex[:6]}"
@@ -184,7 +198,9 @@ class WorkerIntegrationTests(TestCase):
         assert pid is not None
         return pid
 
-    # -- tests -------------------------------------------------------------------
+
+
+class WorkerIntegrationTests(_WorkerTestCase):
 
     async def test_start_answers_celery_ping(self) -> None:
         s = self.spec()
@@ -360,3 +376,68 @@ class WorkerIntegrationTests(TestCase):
         replies = [r for r in await self.in_thread(broadcast) if self.node(s) in r]
         self.assertEqual(len(replies), 1)
         self.assertTrue([e for e in self.events if e.get("scs_event") == "leftover"])
+
+
+
+class BrokerOutageTests(_WorkerTestCase):
+    """A private RabbitMQ node (never the shared one) is stopped and started
+    again under a running worker."""
+
+    timeout = 240
+
+    async def test_no_restart_during_outage_or_grace(self) -> None:
+        try:
+            from tests.integration.rabbitmq_node import PrivateRabbitMQ, available
+        except ImportError as e:
+            raise SkipTest(f"private RabbitMQ helper not importable: {e}")
+        if not available():
+            raise SkipTest("needs rabbitmq-server installed and root")
+        base = tmpdir(self)
+        os.chmod(base, 0o755)  # the rabbitmq user must reach its data dir
+        broker = PrivateRabbitMQ(Path(base) / "rabbit")
+        await self.in_thread(broker.start)
+        self.addCleanup(broker.stop)
+        info = BrokerInfo.from_url(broker.url)
+        s = self.spec(broker=info)
+        self.specs = [s]
+        grace = 15.0
+        sup = self.supervisor(interval=0.5, max_missed_pings=2, wait_after_broker_revived=grace)
+        sup.startService()
+        pid = await self.ready(s)
+
+        await self.in_thread(broker.stop)
+        down_at = time.monotonic()
+        await self.until(
+            lambda: [e for e in self.events if e.get("scs_event") == "broker.down"], 10, "broker.down"
+        )
+        # Well past max_missed_pings wake-ups without the broker.
+        await deferLater(reactor, 5.0, lambda: None)
+        self.assertEqual(sup.status(s.name).pid, pid)
+        await self.in_thread(broker.start)
+        up_at = time.monotonic()
+
+        def answers() -> bool:
+            node = f"{s.name}@{self.hostname}"
+            client = Celery(broker=broker.url, set_as_current=False)
+            try:
+                return bool(client.control.ping(destination=[node], timeout=0.5))
+            except Exception:
+                return False
+            finally:
+                client.close()
+
+        ok = False
+        deadline = time.monotonic() + 60
+        while not ok and time.monotonic() < deadline:
+            ok = await self.in_thread(answers)
+        self.assertTrue(ok, "the worker never answered after the broker came back")
+        self.assertEqual(sup.status(s.name).pid, pid)
+        self.assertEqual(sup.status(s.name).restarts, 0)
+        self.assertFalse([e for e in self.events if e.get("scs_event") == "unresponsive.kill"])
+        await self.until(
+            lambda: [e for e in self.events if e.get("scs_event") == "broker.up"], 10, "broker.up"
+        )
+        # Once the worker answers again the supervisor sees it running.
+        await self.until(lambda: sup.status(s.name).state == "running", 10, "running again")
+        self.assertEqual(sup.status(s.name).pid, pid)
+        print(f"outage {up_at - down_at:.1f} s; answered again {time.monotonic() - up_at:.1f} s after")

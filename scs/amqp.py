@@ -87,6 +87,7 @@ class _Client(AMQClient):
 
 class _Factory(AMQFactory):
     protocol = _Client
+    noisy = False  # ClientService logs the connection life; no factory chatter
 
 
 @implementer(srs.ISRSTransport)

@@ -127,6 +127,15 @@ class AgentProcess:
             self.process.kill()
             return self.process.wait(10)
 
+    def stop_cleanly(self, timeout: float = 60.0) -> None:
+        """SIGTERM and check the agent shut down in order.
+
+        twistd stops the reactor (and every service) on SIGTERM, then ends
+        by the same signal, so -SIGTERM is the status of a clean stop."""
+        status = self.stop(timeout)
+        assert status in (0, -signal.SIGTERM), f"agent exited with {status}"
+        assert "Main loop terminated." in self.log_text()
+
     def kill(self) -> None:
         """kill -9 the agent alone (its workers stay, as after a crash)."""
         assert self.process is not None

@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -32,8 +33,12 @@ def available() -> bool:
 
 
 class PrivateRabbitMQ:
-    def __init__(self, directory: Path) -> None:
-        self.directory = Path(directory)
+    def __init__(self, log_directory: Path) -> None:
+        # pytest's tmp_path is private to root, so the node's data lives in
+        # a directory of its own that the rabbitmq user can reach.
+        self.directory = Path(tempfile.mkdtemp(prefix="scs-rabbitmq-"))
+        shutil.chown(self.directory, "rabbitmq", "rabbitmq")
+        self.out_path = Path(log_directory) / "rabbitmq.out"
         self.name = f"scs-test-{uuid.uuid4().hex[:8]}@localhost"
         self.port = free_port()
         self.dist_port = free_port()
@@ -62,9 +67,8 @@ class PrivateRabbitMQ:
         return env
 
     def start(self, timeout: float = 60.0) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        shutil.chown(self.directory, "rabbitmq", "rabbitmq")
-        with open(self.directory.parent / f"{self.directory.name}.out", "ab") as out:
+        self.out_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.out_path, "ab") as out:
             self.process = subprocess.Popen(
                 [str(RABBITMQ_SERVER)],
                 env=self._env(),
@@ -78,7 +82,10 @@ class PrivateRabbitMQ:
         deadline = time.monotonic() + timeout
         while not self.answers():
             if self.process.poll() is not None:
-                raise RuntimeError(f"private RabbitMQ exited with {self.process.returncode}")
+                raise RuntimeError(
+                    f"private RabbitMQ exited with {self.process.returncode}; "
+                    f"see {self.out_path}"
+                )
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"private RabbitMQ did not answer in {timeout} s")
@@ -94,6 +101,11 @@ class PrivateRabbitMQ:
             return True
         except Exception:  # noqa: BLE001 - any failure means not yet
             return False
+
+    def destroy(self) -> None:
+        """Stop the node and remove its data."""
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
 
     def stop(self, timeout: float = 30.0) -> None:
         if self.process is None or self.process.poll() is not None:

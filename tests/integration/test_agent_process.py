@@ -57,7 +57,7 @@ def test_console_script_serves_the_api_and_keeps_state_across_restart(agents, tm
     assert agent.request("PUT", "/foo/queues/tasks", {"exchange": "ex"})[0] == 201
     assert agent.request("PUT", "/foo/instances/w1/queues/tasks")[0] == 201
     assert agent.request("POST", "/foo/instances/w1/disable")[0] == 200
-    assert agent.stop() == 0
+    agent.stop_cleanly()
 
     again = AgentProcess(agent.directory, "agent1", "--without-srs", port=agent.port)
     try:

@@ -18,6 +18,7 @@ is only noticed through AMQP heartbeats, so one is always negotiated.
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Any, Optional
 from urllib.parse import unquote, urlsplit
@@ -118,7 +119,13 @@ class AMQPTransport(MultiService):
         self.broker = parse_broker_url(broker_url)
         for what in ("userid", "password", "virtual_host"):
             _require_ascii(what, getattr(self.broker, what))
-        self._factory = _Factory(spec=spec_path or DEFAULT_SPEC_PATH, clock=reactor)
+        spec_path = spec_path or DEFAULT_SPEC_PATH
+        if not os.path.isfile(spec_path):
+            # txAMQP would try the path as a URL and fail obscurely.
+            raise FileNotFoundError(
+                "AMQP 0-9-1 spec not found at %s: install Debian's amqp-specs or pass --amqp-spec PATH" % spec_path
+            )
+        self._factory = _Factory(spec=spec_path, clock=reactor)
         self._factory.set_vhost(self.broker.virtual_host)
         self._factory.set_heartbeat(heartbeat)
         endpoint = HostnameEndpoint(reactor, self.broker.host, self.broker.port, timeout=connect_timeout)

@@ -14,9 +14,10 @@ import os
 import random
 from typing import Any, Optional
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
+from twisted.internet.task import Clock
 from twisted.internet.defer import Deferred, DeferredQueue
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from scs import srs
 from scs.errors import Unavailable
@@ -34,13 +35,16 @@ class Recorder:
         self.disconnected: Deferred = Deferred()
         self.messages: DeferredQueue = DeferredQueue()
         self.reply_queue: Optional[str] = None
+        self.connections = 0
 
     def transport_connected(self, reply_queue: str) -> None:
         self.reply_queue = reply_queue
+        self.connections += 1
         if not self.connected.called:
             self.connected.callback(reply_queue)
 
     def transport_disconnected(self, reason: Any) -> None:
+        self.reply_queue = None
         if not self.disconnected.called:
             self.disconnected.callback(None)
 
@@ -64,6 +68,10 @@ class TransportContract:
     cluster: str
 
     def make_transport(self) -> Any:
+        raise NotImplementedError
+
+    def break_connection(self, transport: Any) -> None:
+        """Lose the connection as a network failure would."""
         raise NotImplementedError
 
     async def start(self, agent_id: str, cluster: Optional[str] = None) -> tuple[Any, Recorder]:
@@ -148,6 +156,24 @@ class TransportContract:
         with self.assertRaises((ValueError, TypeError)):  # type: ignore[attr-defined]
             a.publish(srs.DIRECT, "a", "{}", {})  # type: ignore[arg-type]
 
+    async def test_reconnects_after_losing_the_connection(self) -> None:
+        a, ra = await self.start("a")
+        b, rb = await self.start("b")
+        first_queue = rb.reply_queue
+        self.break_connection(b)
+        await rb.disconnected.addTimeout(WAIT, reactor)
+        with self.assertRaises(Unavailable):  # type: ignore[attr-defined]
+            await b.publish(srs.FANOUT, "", _body(), {})
+        for _ in range(int(WAIT / 0.02)):
+            if rb.reply_queue is not None:
+                break
+            await task.deferLater(reactor, 0.02, lambda: None)
+        self.assertEqual(rb.connections, 2)  # type: ignore[attr-defined]
+        self.assertNotEqual(rb.reply_queue, first_queue)  # type: ignore[attr-defined]
+        await a.publish(srs.DIRECT, "b", _body(again=True), {})
+        body, _ = await rb.next()
+        self.assertEqual(json.loads(body), {"again": True})  # type: ignore[attr-defined]
+
     async def test_not_connected_is_unavailable_and_stop_is_reported(self) -> None:
         lonely = self.make_transport()
         lonely.attach("z", self.cluster, Recorder())
@@ -169,6 +195,9 @@ class FakeTransportContractTests(TransportContract, TestCase):
     def make_transport(self) -> Any:
         return self.network.transport()
 
+    def break_connection(self, transport: Any) -> None:
+        transport.drop_connection()
+
 
 class AMQPTransportContractTests(TransportContract, TestCase):
     timeout = 30
@@ -179,4 +208,38 @@ class AMQPTransportContractTests(TransportContract, TestCase):
     def make_transport(self) -> Any:
         from scs.amqp import AMQPTransport
 
-        return AMQPTransport(BROKER_URL, reactor=reactor, heartbeat=2, max_delay=1.0)
+        return AMQPTransport(BROKER_URL, reactor=reactor, heartbeat=2, initial_delay=0.1, max_delay=1.0)
+
+    def break_connection(self, transport: Any) -> None:
+        transport._client.transport.abortConnection()
+
+
+class BrokerURLTests(SynchronousTestCase):
+    def test_parse(self) -> None:
+        from scs.amqp import BrokerAddress, parse_broker_url
+
+        cases = {
+            "amqp://guest:guest@127.0.0.1:5672//": BrokerAddress("127.0.0.1", 5672, "guest", "guest", "/"),
+            "amqp://u:p%40ss@rabbit/": BrokerAddress("rabbit", 5672, "u", "p@ss", "/"),
+            "amqp://u:p@rabbit:5673/prod": BrokerAddress("rabbit", 5673, "u", "p", "prod"),
+            "amqp://rabbit/%2f": BrokerAddress("rabbit", 5672, "guest", "guest", "/"),
+            "amqp://rabbit": BrokerAddress("rabbit", 5672, "guest", "guest", "/"),
+        }
+        for url, expected in cases.items():
+            self.assertEqual(parse_broker_url(url), expected, url)
+
+    def test_refused(self) -> None:
+        from scs.amqp import AMQPTransport, parse_broker_url
+
+        with self.assertRaises(ValueError):
+            parse_broker_url("redis://localhost/")
+        # txAMQP would corrupt the login frame: refuse at once, not at connect time.
+        with self.assertRaises(ValueError):
+            AMQPTransport("amqp://usér:p@127.0.0.1//", reactor=Clock())
+
+    def test_missing_spec_is_reported_at_construction(self) -> None:
+        from scs.amqp import AMQPTransport
+
+        with self.assertRaises(FileNotFoundError) as caught:
+            AMQPTransport(BROKER_URL, spec_path="/nonexistent/amqp.xml", reactor=Clock())
+        self.assertIn("--amqp-spec", str(caught.exception))

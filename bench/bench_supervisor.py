@@ -1,0 +1,353 @@
+"""Benchmark of the supervisor (issue 3), printed as one table.
+
+Each row is measured side by side in the same run, alternating the two
+sides so that machine noise hits both alike; figures are medians.
+
+    instance ready      API PUT (waits for the first ping) until a ping by
+                        Celery's own client answers, against starting the
+                        very same ``celery worker`` argv by hand and pinging
+                        it until it answers.
+    crash recovery      kill -9 of the worker until it answers a ping again:
+                        the agent against supervisord (autorestart=true)
+                        running the same command.
+    wake-up             one Supervisor.wake() with 1, 10, 20 running
+                        instances on the real reactor: wall time and broker
+                        round trips (Celery control calls).
+
+Needs RabbitMQ on 127.0.0.1:5672, ``scs-agent`` and ``supervisord`` next to
+this Python.  Usage:
+
+    python bench/bench_supervisor.py [--repeat N] [--sizes 1,10,20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+
+BROKER = "amqp://guest:guest@127.0.0.1:5672//"
+BIN = Path(sys.executable).parent
+HOST = socket.gethostname()
+CLIENT = Celery(broker=BROKER, set_as_current=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ping(node: str, timeout: float = 0.05) -> bool:
+    return bool(CLIENT.control.ping(destination=[node], timeout=timeout))
+
+
+def wait_ping(node: str, limit: float = 60.0) -> float:
+    """Ping until ``node`` answers; the monotonic time it did."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if ping(node):
+            return time.monotonic()
+    raise RuntimeError(f"{node} did not answer within {limit} s")
+
+
+def read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode() for a in raw.split(b"\0") if a]
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def wait_gone(pid: int, limit: float = 30.0) -> None:
+    deadline = time.monotonic() + limit
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+class Agent:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.log = open(directory / "agent.log", "ab")
+        self.process = subprocess.Popen(
+            [str(BIN / "scs-agent"), f":{self.port}", "-i", "bench", "-D", str(directory / "data"),
+             "--without-srs", "--interval", "5"],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if self.request("GET", "/ping/")[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError("agent did not start; see " + str(directory / "agent.log"))
+            time.sleep(0.1)
+
+    def request(self, method: str, path: str, params: dict[str, Any] | None = None) -> tuple[int, Any]:
+        data = json.dumps(params).encode() if params is not None else None
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}", data=data, method=method,
+            headers={"Content-Type": "application/json"} if data else {},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read() or b"null")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+        self.log.close()
+
+
+def ready_row(agent: Agent, app: str, repeat: int, work: Path) -> tuple[float, float]:
+    """Median seconds to a first answer: (agent PUT, same argv by hand)."""
+    agent_times, hand_times = [], []
+    for i in range(repeat):
+        name = f"rd{uuid.uuid4().hex[:8]}"
+        t0 = time.monotonic()
+        status, body = agent.request("PUT", f"/{app}/instances/{name}/")
+        assert status == 201, (status, body)
+        t1 = wait_ping(f"{name}@{HOST}")
+        agent_times.append(t1 - t0)
+        argv = cmdline(body["pid"])
+        agent.request("DELETE", f"/{app}/instances/{name}/")
+        wait_gone(body["pid"])
+
+        # The same command line, by hand, under another node name and files.
+        hname = f"hd{uuid.uuid4().hex[:8]}"
+        hdir = work / hname
+        hdir.mkdir()
+        argv = [a.replace(name, hname).replace(str(agent.directory / "data"), str(work)) for a in argv]
+        log = open(hdir / "out.log", "ab")
+        t0 = time.monotonic()
+        p = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        t1 = wait_ping(f"{hname}@{HOST}")
+        hand_times.append(t1 - t0)
+        p.terminate()
+        p.wait(30)
+        log.close()
+    return statistics.median(agent_times), statistics.median(hand_times)
+
+
+def by_hand_defaults(repeat: int, work: Path) -> float:
+    """Reference: plain ``celery worker`` with Celery's defaults (mingle on)."""
+    times = []
+    for _ in range(repeat):
+        name = f"hm{uuid.uuid4().hex[:8]}"
+        argv = [sys.executable, "-m", "celery", "-b", BROKER, "worker", "-n", f"{name}@{HOST}",
+                "-Q", f"dq.{name}", "--autoscale=1,1", "--logfile", str(work / f"{name}.log")]
+        t0 = time.monotonic()
+        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        times.append(wait_ping(f"{name}@{HOST}") - t0)
+        p.terminate()
+        p.wait(30)
+    return statistics.median(times)
+
+
+def crash_agent(agent: Agent, app: str, repeat: int) -> float:
+    name = f"cr{uuid.uuid4().hex[:8]}"
+    status, body = agent.request("PUT", f"/{app}/instances/{name}/")
+    assert status == 201, (status, body)
+    pidfile = agent.directory / "data" / name / "worker.pid"
+    times = []
+    for _ in range(repeat):
+        wait_ping(f"{name}@{HOST}")
+        pid = read_pid(pidfile)
+        assert pid is not None
+        time.sleep(0.5)  # let it settle, as a long-running worker would be
+        t0 = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        while alive(pid):
+            time.sleep(0.001)
+        times.append(wait_ping(f"{name}@{HOST}") - t0)
+    agent.request("DELETE", f"/{app}/instances/{name}/")
+    return statistics.median(times)
+
+
+def crash_supervisord(repeat: int, work: Path, argv_like: list[str]) -> float:
+    name = f"sd{uuid.uuid4().hex[:8]}"
+    d = work / name
+    d.mkdir()
+    argv = [a if not a.startswith("--pidfile") else a for a in argv_like]
+    argv = [a.replace("NAME", name).replace("DIR", str(d)) for a in argv]
+    conf = d / "supervisord.conf"
+    conf.write_text(
+        "[supervisord]\n"
+        f"nodaemon=true\nlogfile={d}/supervisord.log\npidfile={d}/supervisord.pid\n"
+        f"[unix_http_server]\nfile={d}/supervisor.sock\n"
+        "[rpcinterface:supervisor]\n"
+        "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface\n"
+        f"[program:{name}]\ncommand={shlex.join(argv)}\nautorestart=true\nstartsecs=0\n"
+        f"stopwaitsecs=10\nredirect_stderr=true\nstdout_logfile={d}/worker.out\n"
+    )
+    sd = subprocess.Popen([str(BIN / "supervisord"), "-c", str(conf)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    times = []
+    try:
+        for _ in range(repeat):
+            wait_ping(f"{name}@{HOST}")
+            time.sleep(0.5)
+            pid = read_pid(d / "worker.pid")
+            assert pid is not None
+            t0 = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            while alive(pid):
+                time.sleep(0.001)
+            times.append(wait_ping(f"{name}@{HOST}") - t0)
+    finally:
+        sd.send_signal(signal.SIGTERM)
+        sd.wait(60)
+    return statistics.median(times)
+
+
+def wake_rows(sizes: list[int], work: Path) -> list[tuple[int, float, float]]:
+    """(instances, median wake-up seconds, broker round trips per wake-up),
+    with the Supervisor in this process on the real reactor."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from twisted.internet import reactor
+    from twisted.internet.defer import ensureDeferred
+
+    from scs.control import CeleryControl
+    from scs.records import BrokerInfo, InstanceSpec
+    from scs.supervisor import Supervisor
+
+    class Counting(CeleryControl):
+        """Counts every Celery control call: each is one broker round trip
+        (a publish and the replies it waits for)."""
+
+        calls = 0
+
+        def _run(self, f: Any, *a: Any, **kw: Any) -> Any:
+            Counting.calls += 1
+            return super()._run(f, *a, **kw)
+
+        def broker_alive(self, broker_url: str, timeout: float = 1.0) -> Any:
+            Counting.calls += 1
+            return super().broker_alive(broker_url, timeout)
+
+    rows: list[tuple[int, float, float]] = []
+    broker = BrokerInfo.from_url(BROKER)
+
+    async def run() -> None:
+        for n in sizes:
+            specs = [InstanceSpec(name=f"wk{uuid.uuid4().hex[:6]}", app="bench", broker=broker)
+                     for _ in range(n)]
+            sup = Supervisor(lambda: specs, str(work / f"wake{n}"), interval=3600.0,
+                             control=Counting(reactor))
+            sup.startService()
+            try:
+                for s in specs:
+                    if not await sup.wait_ready(s.name, 120):
+                        raise RuntimeError(f"{s.name} not ready")
+                await sup.wake()  # settle queues/autoscale once
+                walls, trips = [], []
+                for _ in range(5):
+                    before = Counting.calls
+                    t0 = time.monotonic()
+                    await sup.wake()
+                    walls.append(time.monotonic() - t0)
+                    trips.append(Counting.calls - before)
+                rows.append((n, statistics.median(walls), statistics.median(trips)))
+            finally:
+                await sup.stopService()
+
+    def main() -> None:
+        d = ensureDeferred(run())
+        d.addErrback(lambda f: (f.printTraceback(), None)[1])
+        d.addBoth(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(main)
+    reactor.run()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--sizes", default="1,10,20")
+    args = parser.parse_args()
+    sizes = [int(x) for x in args.sizes.split(",") if x]
+
+    work = Path(tempfile.mkdtemp(prefix="scs-bench-"))
+    rows: list[tuple[str, str, str, str, str]] = []
+    agent = Agent(work / "agent")
+    try:
+        assert agent.request("PUT", "/bench/")[0] == 201
+        assert agent.request("PUT", "/benchng/", {"arguments": ["--without-gossip"]})[0] == 201
+        a, h = ready_row(agent, "bench", args.repeat, work)
+        rows.append(("instance ready (agent default: --without-mingle)", f"{a:.3f} s",
+                     f"{h:.3f} s by hand", f"{a / h:.2f}", "<= 1.10"))
+        a, h = ready_row(agent, "benchng", args.repeat, work)
+        rows.append(("instance ready, --without-mingle --without-gossip", f"{a:.3f} s",
+                     f"{h:.3f} s by hand", f"{a / h:.2f}", "<= 1.10"))
+        m = by_hand_defaults(args.repeat, work)
+        rows.append(("  reference: by hand, Celery defaults (mingle, gossip)", "", f"{m:.3f} s", "", ""))
+        c = crash_agent(agent, "bench", args.repeat)
+    finally:
+        agent.stop()
+    argv = [sys.executable, "-m", "celery", "-b", BROKER, "worker", "-n", f"NAME@{HOST}",
+            "-Q", "dq.NAME", "--autoscale=1,1", "--pidfile", "DIR/worker.pid",
+            "--logfile", "DIR/worker.log", "--without-mingle"]
+    s = crash_supervisord(args.repeat, work, argv)
+    rows.append(("crash recovery (kill -9 until it answers)", f"{c:.3f} s",
+                 f"{s:.3f} s supervisord", f"{c / s:.2f}", "<= 1.0"))
+    for n, wall, trips in wake_rows(sizes, work):
+        rows.append((f"one wake-up, {n} instance(s)", f"{wall * 1000:.1f} ms",
+                     f"{trips:g} round trips", "", "< 1 s; trips constant"))
+
+    header = ("measurement", "agent", "reference", "ratio", "target")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
+    line = "+".join("-" * (w + 2) for w in widths)
+    print(line)
+    print("|".join(f" {h:<{w}} " for h, w in zip(header, widths)))
+    print(line)
+    for r in rows:
+        print("|".join(f" {c:<{w}} " for c, w in zip(r, widths)))
+    print(line)
+    print(f"repeat={args.repeat} (medians); host {HOST}; {os.cpu_count()} CPUs")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

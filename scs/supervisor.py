@@ -700,7 +700,6 @@ class Supervisor(Service):
 
     def _died(self, w: _Worker, young: bool) -> None:
         """An unexpected exit: restart at once, or back off if it keeps dying young."""
-        w.restarts += 1
         w.rapid_failures = w.rapid_failures + 1 if young else 0
         if w.rapid_failures >= self.max_rapid_failures:
             w.state = "failed"
@@ -713,6 +712,8 @@ class Supervisor(Service):
             )
             self._fire_ready(w.name, False)
             return
+        # Counted when decided, so that status() shows it during a backoff.
+        w.restarts += 1
         delay = self.backoff_delay(w.rapid_failures)
         if delay <= 0:
             self._spawn(w)
@@ -818,21 +819,41 @@ class Supervisor(Service):
     # -- leftovers of a previous agent run --------------------------------------
 
     async def _adopt_leftovers(self) -> None:
-        """Find workers a crashed agent left running (by their pid files) and
-        end them before anything is spawned: two workers under one node name
-        would split the node's replies and tasks."""
+        """Find workers a crashed agent left running and end them before
+        anything is spawned: two workers under one node name would split the
+        node's replies and tasks.  They are found by their pid files and, in
+        case a pid file was lost, by a process whose ``--pidfile`` argument
+        points into this instance directory."""
+        found: dict[int, tuple[str, str]] = {}
         try:
             names = sorted(os.listdir(self.instance_dir))
         except OSError:
-            return
-        ends = []
+            names = []
         for name in names:
             path = instance_path(self.instance_dir, name, PIDFILE)
             pid = self._table.read_pidfile(path)
-            if pid is None:
+            if pid is not None and is_worker_for(self._table.cmdline(pid), name):
+                found[pid] = (name, path)
+        base = os.path.abspath(self.instance_dir)
+        for pid in self._table.pids():
+            if pid in found:
                 continue
-            if is_worker_for(self._table.cmdline(pid), name):
-                ends.append(ensureDeferred(self._end_leftover(name, pid, path)))
+            cmd = self._table.cmdline(pid) or []
+            for i, arg in enumerate(cmd[:-1]):
+                if arg == "--pidfile":
+                    path = os.path.abspath(cmd[i + 1])
+                    name = os.path.basename(os.path.dirname(path))
+                    if (
+                        os.path.dirname(os.path.dirname(path)) == base
+                        and os.path.basename(path) == PIDFILE
+                        and is_worker_for(cmd, name)
+                    ):
+                        found[pid] = (name, path)
+                    break
+        ends = [
+            ensureDeferred(self._end_leftover(name, pid, path))
+            for pid, (name, path) in sorted(found.items())
+        ]
         if ends:
             await DeferredList(ends, consumeErrors=True)
 

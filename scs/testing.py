@@ -451,6 +451,9 @@ class FakeProcessTable:
     def cmdline(self, pid: int) -> _Optional[list[str]]:
         return self.processes.get(pid)
 
+    def pids(self) -> list[int]:
+        return sorted(self.processes)
+
     def kill(self, pid: int, sig: int) -> None:
         self.killed.append((pid, sig))
         if sig == 9 or (sig == 15 and pid not in self.ignore_term):

@@ -208,6 +208,7 @@ class RestartPolicyTests(SynchronousTestCase):
             h.clock.advance(5)  # past any backoff
             h.proc().exit(code=1)
         self.assertEqual(h.sup.status("w1").state, "failed")
+        self.assertEqual(h.sup.status("w1").restarts, 2)  # three spawns
         self.assertIs(self.successResultOf(ready), False)
         self.assertEqual(len(h.named("failed")), 1)
         n = len(h.spawner.processes)
@@ -675,6 +676,17 @@ class ServiceTests(SynchronousTestCase):
         self.pidfile(h, "w3", 4444)  # no such process
         h.sup.startService()
         self.assertEqual(h.table.killed, [])
+        self.assertEqual(len(h.spawner.processes), 1)
+
+    def test_leftover_without_pid_file_found_by_its_pidfile_argument(self) -> None:
+        h = Harness(self, [spec()])
+        mine = os.path.join(h.dir, "w1", "worker.pid")
+        h.table.processes[4242] = ["python", "-m", "celery", "worker", "-n", "w1@h", "--pidfile", mine]
+        # Another agent's worker (another instance directory) is not ours.
+        h.table.processes[4343] = ["python", "-m", "celery", "worker", "-n", "w1@h",
+                                   "--pidfile", "/elsewhere/w1/worker.pid"]
+        h.sup.startService()
+        self.assertEqual(h.table.killed, [(4242, 15)])
         self.assertEqual(len(h.spawner.processes), 1)
 
     def test_deleted_instance_leftover_also_ended(self) -> None:

@@ -164,6 +164,11 @@ class ProcessTableTests(SynchronousTestCase):
         self.assertIsNotNone(cmd)
         self.assertIn("python", cmd[0])
 
+    def test_pids(self) -> None:
+        pids = ProcessTable().pids()
+        self.assertIn(os.getppid(), pids)
+        self.assertNotIn(os.getpid(), pids)
+
     def test_missing_process(self) -> None:
         # pid_max is at most 2**22 on Linux.
         self.assertIsNone(ProcessTable().cmdline(2**22 + 1))

@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from scs.errors import GatewayTimeout, NotFound, SCSError, Unavailable
-from scs.records import InstanceSpec, WorkerStatus
+from scs.records import InstanceSpec, QueueBinding, WorkerStatus
 from scs.worker import (
     PIDFILE,
     ProcessTable,
@@ -531,9 +531,9 @@ class Supervisor(Service):
             if q_ok and w.node in queues:
                 have = set(queues[w.node])
                 want = {private_queue(spec.name)} | set(spec.queue_names)
-                for q in spec.queues:
-                    # A queue -Q declared on the wrong binding would show as
-                    # consumed; only plain bindings can come from -Q.
+                dq = private_queue(spec.name)
+                # The private queue too: if the worker lost it, it comes back.
+                for q in (QueueBinding(dq, dq, dq), *spec.queues):
                     if q.name not in have:
                         self.log.info(
                             "node.consume_from: {queue}",

@@ -457,7 +457,7 @@ class ReconcileTests(SynchronousTestCase):
         h.wake()
         h.up(queues=["celery"])  # dq.w1 is missing, an unknown queue is there
         h.clock.advance(0.1)
-        self.assertEqual(h.control.nodes["w1@h"]["queues"], [])
+        self.assertEqual(h.control.nodes["w1@h"]["queues"], ["dq.w1"])
         h.control.nodes["w1@h"]["queues"] = ["dq.w1"]
         h.control.calls.clear()
         h.wake()

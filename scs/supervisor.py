@@ -72,7 +72,8 @@ class _Worker:
     backoff: IDelayedCall | None = None
     kill_call: IDelayedCall | None = None
     probe_call: IDelayedCall | None = None
-    # Why we are ending its process: "stop" (stay down) or "replace".
+    # Why we are ending its process: "stop" (stay down), "replace" (start a
+    # new one at once) or "unready" (never answered: counts as a failure).
     intent: str | None = None
     deleted: bool = False
     exit_waiters: list[Deferred[None]] = attrs.Factory(list)
@@ -484,7 +485,7 @@ class Supervisor(Service):
                         timeout=self.start_timeout,
                         scs_event="unresponsive.kill",
                     )
-                    self._end(w, "replace", "KILL")
+                    self._end(w, "unready", "KILL")
                 continue
             w.missed += 1
             w.state = "unresponsive"
@@ -692,6 +693,11 @@ class Supervisor(Service):
             w.restarts += 1
             w.rapid_failures = 0
             self._spawn(w)
+        elif intent == "unready":
+            # Never answered within start_timeout (say, a broker that refuses
+            # its credentials): a failed start, so it backs off and can end
+            # 'failed' instead of being replaced forever.
+            self._died(w, young=True)
         else:
             uptime = self._reactor.seconds() - w.spawned_at
             self._died(w, young=uptime < self.min_uptime)

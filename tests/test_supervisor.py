@@ -377,6 +377,19 @@ class PingTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertTrue(first.ended)
         self.assertEqual(first.signals, ["KILL"])
+        self.assertEqual(len(h.spawner.alive), 1)  # the first failure restarts at once
+
+    def test_never_ready_workers_end_failed(self) -> None:
+        h = Harness(self, [spec()], start_timeout=20, max_rapid_failures=2)
+        h.wake()
+        for _ in range(12):
+            h.clock.advance(5)
+            d = h.sup.wake()
+            h.clock.advance(2)
+            self.successResultOf(d)
+        self.assertEqual(h.sup.status("w1").state, "failed")
+        self.assertEqual(len(h.spawner.processes), 2)
+        self.assertEqual(h.spawner.alive, [])
 
 
 class BrokerOutageTests(SynchronousTestCase):

@@ -167,7 +167,10 @@ def spawn_worker(
     """Create the instance directory and spawn ``argv`` with ``spawner``
     (an ``IReactorProcess``).  stdout/stderr are appended to worker.log;
     stdin is /dev/null.  The child inherits ``env`` (default: the agent's
-    environment, so a ``celery_app`` module on its PYTHONPATH is found)."""
+    environment, so a ``celery_app`` module on its PYTHONPATH is found) and
+    the agent's working directory (``python -m celery`` puts it on sys.path,
+    so ``-A proj`` finds ./proj as it would for ``celery -A proj worker``
+    typed there)."""
     directory = instance_path(instance_dir, name)
     os.makedirs(directory, exist_ok=True)
     logfd = os.open(
@@ -180,7 +183,7 @@ def spawn_worker(
             argv[0],
             list(argv),
             env=dict(os.environ if env is None else env),
-            path=directory,
+            path=None,
             childFDs={0: nullfd, 1: logfd, 2: logfd},
         )
     finally:

@@ -7,6 +7,21 @@ queues and autoscale range through Celery's remote control.  See DESIGN §6.
 
 All state lives in the reactor thread; the only blocking work (Celery
 control) runs in a thread pool inside :mod:`scs.control`.
+
+States (``WorkerStatus.state``), per instance:
+
+- ``starting``: spawned, not yet answered a ping.  Its own probe pings it
+  every ``probe_interval`` until it answers or ``start_timeout`` passes
+  (then it is killed and counted as a failed start).
+- ``running``: answered since its last spawn.
+- ``unresponsive``: answered before, silent in the last wake-up(s); killed
+  and replaced after ``max_missed_pings`` silent wake-ups, but never while
+  its broker is down or within ``wait_after_broker_revived`` of its return.
+- ``restarting``: being replaced, or waiting out a crash-loop backoff.
+- ``stopping``/``stopped``: disabled or deleted (TERM, KILL after
+  ``kill_timeout``), or never started.
+- ``failed``: died young ``max_rapid_failures`` times in a row; stays so
+  until :meth:`Supervisor.reset` or :meth:`Supervisor.restart`.
 """
 
 from __future__ import annotations

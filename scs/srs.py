@@ -39,9 +39,9 @@ Choices the contract left open:
   once: we can no longer reach anyone, so believing them alive would only
   make callers wait.
 * ``scatter`` while not connected fires at once with ``({}, missing)`` where
-  ``missing`` names the peers heard from within the liveness window (the
-  ones a listing would have asked), so the listing can name them in its
-  missing-agents header; callers may also check ``is_connected()``.
+  ``missing`` names the peers that were alive when the connection dropped
+  (the ones a listing would have asked), so the listing can name them in
+  its missing-agents header; callers may also check ``is_connected()``.
 * ``connected_callbacks`` run ``discovery_delay`` seconds (default a
   quarter heartbeat period) after each connection, not at once: our first
   heartbeat asks peers to answer with theirs, and a callback that scatters
@@ -221,6 +221,8 @@ class SRS(MultiService):
 
         self._incarnation = self._new_id()[:16]
         self._connected = False
+        # Peers alive when the connection last dropped: who a scatter misses meanwhile.
+        self._alive_when_lost: list[str] = []
         self._reply_queue: Optional[str] = None
         self._last_connected: Optional[float] = None
         self._members: dict[str, _Member] = {}
@@ -316,7 +318,7 @@ class SRS(MultiService):
         """
         now = self._reactor.seconds()
         if not self._connected or self._reply_queue is None:
-            missing = sorted(m.id for m in self._members.values() if self._heard_recently(m, now))
+            missing = list(self._alive_when_lost)
             return defer.succeed(({}, missing))
         expected = {m.id for m in self._members.values() if self._alive(m, now)}
         if not expected:
@@ -374,6 +376,7 @@ class SRS(MultiService):
     def transport_disconnected(self, reason: Optional[Failure]) -> None:
         if not self._connected:
             return
+        self._alive_when_lost = [agent for agent in self.live_agents() if agent != self.agent_id]
         self._connected = False
         self._reply_queue = None
         self._last_connected = self._reactor.seconds()

@@ -341,13 +341,20 @@ class ScatterTests(SynchronousTestCase):
         self.assertEqual(_result(self, c.agents["solo"].scatter("list", {})), ({}, []))
         self.assertEqual(len(c.network.published), before)
 
-    def test_disconnected_fires_at_once_with_recent_peers_missing(self) -> None:
+    def test_disconnected_fires_at_once_with_peers_alive_at_the_loss_missing(self) -> None:
+        self.c.agents["agent3"].stopService()  # said bye: not missed later
+        self.c.settle()
         self.c.network.stop_broker()
-        self.assertEqual(_result(self, self.a1.scatter("list", {})), ({}, ["agent2", "agent3"]))
+        self.assertEqual(_result(self, self.a1.scatter("list", {})), ({}, ["agent2"]))
         self.assertEqual(self.a1.live_agents(), ["agent1"])
         self.assertEqual([r["alive"] for r in self.a1.members()], [False, False, False])
-        self.c.clock.advance(3 * INTERVAL + 0.1)
-        self.assertEqual(_result(self, self.a1.scatter("list", {})), ({}, []))
+        self.c.clock.advance(10 * INTERVAL)
+        self.assertEqual(_result(self, self.a1.scatter("list", {})), ({}, ["agent2"]))
+
+    def test_never_connected_misses_nobody(self) -> None:
+        c = Cluster(self)
+        agent = c.add(self, "agent1", start=False)
+        self.assertEqual(_result(self, agent.scatter("list", {})), ({}, []))
 
     def test_pending_scatter_fires_when_broker_goes(self) -> None:
         self.c.agents["agent3"].handler = lambda op, args: defer.Deferred()

@@ -118,6 +118,10 @@ class MembershipTests(SRSBrokerTestCase):
     async def test_call_to_crashed_peer_fails_fast(self) -> None:
         a1, a2 = await self.cluster_of("agent1", "agent2")
         await a2.transport.stopService()
+        # The broker drops the exclusive queue once it has processed the
+        # close, a moment after our side is done; a request routed before
+        # that would be lost in the queue and time out, as with kill -9.
+        await sleep(0.5)
         # Its queue is gone, so the broker returns the request at once, and
         # the peer counts as gone from then on.
         started = time.monotonic()
@@ -310,7 +314,7 @@ class PrivateBrokerRestartTests(SRSBrokerTestCase):
             await a1.call("agent2", "get", {})
         started = time.monotonic()
         self.assertEqual(await a1.scatter("list", {}, timeout=2.0), ({}, ["agent2"]))
-        self.assertLess(time.monotonic() - started, 0.1)
+        self.assertLess(time.monotonic() - started, 0.5)
         self.assertEqual(await a1.call("agent1", "local", {}), {"agent": "agent1", "op": "local", "args": {}})
 
         broker.start()

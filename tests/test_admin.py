@@ -120,6 +120,20 @@ def test_other_agents_instances_are_shown_read_only() -> None:
     assert 'id="instance-far-away"' not in body
 
 
+def test_a_failing_cluster_listing_still_shows_this_agent() -> None:
+    class Broken(Agent):
+        async def instance_details(self) -> Any:
+            raise RuntimeError("SRS exploded")
+
+    agent = Broken(LocalAgent(Store.in_memory(), "agent1", BROKER, FakeSupervisor()))
+    site = Surfaces(agent=agent)
+    create(site)
+    response = site.page()
+    assert response.code == 200
+    assert 'id="instance-w1"' in response.text
+    assert "SRS exploded" not in response.text
+
+
 def test_notice_after_redirect_comes_from_a_fixed_list(site: Surfaces) -> None:
     assert 'id="notice"' in site.request("GET", "/admin/?done=create").text
     response = site.request("GET", "/admin/?done=" + quote(PAYLOAD))

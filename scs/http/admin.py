@@ -558,6 +558,8 @@ class Admin:
             others = {a: list(r) for a, r in results.items() if a != self.agent.agent_id}
         except SCSError as e:
             log.warn("admin: listing other agents failed: {error}", error=e.message)
+        except Exception:  # noqa: BLE001 - the local part of the page must still show
+            log.failure("admin: listing other agents failed")
         apps = store.list_apps()
         queues = [(a.name, q) for a in apps for q in store.list_queues(a.name)]
         return {

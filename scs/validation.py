@@ -9,18 +9,27 @@ refused instead of silently stored.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import shlex
 import unicodedata
 from collections.abc import Iterable, Mapping
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from scs.errors import BadParameter
 from scs.records import BrokerInfo, QueueBinding
 
 MAX_NAME_LENGTH = 64
 MAX_QUEUE_NAME_LENGTH = 200
+# Names end up in AMQP short strings (queue ``dq.<name>``, exchanges,
+# routing keys: at most 255 bytes) and in file names (at most 255 bytes), so
+# their UTF-8 length is bounded too, not only their length in characters.
+MAX_NAME_BYTES = 200
+MAX_QUEUE_NAME_BYTES = 250
+MAX_QUEUES = 100
+MAX_BROKER_URL_LENGTH = 1024
 MAX_CONCURRENCY = 256
 MAX_ARGUMENTS = 50
 MAX_ARGUMENT_LENGTH = 1000
@@ -28,18 +37,22 @@ MAX_OPTIONS_LENGTH = 4096
 
 # Letters and digits of any script, "_", "." and "-"; must start with a
 # letter, digit or "_".  This keeps "/", "@", whitespace, control characters
-# and shell metacharacters out of node names, file names and URLs.
+# and shell metacharacters out of node names, file names and URLs.  Always
+# used with ``fullmatch``: ``match`` with "$" lets a trailing newline through.
 _NAME = re.compile(r"^\w[\w.\-]*$")
 # Routing keys may use the topic wildcards.
 _ROUTING_KEY = re.compile(r"^[\w.\-:*#]*$")
 _CELERY_APP = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*(:[A-Za-z_][A-Za-z0-9_.]*)?$")
+_INTEGER = re.compile(r"[+-]?[0-9]{1,12}")
+_HOSTNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 EXCHANGE_TYPES = ("direct", "topic", "fanout", "headers")
 
 # Paths that would shadow an app's URL.
 RESERVED_APP_NAMES = frozenset({"ping", "agents", "admin", "metrics", "instances", "static"})
 
 # Worker options the supervisor owns: letting an operator override them
-# would break supervision (a second node name, a detached worker, …).
+# would break supervision (a second node name, a detached worker, …).  Short
+# ones are also refused with their value attached ("-nfoo", "-Qq1").
 RESERVED_WORKER_OPTIONS = (
     "-n",
     "--hostname",
@@ -61,7 +74,12 @@ _TRUE = {"1", "true", "yes", "on", ""}
 _FALSE = {"0", "false", "no", "off"}
 
 
-def check_name(value: Any, what: str = "name", max_length: int = MAX_NAME_LENGTH) -> str:
+def check_name(
+    value: Any,
+    what: str = "name",
+    max_length: int = MAX_NAME_LENGTH,
+    max_bytes: int = MAX_NAME_BYTES,
+) -> str:
     """A name for an app, instance or queue."""
     if not isinstance(value, str):
         raise BadParameter(f"{what} must be a string", parameter=what)
@@ -72,14 +90,20 @@ def check_name(value: Any, what: str = "name", max_length: int = MAX_NAME_LENGTH
             f"{what} is too long ({len(value)} characters, at most {max_length})",
             parameter=what,
         )
-    if unicodedata.normalize("NFC", value) != value:
-        raise BadParameter(f"{what} must be in Unicode normal form NFC", parameter=what)
-    if not _NAME.match(value):
+    if not _NAME.fullmatch(value):
         raise BadParameter(
             f"{what} may only hold letters, digits, '_', '.' and '-', "
             "and must start with a letter, digit or '_'",
             parameter=what,
         )
+    if len(value.encode("utf-8")) > max_bytes:
+        raise BadParameter(
+            f"{what} is too long ({len(value.encode('utf-8'))} bytes in UTF-8, "
+            f"at most {max_bytes})",
+            parameter=what,
+        )
+    if unicodedata.normalize("NFC", value) != value:
+        raise BadParameter(f"{what} must be in Unicode normal form NFC", parameter=what)
     return value
 
 
@@ -95,7 +119,7 @@ def check_instance_name(value: Any) -> str:
 
 
 def check_queue_name(value: Any, what: str = "queue") -> str:
-    return check_name(value, what, MAX_QUEUE_NAME_LENGTH)
+    return check_name(value, what, MAX_QUEUE_NAME_LENGTH, MAX_QUEUE_NAME_BYTES)
 
 
 def check_int(value: Any, what: str, low: int, high: int) -> int:
@@ -103,7 +127,8 @@ def check_int(value: Any, what: str, low: int, high: int) -> int:
         raise BadParameter(f"{what} must be an integer", parameter=what)
     if isinstance(value, str):
         text = value.strip()
-        if not re.fullmatch(r"[+-]?\d{1,12}", text):
+        # ASCII digits only: int() would also take "٣" or "1_000".
+        if not _INTEGER.fullmatch(text):
             raise BadParameter(f"{what} must be an integer, got {value!r}", parameter=what)
         value = int(text)
     if not isinstance(value, int):
@@ -138,20 +163,55 @@ def check_bool(value: Any, what: str) -> bool:
 
 
 def check_broker_url(value: Any, what: str = "broker") -> str:
+    """An ``amqp://user:password@host:port/vhost`` URL, in its one spelling."""
     if not isinstance(value, str) or not value:
         raise BadParameter(f"{what} must be a non-empty amqp:// URL", parameter=what)
-    if len(value) > 1024 or any(c.isspace() or not c.isprintable() for c in value):
-        raise BadParameter(f"{what} must be a URL without spaces or control characters", parameter=what)
+    if len(value) > MAX_BROKER_URL_LENGTH:
+        raise BadParameter(
+            f"{what} is too long (at most {MAX_BROKER_URL_LENGTH} characters)", parameter=what
+        )
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise BadParameter(
+            f"{what} must be a URL without spaces or control characters", parameter=what
+        )
+    if not value.lower().startswith(("amqp://", "pyamqp://")):
+        raise BadParameter(f"{what} must start with amqp://, got {value!r}", parameter=what)
     try:
-        return BrokerInfo.from_url(value).url
+        parts = urlsplit(value)
+        port = parts.port
+        info = BrokerInfo.from_url(value)
     except ValueError as e:
         raise BadParameter(f"{what}: {e}", parameter=what) from None
+    if port == 0:
+        raise BadParameter(f"{what}: port 0 is not a broker port", parameter=what)
+    host = parts.hostname
+    if host:
+        if ":" in host:
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                raise BadParameter(
+                    f"{what}: {host!r} is not an IPv6 address", parameter=what
+                ) from None
+        elif not _HOSTNAME.fullmatch(host):
+            raise BadParameter(
+                f"{what}: host name {host!r} may only hold ASCII letters, digits, "
+                "'_', '.' and '-'",
+                parameter=what,
+            )
+    for part in (info.userid, info.password, info.virtual_host):
+        if not part.isprintable():
+            raise BadParameter(
+                f"{what}: user, password and virtual host must not hold control characters",
+                parameter=what,
+            )
+    return info.url
 
 
 def check_celery_app(value: Any) -> str | None:
     if value is None or value == "":
         return None
-    if not isinstance(value, str) or len(value) > 255 or not _CELERY_APP.match(value):
+    if not isinstance(value, str) or len(value) > 255 or not _CELERY_APP.fullmatch(value):
         raise BadParameter(
             "celery_app must be a Python import path such as 'proj.celery:app'",
             parameter="celery_app",
@@ -183,6 +243,8 @@ def check_arguments(value: Any) -> tuple[str, ...]:
                 "an argument is too long or holds control characters", parameter="arguments"
             )
         option = item.split("=", 1)[0]
+        if not item.startswith("--") and item[:2] in RESERVED_WORKER_OPTIONS:
+            option = item[:2]
         if option in RESERVED_WORKER_OPTIONS:
             raise BadParameter(
                 f"argument {option!r} is set by the agent and cannot be overridden",
@@ -201,6 +263,8 @@ def check_queue_list(value: Any) -> tuple[str, ...]:
         items = value
     else:
         raise BadParameter("queues must be a comma-separated list of names", parameter="queues")
+    if len(items) > MAX_QUEUES:
+        raise BadParameter(f"at most {MAX_QUEUES} queues", parameter="queues")
     names = [check_queue_name(item, "queues") for item in items]
     if len(set(names)) != len(names):
         raise BadParameter("queues names a queue twice", parameter="queues")
@@ -208,9 +272,17 @@ def check_queue_list(value: Any) -> tuple[str, ...]:
 
 
 def check_routing(value: Any, what: str) -> str:
-    if not isinstance(value, str) or len(value) > MAX_QUEUE_NAME_LENGTH:
-        raise BadParameter(f"{what} must be a string of at most 200 characters", parameter=what)
-    if not _ROUTING_KEY.match(value):
+    if (
+        not isinstance(value, str)
+        or len(value) > MAX_QUEUE_NAME_LENGTH
+        or len(value.encode("utf-8")) > MAX_QUEUE_NAME_BYTES
+    ):
+        raise BadParameter(
+            f"{what} must be a string of at most {MAX_QUEUE_NAME_LENGTH} characters "
+            f"and {MAX_QUEUE_NAME_BYTES} bytes",
+            parameter=what,
+        )
+    if not _ROUTING_KEY.fullmatch(value):
         raise BadParameter(
             f"{what} may only hold letters, digits and '_.-:*#'", parameter=what
         )
@@ -235,16 +307,28 @@ def check_options(value: Any) -> dict[str, Any] | None:
         if len(value) > MAX_OPTIONS_LENGTH:
             raise BadParameter("options is too long", parameter="options")
         try:
-            value = json.loads(value)
-        except ValueError:
+            value = json.loads(value, parse_constant=_refuse_constant)
+        except (ValueError, RecursionError):
             raise BadParameter("options must be a JSON object", parameter="options") from None
     if value is None:
         return None
     if not isinstance(value, dict):
         raise BadParameter("options must be a JSON object", parameter="options")
-    if len(json.dumps(value)) > MAX_OPTIONS_LENGTH:
+    try:
+        # allow_nan=False: NaN and Infinity are not JSON and would be stored
+        # and answered as such.
+        encoded = json.dumps(value, allow_nan=False)
+    except (ValueError, RecursionError):
+        raise BadParameter(
+            "options must be a JSON object without NaN or Infinity", parameter="options"
+        ) from None
+    if len(encoded) > MAX_OPTIONS_LENGTH:
         raise BadParameter("options is too long", parameter="options")
     return value
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def queue_binding(name: str, params: Mapping[str, Any]) -> QueueBinding:

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
+from werkzeug.exceptions import HTTPException
 
 from scs import validation as v
 from scs.agent import Agent, Reply
@@ -49,8 +50,10 @@ _klein = Klein()
 
 
 class _UTF8PathGuard(Resource):
-    """Answers a JSON 400 for a path that is not UTF-8 (Klein's own answer
-    is HTML), and hands every other request to the Klein app."""
+    """Answers JSON errors for what Klein would answer in HTML or plain text
+    (or fail on): a method it does not know, a path or Host that is not
+    UTF-8, a name with an escaped "/" that routing would split, an empty
+    name ("//").  Hands every other request to the Klein app."""
 
     isLeaf = True
 
@@ -59,10 +62,32 @@ class _UTF8PathGuard(Resource):
         self.wrapped = wrapped
 
     def render(self, request: IRequest) -> Any:
+        if request.method.decode("latin-1") not in ALL_METHODS:
+            request.setHeader(b"Allow", ", ".join(ALL_METHODS).encode())
+            error = MethodNotAllowed(
+                f"method {request.method.decode('latin-1')!r} is not supported",
+                allowed=list(ALL_METHODS),
+            )
+            return write_error(request, error)
         try:
             unquote_to_bytes(request.path).decode("utf-8")
         except UnicodeDecodeError:
             return write_error(request, BadParameter("the URL path is not valid UTF-8"))
+        try:
+            request.getRequestHostname().decode("ascii")
+        except UnicodeDecodeError:
+            return write_error(request, BadParameter("the Host header is not ASCII"))
+        segments = request.path.split(b"/")
+        if any(b"/" in unquote_to_bytes(part) for part in segments):
+            return write_error(
+                request, BadParameter("a name in the URL path must not contain '/' (%2F)")
+            )
+        # Werkzeug merges "//", which would turn "PUT /app/instances//" (an
+        # empty name) into "create an instance with a random name".
+        if b"" in segments[1:-1]:
+            return write_error(
+                request, BadParameter("the URL path has an empty segment: a name is empty")
+            )
         return self.wrapped.render(request)
 
 
@@ -331,6 +356,17 @@ for _index, (_path, _allowed) in enumerate(sorted(_METHODS.items())):
     API.app.route(_path, methods=_others, strict_slashes=False, endpoint=f"405-{_index}")(
         _method_not_allowed(_allowed)
     )
+
+
+@API.app.handle_errors(HTTPException)
+def _routing_error(self: API, request: IRequest, failure: Failure) -> bytes:
+    """Werkzeug's routing errors (no rule for "/", a redirect) as JSON, not HTML."""
+    error: HTTPException = failure.value
+    location = getattr(error, "new_url", None)
+    if location:
+        request.setHeader(b"Location", location.encode("utf-8"))
+    body = {"error": error.description or error.name}
+    return write_json(request, body, error.code or 500)
 
 
 @API.app.route("/<path:rest>", methods=list(ALL_METHODS), endpoint="not-found")

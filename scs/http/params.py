@@ -3,7 +3,8 @@ JSON object body, all into one flat dict.
 
 Refuses, with ``BadParameter``/``BodyTooLarge``, anything it cannot read
 without guessing: bytes that are not UTF-8, a body that is not a JSON
-object, a parameter given twice, a body over the size limit.
+object, a parameter given twice (also as a repeated key of a JSON object),
+NaN or Infinity, JSON nested too deep to read, a body over the size limit.
 """
 
 from __future__ import annotations
@@ -32,6 +33,33 @@ def _pairs(raw: bytes, where: str) -> list[tuple[str, str]]:
         return parse_qsl(text, keep_blank_values=True, errors="strict", strict_parsing=False)
     except (UnicodeDecodeError, ValueError):
         raise BadParameter(f"{where} holds percent-escapes that are not valid UTF-8") from None
+
+
+def _object_without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` refusing a key given twice (``json`` keeps the last)."""
+    document: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in document:
+            raise BadParameter(f"parameter {name!r} is given twice", parameter=name)
+        document[name] = value
+    return document
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json(body: bytes) -> Any:
+    """A JSON document, as strict as RFC 8259."""
+    text = _decode(body, "body")
+    try:
+        return json.loads(
+            text, object_pairs_hook=_object_without_repeats, parse_constant=_refuse_constant
+        )
+    except RecursionError:
+        raise BadParameter("body is not valid JSON: nested too deep") from None
+    except ValueError as e:
+        raise BadParameter(f"body is not valid JSON: {e}") from None
 
 
 def read_body(request: IRequest, max_body: int) -> bytes:
@@ -74,10 +102,7 @@ def request_params(request: IRequest, max_body: int = DEFAULT_MAX_BODY) -> dict[
     if content_type == b"application/json" or (
         looks_like_json and content_type in (b"", b"application/x-www-form-urlencoded")
     ):
-        try:
-            document = json.loads(_decode(body, "body"))
-        except ValueError as e:
-            raise BadParameter(f"body is not valid JSON: {e}") from None
+        document = parse_json(body)
         if not isinstance(document, dict):
             raise BadParameter("a JSON body must be an object of parameters")
         for name, value in document.items():

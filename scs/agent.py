@@ -21,7 +21,7 @@ import attrs
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 
-from scs.errors import GatewayTimeout, NotFound, SCSError, Unavailable
+from scs.errors import Conflict, GatewayTimeout, NotFound, SCSError, Unavailable
 from scs.records import InstanceSpec, QueueBinding, WorkerStatus
 from scs.store import UNSET, Store
 from scs.validation import check_concurrency_range
@@ -148,12 +148,15 @@ class LocalAgent:
             for a in self.store.list_apps()
         ]
 
-    async def app_delete(self, app: str) -> dict[str, Any]:
+    def app_delete(self, app: str) -> dict[str, Any]:
+        """Delete an app here.  Its workers are stopped by the supervisor's
+        next wake-up, not awaited: an app may have many, and every agent of
+        the cluster answers this at once."""
         try:
             names = self.store.delete_app(app)
         except NotFound:
             return {"deleted": False, "instances": []}
-        await self._settle()
+        self._changed()
         return {"deleted": True, "instances": names}
 
     # -- instances ---------------------------------------------------------
@@ -529,7 +532,7 @@ class Agent:
 
     async def app_delete(self, app: str) -> Reply:
         async def run() -> Reply:
-            local = await self.local.app_delete(app)
+            local = self.local.app_delete(app)
             deleted = local["deleted"]
             instances = list(local["instances"])
             missing: tuple[str, ...] = self._peers_missing()
@@ -560,12 +563,16 @@ class Agent:
                     if _missing_locally(self.store, app["app"]):
                         self.local.app_put(**app)
 
-    async def instance_create(self, app: str, name: str | None = None, **settings: Any) -> Reply:
+    async def instance_create(
+        self, app: str, name: str | None = None, *, on: str | None = None, **settings: Any
+    ) -> Reply:
+        """Create an instance on a random live agent, or on agent ``on``
+        (the admin page creates on its own agent).  A named instance that
+        exists already stays where it is."""
         arguments = {"app": app, "name": name, **settings}
         log_arguments = {k: v for k, v in arguments.items() if k != "broker"}
 
         async def run() -> Reply:
-            self.local.store.ensure_app(app, self.local.default_broker)
             if name is not None:
                 # A named instance that exists somewhere stays where it is.
                 if self.local.instance_owned(name):
@@ -576,7 +583,15 @@ class Agent:
                     )
                     owners = sorted(a for a, owned in answers.items() if owned is True)
                     if owners:
+                        if on is not None and owners[0] != on:
+                            raise Conflict(
+                                f"instance {name!r} exists on agent {owners[0]!r}",
+                                instance=name,
+                                agent=owners[0],
+                            )
                         return await self._create_on(owners[0], arguments)
+            if on is not None:
+                return await self._create_on(on, arguments)
             candidates = self._live_agents()
             self.random.shuffle(candidates)
             last_error: SCSError | None = None

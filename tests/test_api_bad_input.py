@@ -1050,7 +1050,7 @@ def test_conflict_leaves_the_store_unchanged(h: Harness) -> None:
 # Agent.instance_create (scs/agent.py, not this suite's to change) creates
 # the app named in the URL before the store finds the conflict.  When that is
 # fixed the strict xfail below fails: remove it and set this to False.
-KNOWN_CONFLICT_LEAVES_APP = True
+KNOWN_CONFLICT_LEAVES_APP = False
 
 
 @pytest.mark.xfail(

@@ -692,21 +692,19 @@ class Admin:
             queues = list(v.check_queue_list(fields.get("queues", "")))
             broker = v.check_broker_url(fields["broker"]) if _given(fields, "broker") else None
             arguments = list(v.check_arguments(fields.get("arguments", "")))
-            local = self.agent.local
             # This agent's page edits this agent: the instance is created
             # here, not placed at random in the cluster as the API does.
-            local.store.ensure_app(app, local.default_broker)
-            log.info("admin: --> Node.add(app={app}, name={name})", app=app, name=name)
-            result = await local.instance_create(
+            reply = await self.agent.instance_create(
                 app,
                 name,
+                on=self.agent.agent_id,
                 max_concurrency=max_c,
                 min_concurrency=min_c,
                 queues=queues,
                 broker=broker,
                 arguments=arguments,
             )
-            log.info("admin: <-- created {name}", name=result["instance"]["name"])
+            log.info("admin: <-- created {name}", name=reply.body["name"])
             return "create"
 
         return await self._post(request, "create", run)

@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from email.message import Message
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -148,7 +149,7 @@ class AgentProcess:
         path: str,
         params: dict[str, Any] | None = None,
         timeout: float = 30.0,
-    ) -> tuple[int, Any, dict[str, str]]:
+    ) -> tuple[int, Any, Message]:
         data = None
         headers = {}
         if params is not None:
@@ -159,10 +160,10 @@ class AgentProcess:
         )
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
-                return response.status, json.loads(response.read() or b"null"), dict(response.headers)
+                return response.status, json.loads(response.read() or b"null"), response.headers
         except urllib.error.HTTPError as e:
             body = e.read()
-            return e.code, json.loads(body) if body else None, dict(e.headers)
+            return e.code, json.loads(body) if body else None, e.headers
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -90,7 +90,7 @@ def test_thirty_creations_spread_and_listed_everywhere(cluster: list[AgentProces
             n for n in names if cluster[0].request("GET", f"/spread/instances/{n}")[1]["agent"] == agent.agent_id
         )
         wait_until(
-            lambda: mine <= set(worker_pids(agent.directory)), 90, what="workers to start"
+            lambda: mine <= set(worker_pids(agent.directory)), 240, what="workers to start"
         )
     assert cluster[1].request("DELETE", "/spread/")[0] == 200
     for agent in cluster:

@@ -695,8 +695,9 @@ def test_valid_unicode_names_work(name: str) -> None:
     assert h.request("GET", f"/{quote(name)}/instances/").json() == [name]
     assert h.request("GET", f"/{quote(name)}/queues/").json() == [name]
     assert h.request("GET", f"/instances/{quote(name)}/").json()["name"] == name
-    assert h.request("DELETE", f"/{quote(name)}/instances/{quote(name)}/queues/{quote(name)}/").status == 200
-    assert h.request("GET", f"/{quote(name)}/instances/{quote(name)}/queues/").json()["queues"] == []
+    instance = f"/{quote(name)}/instances/{quote(name)}"
+    assert h.request("DELETE", f"{instance}/queues/{quote(name)}/").status == 200
+    assert h.request("GET", f"{instance}/queues/").json()["queues"] == []
     assert h.request("DELETE", f"/{quote(name)}/instances/{quote(name)}/").status == 200
     assert h.request("DELETE", f"/{quote(name)}/").status == 200
     assert h.dump() == Harness(seed=False).dump() | {"broker": h.dump()["broker"]}
@@ -741,8 +742,12 @@ def test_bad_concurrency(h: Harness, route: Route, parameter: str) -> None:
 
 @pytest.mark.parametrize("route", create_routes(), ids=CREATE_IDS)
 @pytest.mark.parametrize(
-    "settings_", [{"max_concurrency": 2, "min_concurrency": 3}, {"min_concurrency": 0, "max_concurrency": 0},
-                  {"max_concurrency": "1", "min_concurrency": "256"}]
+    "settings_",
+    [
+        {"max_concurrency": 2, "min_concurrency": 3},
+        {"min_concurrency": 0, "max_concurrency": 0},
+        {"max_concurrency": "1", "min_concurrency": "256"},
+    ],
 )
 def test_min_greater_than_max(h: Harness, route: Route, settings_: dict[str, Any]) -> None:
     before = h.dump()
@@ -1016,7 +1021,8 @@ def test_bad_app_settings(h: Harness, parameter: str, value: Any, app: str) -> N
 def test_good_settings_are_accepted(h: Harness) -> None:
     """The refusals above are of the values, not of the parameters."""
     response = h.request(
-        "PUT", "/app1/?" + urlencode({"celery_app": "proj.celery:app", "arguments": "-l info -Ofair"})
+        "PUT",
+        "/app1/?" + urlencode({"celery_app": "proj.celery:app", "arguments": "-l info -Ofair"}),
     )
     assert response.status == 200, response
     assert response.json()["arguments"] == ["-l", "info", "-Ofair"]
@@ -1037,6 +1043,21 @@ def test_good_settings_are_accepted(h: Harness) -> None:
     assert response.json()["options"] == {"durable": True}
 
 
+@pytest.mark.xfail(
+    strict=True,
+    raises=IndexError,
+    reason="twisted.web parses a POST's Content-Type with the email package before any "
+    "resource runs, and ';0*' makes that raise: the connection is dropped unanswered",
+)
+def test_post_with_a_broken_content_type(h: Harness) -> None:
+    before = h.dump()
+    answer = h.raw(
+        b"POST /app1/ HTTP/1.0\r\nHost: x\r\nContent-Type: ;0*\r\nContent-Length: 1\r\n\r\nx"
+    )
+    assert answer.startswith(b"HTTP/1.0 400 "), answer
+    assert h.dump() == before
+
+
 # -- conflicts -------------------------------------------------------------------
 
 
@@ -1047,19 +1068,9 @@ def test_conflict_leaves_the_store_unchanged(h: Harness) -> None:
     assert h.dump() == before
 
 
-# Agent.instance_create (scs/agent.py, not this suite's to change) creates
-# the app named in the URL before the store finds the conflict.  When that is
-# fixed the strict xfail below fails: remove it and set this to False.
-KNOWN_CONFLICT_LEAVES_APP = False
-
-
-@pytest.mark.xfail(
-    KNOWN_CONFLICT_LEAVES_APP,
-    strict=True,
-    reason="Agent.instance_create calls store.ensure_app before the conflict "
-    "check, so a 409 leaves the new app behind (scs/agent.py, reported)",
-)
 def test_conflict_in_another_app_creates_no_app(h: Harness) -> None:
+    """Regression: the app named in the URL was created before the store
+    found the conflict, so the 409 left a new app behind."""
     before = h.dump()
     response = h.request("PUT", "/app2/instances/w1/")
     assert_refused(response, 409, "w1")
@@ -1091,9 +1102,16 @@ json_values = st.recursive(
     max_leaves=12,
 )
 methods = st.one_of(
-    st.sampled_from(ALL_METHODS), st.text(alphabet=string.ascii_uppercase + "-_", min_size=1, max_size=8)
+    st.sampled_from(ALL_METHODS),
+    st.text(alphabet=string.ascii_uppercase + "-_", min_size=1, max_size=8),
 )
 routes = st.sampled_from(ROUTES)
+# Well-formed but arbitrary media types: a malformed Content-Type on a POST
+# breaks twisted.web itself (see test_post_with_a_broken_content_type).
+media_types = st.from_regex(
+    r"[a-zA-Z]{1,10}/[a-zA-Z0-9.+-]{1,10}(; ?[a-z]{1,8}=[a-zA-Z0-9-]{1,8}){0,2}",
+    fullmatch=True,
+)
 PROPERTY_SETTINGS = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
@@ -1124,13 +1142,7 @@ def check_response(
     """The property every answer has: JSON, below 500, and a refusal leaves
     the store as it was.  (HEAD answers carry no body.)"""
     if response.status >= 400:
-        after = h.dump()
-        if response.status == 409 and KNOWN_CONFLICT_LEAVES_APP:
-            # See test_conflict_in_another_app_creates_no_app: only the new
-            # app may differ until scs/agent.py is fixed.
-            assert after["app"][: len(before["app"])] == before["app"], response
-            after = dict(after, app=before["app"])
-        assert after == before, response
+        assert h.dump() == before, response
     if is_stats_without_supervisor(path, response) or is_twisted_multipart_refusal(
         method, headers, response
     ):
@@ -1176,7 +1188,9 @@ def test_property_json_bodies(route: Route, document: Any) -> None:
     check_response(h, before, h.json_request(route.method, path, document), route.method, path)
     if isinstance(document, dict):
         # The same parameters as a form, where every value is text.
-        form = urlencode([(k, v if isinstance(v, str) else json.dumps(v)) for k, v in document.items()])
+        form = urlencode(
+            [(k, v if isinstance(v, str) else json.dumps(v)) for k, v in document.items()]
+        )
         before = h.dump()
         path = route.path(name="w3")
         response = h.request(route.method, path, form.encode(), FORM)
@@ -1217,7 +1231,7 @@ def test_property_known_parameters(route: Route, parameters: dict[str, Any], as_
              "application/json; charset=latin-1", "multipart/form-data; boundary=x",
              "application/octet-stream"]
         ),
-        st.text(alphabet=string.ascii_letters + string.digits + string.punctuation + " ", max_size=30),
+        media_types,
     ),
     escaped_path=st.binary(min_size=1, max_size=12),
 )
@@ -1247,15 +1261,20 @@ def _iter_raw_targets() -> Iterator[bytes]:
     method=st.sampled_from([m.encode() for m in ALL_METHODS] + [b"FOO"]),
     target=st.sampled_from(list(_iter_raw_targets())),
     headers=st.lists(
-        st.tuples(
-            st.sampled_from([b"Content-Type", b"Host", b"X-Anything", b"Content-Length"]),
-            st.binary(max_size=20).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
+        st.one_of(
+            st.tuples(
+                st.sampled_from([b"Host", b"X-Anything", b"Content-Length"]),
+                st.binary(max_size=20).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
+            ),
+            st.tuples(st.just(b"Content-Type"), media_types.map(str.encode)),
         ),
         max_size=3,
     ),
     body=st.binary(max_size=100),
 )
-def test_property_raw_http(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+def test_property_raw_http(
+    method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+) -> None:
     """Raw requests with arbitrary header bytes: whatever reaches the API
     answers JSON below 500; twisted.web itself may refuse a bare 400."""
     h = Harness()
@@ -1273,7 +1292,9 @@ def test_property_raw_http(method: bytes, target: bytes, headers: list[tuple[byt
         return
     status_line, _, rest = answer.partition(b"\r\n")
     status = int(status_line.split(b" ")[1])
-    if status == 503 and target.endswith(b"/stats/") and b"no supervisor" in answer:
+    if status == 503 and target.endswith(b"/stats/"):
+        # stats without a supervisor (HEAD: the same answer without a body)
+        assert method == b"HEAD" or b"no supervisor" in answer, answer
         return
     assert status < 500, answer
     if status >= 400:

@@ -55,7 +55,12 @@ class Response:
     body: bytes
 
     def json(self) -> Any:
-        return json.loads(self.body)
+        """The body as strict JSON: NaN and Infinity are not JSON."""
+        return json.loads(self.body, parse_constant=_not_json)
+
+
+def _not_json(name: str) -> Any:
+    raise AssertionError(f"the answer holds {name}, which is not JSON")
 
 
 def _foreign_keys_on(dbapi_connection: Any, _record: Any) -> None:
@@ -738,6 +743,11 @@ def test_bad_concurrency(h: Harness, route: Route, parameter: str) -> None:
         body = assert_refused(response, 400, parameter)
         assert body["parameter"] == parameter, (value, body)
         assert h.dump() == before, value
+    # A number too large for a float, which Python reads as infinity.
+    before = h.dump()
+    response = h.request(route.method, path, f'{{"{parameter}": 1e400}}'.encode(), JSON)
+    assert_refused(response, 400, parameter)
+    assert h.dump() == before
 
 
 @pytest.mark.parametrize("route", create_routes(), ids=CREATE_IDS)
@@ -874,6 +884,7 @@ BAD_QUEUE_SETTINGS: list[tuple[str, Any]] = [
     ("options", "true"),
     ("options", '{"a": NaN}'),  # regression: NaN was stored and answered
     ("options", '{"a": Infinity}'),
+    ("options", '{"a": 1e400}'),  # a float that overflows to infinity
     ("options", "[" * 5000),  # regression: RecursionError gave a 500
     ("options", '{"a": "' + "x" * 5000 + '"}'),
     ("options", [1]),

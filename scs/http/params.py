@@ -14,10 +14,26 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 
 from scs.errors import BadParameter, BodyTooLarge
 
 DEFAULT_MAX_BODY = 64 * 1024
+
+
+class APIRequest(Request):
+    """The request class for the agent's ``Site`` (``requestFactory``).
+
+    twisted.web parses a POST's form or multipart body into ``args`` before
+    any resource runs; on a body it cannot parse it answers a bare 400 (no
+    JSON), and a malformed Content-Type (``;0*``) makes it raise and drop
+    the connection unanswered.  The API and the admin page read bodies
+    themselves (``request_params``), so that parsing is switched off.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["parsePOSTFormSubmission"] = False
+        super().__init__(*args, **kwargs)
 
 
 def _decode(raw: bytes, where: str) -> str:

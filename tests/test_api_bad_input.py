@@ -34,7 +34,10 @@ from twisted.web.server import Request, Site
 from scs.agent import Agent, LocalAgent
 from scs.http.api import ALL_METHODS, API
 from scs.http.params import DEFAULT_MAX_BODY, APIRequest
+from scs.http.auth import TokenAuth
+from scs.metrics import AgentMetrics
 from scs.store import Store
+from scs.tap import http_resource
 
 BROKER = "amqp://guest:guest@127.0.0.1:5672//"
 ORIGIN = "http://127.0.0.1:8001"
@@ -110,11 +113,23 @@ class Harness:
     on a copy of ``template_store(seed)`` unless given a store."""
 
     def __init__(
-        self, seed: bool = True, max_body: int = DEFAULT_MAX_BODY, store: Store | None = None
+        self,
+        seed: bool = True,
+        max_body: int = DEFAULT_MAX_BODY,
+        store: Store | None = None,
+        site: bool = False,
+        token: str | None = None,
     ) -> None:
         self.store = store if store is not None else copy_store(template_store(seed))
-        self.api = API(Agent(LocalAgent(self.store, "agent1", BROKER)), max_body=max_body)
-        self.resource = self.api.resource()
+        agent = Agent(LocalAgent(self.store, "agent1", BROKER))
+        self.api = API(agent, max_body=max_body)
+        if site:
+            # The whole site the daemon serves: the API with the admin page
+            # and /metrics mounted, behind the token check, counted.
+            auth = None if token is None else TokenAuth(token)
+            self.resource = http_resource(agent, AgentMetrics(agent), auth)
+        else:
+            self.resource = self.api.resource()
         self.treq = StubTreq(self.resource)
 
     def request(
@@ -125,7 +140,9 @@ class Harness:
         headers: dict[str, list[str]] | None = None,
     ) -> Response:
         outcome: list[Any] = []
-        d = self.treq.request(method, ORIGIN + path, data=body, headers=headers)
+        d = self.treq.request(
+            method, ORIGIN + path, data=body, headers=headers, allow_redirects=False
+        )
 
         def read(response: Any) -> Any:
             return self.treq.content(response).addCallback(
@@ -1353,3 +1370,76 @@ def test_property_raw_http(
         assert b"Content-Type: application/json" in head_out, answer
         if method != b"HEAD":
             json.loads(content)
+
+
+SITE_PATHS = [
+    "/admin",
+    "/admin/",
+    "/admin/login",
+    "/admin/logout",
+    "/admin/apps",
+    "/admin/instances",
+    "/admin/instance/enable",
+    "/admin/instance/delete",
+    "/admin/queues",
+    "/admin/queues/delete",
+    "/admin/nothing/here",
+    "/metrics",
+    "/metrics/",
+]
+FORM_FIELDS = sorted(
+    {p for r in ROUTES for p in r.accepts}
+    | {"app", "name", "instance", "queue", "token", "csrf", "action", "max", "min"}
+)
+
+
+@PROPERTY_SETTINGS
+@given(
+    path=st.one_of(
+        st.sampled_from(SITE_PATHS),
+        st.builds(
+            lambda route, app, name: route.path(app=app, name=name), routes, names, names
+        ),
+    ),
+    method=methods,
+    query=st.lists(st.tuples(parameter_names, texts), max_size=3),
+    form=st.lists(st.tuples(st.sampled_from(FORM_FIELDS), texts), max_size=5),
+    token=st.sampled_from([None, "s3cret-token"]),
+    send_token=st.booleans(),
+)
+def test_property_whole_site(
+    path: str,
+    method: str,
+    query: list[tuple[str, str]],
+    form: list[tuple[str, str]],
+    token: str | None,
+    send_token: bool,
+) -> None:
+    """The site the daemon serves (admin page, /metrics, the token guard
+    around the API) never answers 5xx and refuses without changing the
+    store; outside the admin page and /metrics every answer is JSON."""
+    h = Harness(site=True, token=token)
+    before = h.dump()
+    headers = dict(FORM)
+    if token is not None and send_token:
+        headers["Authorization"] = [f"Bearer {token}"]
+    target = path + ("?" + urlencode(query) if query else "")
+    response = h.request(method, target, urlencode(form).encode(), headers)
+    if response.status >= 400:
+        assert h.dump() == before, response
+    if is_stats_without_supervisor(path, response):
+        return
+    assert response.status < 500, response
+    if not path.startswith(("/admin/", "/metrics")) or method not in ALL_METHODS:
+        assert response.content_type == ["application/json"], response
+        if method != "HEAD":
+            response.json()
+
+
+def test_admin_without_slash_redirects_in_json() -> None:
+    """Regression: Werkzeug's redirect from "/admin" to "/admin/" was HTML."""
+    h = Harness(site=True)
+    response = h.request("GET", "/admin")
+    assert response.status == 308, response
+    assert response.headers["location"] == [ORIGIN + "/admin/"]
+    assert assert_json(response) == {"location": ORIGIN + "/admin/"}

@@ -364,9 +364,10 @@ def _routing_error(self: API, request: IRequest, failure: Failure) -> bytes:
     error: HTTPException = failure.value
     location = getattr(error, "new_url", None)
     if location:
+        # "/admin" -> "/admin/": a redirect, not an error.
         request.setHeader(b"Location", location.encode("utf-8"))
-    body = {"error": error.description or error.name}
-    return write_json(request, body, error.code or 500)
+        return write_json(request, {"location": location}, error.code or 308)
+    return write_json(request, {"error": error.description or error.name}, error.code or 500)
 
 
 @API.app.route("/<path:rest>", methods=list(ALL_METHODS), endpoint="not-found")

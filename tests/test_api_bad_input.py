@@ -30,6 +30,7 @@ from treq.testing import StubTreq
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.web.server import Request, Site
+from twisted.web.test.requesthelper import DummyChannel
 
 from scs.agent import Agent, LocalAgent
 from scs.http.api import ALL_METHODS, API
@@ -1113,6 +1114,37 @@ def test_post_with_a_broken_content_type_or_multipart_body(
     assert head.startswith(b"HTTP/1.0 400 "), answer
     assert b"Content-Type: application/json" in head, answer
     assert isinstance(json.loads(content)["error"], str)
+    assert h.dump() == before
+
+
+def test_api_request_keeps_no_more_than_the_limit() -> None:
+    request = APIRequest(DummyChannel())
+    request.gotLength(10**9)
+    for _ in range(100):
+        request.handleContentChunk(b"x" * 10000)
+    assert request.content.tell() == DEFAULT_MAX_BODY + 1
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_huge_raw_body_gets_413(h: Harness, chunked: bool) -> None:
+    before = h.dump()
+    body = b"x=" + b"a" * 300_000
+    if chunked:
+        framing = b"Transfer-Encoding: chunked\r\n"
+        body = b"".join(
+            b"%x\r\n%s\r\n" % (len(part), part)
+            for part in (body[i : i + 4096] for i in range(0, len(body), 4096))
+        ) + b"0\r\n\r\n"
+        version = b"HTTP/1.1"
+    else:
+        framing = b"Content-Length: %d\r\n" % len(body)
+        version = b"HTTP/1.0"
+    answer = h.raw(
+        b"PUT /app1/ " + version + b"\r\nHost: x\r\nConnection: close\r\n" + framing
+        + b"Content-Type: application/x-www-form-urlencoded\r\n\r\n" + body
+    )
+    assert answer.split(b" ", 2)[1] == b"413", answer[:200]
+    assert b"application/json" in answer and b"larger than" in answer
     assert h.dump() == before
 
 

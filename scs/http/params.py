@@ -10,6 +10,7 @@ NaN or Infinity, JSON nested too deep to read, a body over the size limit.
 from __future__ import annotations
 
 import json
+from io import BytesIO
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -29,11 +30,25 @@ class APIRequest(Request):
     JSON), and a malformed Content-Type (``;0*``) makes it raise and drop
     the connection unanswered.  The API and the admin page read bodies
     themselves (``request_params``), so that parsing is switched off.
+
+    It also keeps at most ``max_body + 1`` bytes of a body, in memory: that
+    is enough for ``read_body`` to answer 413, and a client sending a huge
+    (or endless chunked) body fills neither memory nor a temporary file.
     """
+
+    max_body = DEFAULT_MAX_BODY
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["parsePOSTFormSubmission"] = False
         super().__init__(*args, **kwargs)
+
+    def gotLength(self, length: int | None) -> None:
+        self.content = BytesIO()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        room = self.max_body + 1 - self.content.tell()
+        if room > 0:
+            self.content.write(data[:room])
 
 
 def _decode(raw: bytes, where: str) -> str:

@@ -95,14 +95,24 @@ class CeleryControl:
             # call must not sit in a thread retrying a dead broker.
             app.conf.broker_connection_retry = False
             app.conf.broker_connection_max_retries = 0
+            # A control call holds one pooled connection and its producer
+            # takes another; kombu blocks without a timeout when the pool is
+            # empty, so a limit below twice the thread count deadlocks every
+            # thread (seen with 20 workers starting at once and the default
+            # limit of 10).
+            app.conf.broker_pool_limit = max(32, 2 * self._max_threads() + 4)
             app.control  # noqa: B018 - build the cached property here, not racing in threads
             self._apps[broker_url] = app
         return app
 
+    def _pool(self) -> Any:
+        return self._threadpool if self._threadpool is not None else self._reactor.getThreadPool()
+
+    def _max_threads(self) -> int:
+        return int(getattr(self._pool(), "max", 10) or 10)
+
     def _run(self, f: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
-        pool = self._threadpool
-        if pool is None:
-            pool = self._reactor.getThreadPool()
+        pool = self._pool()
         errors = _connection_errors()
 
         def call() -> T:
@@ -261,5 +271,4 @@ class CeleryControl:
             finally:
                 conn.release()
 
-        pool = self._threadpool or self._reactor.getThreadPool()
-        return deferToThreadPool(self._reactor, pool, call)
+        return deferToThreadPool(self._reactor, self._pool(), call)

@@ -10,8 +10,8 @@ control) runs in a thread pool inside :mod:`scs.control`.
 
 States (``WorkerStatus.state``), per instance:
 
-- ``starting``: spawned, not yet answered a ping.  Its own probe pings it
-  every ``probe_interval`` until it answers or ``start_timeout`` passes
+- ``starting``: spawned, not yet answered a ping.  Its broker's probe pings
+  it every ``probe_interval`` until it answers or ``start_timeout`` passes
   (then it is killed and counted as a failed start).
 - ``running``: answered since its last spawn.
 - ``unresponsive``: answered before, silent in the last wake-up(s); killed
@@ -86,7 +86,6 @@ class _Worker:
     rapid_failures: int = 0
     backoff: IDelayedCall | None = None
     kill_call: IDelayedCall | None = None
-    probe_call: IDelayedCall | None = None
     # Why we are ending its process: "stop" (stay down), "replace" (start a
     # new one at once) or "unready" (never answered: counts as a failure).
     intent: str | None = None
@@ -186,6 +185,8 @@ class Supervisor(Service):
         self._adopted = True
         self._adopt_waiters: list[Deferred[None]] = []
         self._shutting_down = False
+        # Broker URL -> its probe loop's next tick (None while a ping is out).
+        self._probes: dict[str, IDelayedCall | None] = {}
 
     # -- public API ---------------------------------------------------------
 
@@ -329,9 +330,10 @@ class Supervisor(Service):
     async def _shutdown(self) -> None:
         for w in self._workers.values():
             self._cancel_backoff(w)
-            if w.probe_call is not None and w.probe_call.active():
-                w.probe_call.cancel()
-            w.probe_call = None
+        for url, call in list(self._probes.items()):
+            if call is not None and call.active():
+                call.cancel()
+                del self._probes[url]
         await self._end_all()
         # A wake-up or an adoption in flight may still hold processes.
         await self._when_adopted()
@@ -632,35 +634,60 @@ class Supervisor(Service):
             w.process = None
             self._died(w, young=True)
             return
-        self._probe(w, proto)
+        self._probe(w)
 
-    def _probe(self, w: _Worker, proto: WorkerProcess) -> None:
-        """Ping a starting worker every probe_interval until it answers, so
-        readiness (and re-applying queues/autoscale after a restart) does not
-        wait for the next wake-up."""
+    def _probe(self, w: _Worker) -> None:
+        """Make sure the broker of a starting worker has a probe loop: it
+        pings every starting worker on that broker in one call every
+        probe_interval until each answers or reaches start_timeout, so that
+        readiness (and re-applying queues/autoscale after a restart) does
+        not wait for the next wake-up.  One loop per broker, not per worker:
+        each control call holds a thread and broker connections."""
+        url = w.spec.broker.url
+        if url not in self._probes:
+            self._probes[url] = self._reactor.callLater(self.probe_interval, self._probe_tick, url)
 
-        def tick() -> None:
-            w.probe_call = None
-            if w.process is not proto or w.answered or w.intent is not None:
-                return
-            if self._reactor.seconds() - w.spawned_at >= self.start_timeout:
-                return  # the wake-up's unresponsive check takes over
-            d = self._control.ping(w.spec.broker.url, [w.node], self.probe_timeout)
-            d.addCallbacks(got, lambda f: None)
-            d.addBoth(lambda _: again())
+    def _probe_tick(self, url: str) -> None:
+        self._probes[url] = None  # running; no second loop for this broker
+        now = self._reactor.seconds()
+        starting = {
+            w.node: w
+            for w in self._workers.values()
+            if w.spec.broker.url == url
+            and w.process is not None
+            and not w.answered
+            and w.intent is None
+            and now - w.spawned_at < self.start_timeout
+        }
+        if not starting or self._shutting_down:
+            # Past start_timeout the wake-up's unresponsive check takes over.
+            del self._probes[url]
+            return
 
         def got(answered: set[str]) -> None:
-            if w.node in answered and w.process is proto and not w.answered:
-                self._answered(w)
-                ensureDeferred(self._configure(w.spec.broker.url, [w])).addErrback(
-                    lambda f: self.log.failure("[Supervisor] configuring {name}", f, name=w.name)
+            ready = []
+            for node in sorted(answered):
+                w = starting.get(node)
+                if w is not None and w.process is not None and not w.answered and w.intent is None:
+                    self._answered(w)
+                    ready.append(w)
+            if ready:
+                ensureDeferred(self._configure(url, ready)).addErrback(
+                    lambda f: self.log.failure("[Supervisor] configuring new workers", f)
                 )
 
-        def again() -> None:
-            if w.process is proto and not w.answered and w.intent is None and not self._shutting_down:
-                w.probe_call = self._reactor.callLater(self.probe_interval, tick)
+        def again(_: object) -> None:
+            if self._shutting_down:
+                self._probes.pop(url, None)
+            else:
+                self._probes[url] = self._reactor.callLater(
+                    self.probe_interval, self._probe_tick, url
+                )
 
-        w.probe_call = self._reactor.callLater(self.probe_interval, tick)
+        d = self._control.ping(url, sorted(starting), self.probe_timeout)
+        d.addCallbacks(got, lambda f: None)
+        d.addErrback(lambda f: self.log.failure("[Supervisor] probe", f))
+        d.addBoth(again)
 
     def _answered(self, w: _Worker) -> None:
         if w.process is None or w.intent is not None:

@@ -183,6 +183,8 @@ class AppCacheTests(SynchronousTestCase):
         self.assertIsNot(current_app._get_current_object(), a)
         self.assertEqual(a.conf.broker_connection_timeout, 0.5)
         self.assertFalse(a.conf.broker_connection_retry)
+        # Room for two connections per thread: no pool deadlock.
+        self.assertGreaterEqual(a.conf.broker_pool_limit, 2 * 10 + 4)
         control.close()
 
     def test_broker_alive_false_on_refused_port(self) -> None:

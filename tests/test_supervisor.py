@@ -122,6 +122,29 @@ class SpawnTests(SynchronousTestCase):
         # Already running: at once.
         self.assertIs(self.successResultOf(h.sup.wait_ready("w1", 1.0)), True)
 
+    def test_one_probe_per_broker_for_all_starting_workers(self) -> None:
+        h = Harness(self, [spec("a"), spec("b"), spec("c")])
+        h.wake()
+        h.control.calls.clear()
+        h.clock.advance(h.sup.probe_interval)
+        pings = [c for c in h.control.calls if c[0] == "ping"]
+        self.assertEqual([c[2] for c in pings], [["a@h", "b@h", "c@h"]])
+        h.up("b")
+        h.control.calls.clear()
+        h.clock.advance(h.sup.probe_interval)
+        self.assertEqual(h.sup.status("b").state, "running")
+        h.control.calls.clear()
+        h.clock.advance(h.sup.probe_interval)
+        # b answered: only the others are still probed.
+        self.assertEqual([c[2] for c in h.control.calls if c[0] == "ping"], [["a@h", "c@h"]])
+        h.up("a")
+        h.up("c")
+        h.clock.advance(h.sup.probe_interval)
+        h.control.calls.clear()
+        h.clock.advance(1)
+        self.assertEqual(h.control.count("ping"), 0)  # the loop ended
+        self.assertEqual(h.sup._probes, {})
+
     def test_wait_ready_times_out(self) -> None:
         h = Harness(self, [spec()])
         h.wake()

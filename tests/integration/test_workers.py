@@ -442,3 +442,36 @@ class BrokerOutageTests(_WorkerTestCase):
         await self.until(lambda: sup.status(s.name).state == "running", 10, "running again")
         self.assertEqual(sup.status(s.name).pid, pid)
         print(f"outage {up_at - down_at:.1f} s; answered again {time.monotonic() - up_at:.1f} s after")
+
+
+class ControlIntegrationTests(_WorkerTestCase):
+    """scs.control.CeleryControl against the real broker."""
+
+    async def test_concurrent_calls_do_not_exhaust_the_pool(self) -> None:
+        # Every control call holds two pooled connections; with Celery's
+        # default pool limit (10) ten threads deadlock for good.
+        from twisted.internet.defer import gatherResults
+
+        from scs.control import CeleryControl
+
+        control = CeleryControl(reactor)
+        self.addCleanup(control.close)
+        t0 = time.monotonic()
+        calls = [control.ping(BROKER.url, [f"nobody-{i}@{self.hostname}"], 0.05) for i in range(40)]
+        d = gatherResults(calls)
+        d.addTimeout(30, reactor)
+        results = await d
+        self.assertEqual(results, [set()] * 40)
+        self.assertLess(time.monotonic() - t0, 30)
+
+    async def test_broker_alive(self) -> None:
+        from scs.control import CeleryControl
+
+        control = CeleryControl(reactor)
+        self.addCleanup(control.close)
+        self.assertIs(await control.broker_alive(BROKER.url, 2.0), True)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            dead = f"amqp://guest:guest@127.0.0.1:{port}//"
+            self.assertIs(await control.broker_alive(dead, 1.0), False)

@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 
 from scs.errors import Conflict, GatewayTimeout, NotFound, SCSError, Unavailable
-from scs.records import InstanceSpec, QueueBinding, WorkerStatus
+from scs.records import BrokerInfo, InstanceSpec, QueueBinding, WorkerStatus
 from scs.store import UNSET, Store
 from scs.validation import check_concurrency_range
 
@@ -110,7 +110,8 @@ class LocalAgent:
         return Deferred.fromCoroutine(_value(binding))
 
     def summary(self) -> dict[str, Any]:
-        return {"instances": len(self.store.list_nodes())}
+        # Sent with every SRS heartbeat: a count query, not the records.
+        return {"instances": self.store.count_nodes()}
 
     # -- apps ------------------------------------------------------------
 
@@ -201,7 +202,7 @@ class LocalAgent:
         return {"instance": self._json(self.store.get_node(name)), "created": created}
 
     def instance_list(self, app: str | None = None) -> list[str]:
-        return [spec.name for spec in self.store.list_nodes(app)]
+        return self.store.node_names(app)
 
     def instance_details(self, app: str | None = None) -> list[dict[str, Any]]:
         return [self._json(spec) for spec in self.store.list_nodes(app)]
@@ -487,7 +488,7 @@ class Agent:
                 "url": self.url,
                 "alive": True,
                 "last_seen": None,
-                "instances": len(self.store.list_nodes()),
+                "instances": self.store.count_nodes(),
             }
         ]
 
@@ -513,7 +514,10 @@ class Agent:
                 self.srs.broadcast("app_put", arguments_json)
             return Reply(result["app"], status=201 if result["created"] else 200)
 
-        return await self._logged("App.put", arguments_json, run())
+        logged = dict(arguments_json)
+        if broker is not None:
+            logged["broker"] = BrokerInfo.from_url(broker).to_json(masked=True)
+        return await self._logged("App.put", logged, run())
 
     async def app_get(self, app: str) -> Reply:
         async def run() -> Reply:
@@ -570,7 +574,9 @@ class Agent:
         (the admin page creates on its own agent).  A named instance that
         exists already stays where it is."""
         arguments = {"app": app, "name": name, **settings}
-        log_arguments = {k: v for k, v in arguments.items() if k != "broker"}
+        log_arguments = dict(arguments)
+        if settings.get("broker") is not None:
+            log_arguments["broker"] = BrokerInfo.from_url(settings["broker"]).to_json(masked=True)
 
         async def run() -> Reply:
             if name is not None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, inspect, select
+from sqlalchemy import Engine, create_engine, event, func, inspect, select
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
@@ -240,6 +240,18 @@ class Store:
             if app is not None:
                 query = query.join(App).where(App.name == app)
             return [_instance_spec(n) for n in session.scalars(query)]
+
+    def node_names(self, app: str | None = None) -> list[str]:
+        """Names alone, in creation order: listings are hot and need no more."""
+        with self.transaction() as session:
+            query = select(Node.name).order_by(Node.created_at, Node.id)
+            if app is not None:
+                query = query.join(App).where(App.name == app)
+            return list(session.scalars(query))
+
+    def count_nodes(self) -> int:
+        with self.transaction() as session:
+            return session.scalar(select(func.count(Node.id))) or 0
 
     def delete_node(self, name: str, app: str | None = None) -> InstanceSpec:
         with self.transaction() as session:

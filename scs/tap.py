@@ -266,7 +266,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from scs.http.auth import TokenAuth
 
         auth = TokenAuth.from_file(options["auth-token-file"]) if options["auth-token-file"] else None
-        site = Site(http_resource(agent, metrics, auth))
+        from scs.http.params import APIRequest
+
+        site = Site(http_resource(agent, metrics, auth), requestFactory=APIRequest)
         site.displayTracebacks = False
         strports.service(options["http-endpoint"], site, reactor=reactor).setServiceParent(top)
         _log_access_decision(options)

@@ -261,9 +261,9 @@ def wake_rows(sizes: list[int], work: Path) -> list[tuple[int, float, float]]:
 
         calls = 0
 
-        def _run(self, f: Any, *a: Any, **kw: Any) -> Any:
+        def _run(self, broker_url: str, f: Any) -> Any:
             Counting.calls += 1
-            return super()._run(f, *a, **kw)
+            return super()._run(broker_url, f)
 
         def broker_alive(self, broker_url: str, timeout: float = 1.0) -> Any:
             Counting.calls += 1

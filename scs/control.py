@@ -22,13 +22,16 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from scs.errors import GatewayTimeout, SCSError, Unavailable
 
 T = TypeVar("T")
+
+MAX_CONCURRENT = 4
+"""Control calls in flight per broker (two pooled connections each)."""
 
 
 class BrokerUnavailable(Unavailable):
@@ -79,6 +82,7 @@ class CeleryControl:
         self._threadpool = threadpool
         self._connect_timeout = connect_timeout
         self._apps: dict[str, Any] = {}
+        self._semaphores: dict[str, DeferredSemaphore] = {}
 
     # -- plumbing ---------------------------------------------------------
 
@@ -95,12 +99,6 @@ class CeleryControl:
             # call must not sit in a thread retrying a dead broker.
             app.conf.broker_connection_retry = False
             app.conf.broker_connection_max_retries = 0
-            # A control call holds one pooled connection and its producer
-            # takes another; kombu blocks without a timeout when the pool is
-            # empty, so a limit below twice the thread count deadlocks every
-            # thread (seen with 20 workers starting at once and the default
-            # limit of 10).
-            app.conf.broker_pool_limit = max(32, 2 * self._max_threads() + 4)
             app.control  # noqa: B018 - build the cached property here, not racing in threads
             self._apps[broker_url] = app
         return app
@@ -108,20 +106,31 @@ class CeleryControl:
     def _pool(self) -> Any:
         return self._threadpool if self._threadpool is not None else self._reactor.getThreadPool()
 
-    def _max_threads(self) -> int:
-        return int(getattr(self._pool(), "max", 10) or 10)
+    def _run(self, broker_url: str, f: Callable[..., T]) -> Deferred[T]:
+        """Run ``f`` in the thread pool, at most MAX_CONCURRENT at a time per
+        broker.
 
-    def _run(self, f: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
+        Why the limit: a control call holds one connection from kombu's
+        process-wide pool for that broker and its producer takes a second;
+        kombu blocks without a timeout when the pool (10 by default) is
+        empty, so ten concurrent calls deadlock every thread for good.
+        Raising ``broker_pool_limit`` is no cure: kombu keeps one limit for
+        the whole process and refuses to shrink it for the next app that
+        asks for the default.
+        """
         pool = self._pool()
         errors = _connection_errors()
 
         def call() -> T:
             try:
-                return f(*args, **kwargs)
+                return f()
             except errors as e:
                 raise BrokerUnavailable(f"broker unavailable: {e}") from e
 
-        return deferToThreadPool(self._reactor, pool, call)
+        sem = self._semaphores.get(broker_url)
+        if sem is None:
+            sem = self._semaphores[broker_url] = DeferredSemaphore(MAX_CONCURRENT)
+        return sem.run(deferToThreadPool, self._reactor, pool, call)
 
     def close(self) -> None:
         apps, self._apps = self._apps, {}
@@ -142,7 +151,7 @@ class CeleryControl:
             replies = app.control.ping(destination=destination, timeout=timeout)
             return {node for reply in replies or () for node in reply}
 
-        return self._run(call)
+        return self._run(broker_url, call)
 
     def active_queues(
         self, broker_url: str, nodes: Sequence[str], timeout: float
@@ -159,7 +168,7 @@ class CeleryControl:
                 if isinstance(queues, list)
             }
 
-        return self._run(call)
+        return self._run(broker_url, call)
 
     def stats(
         self, broker_url: str, nodes: Sequence[str], timeout: float
@@ -172,7 +181,7 @@ class CeleryControl:
             replies = app.control.inspect(destination=destination, timeout=timeout).stats()
             return {n: s for n, s in (replies or {}).items() if isinstance(s, dict)}
 
-        return self._run(call)
+        return self._run(broker_url, call)
 
     # -- commands to one node ---------------------------------------------
 
@@ -204,6 +213,7 @@ class CeleryControl:
     ) -> Deferred[str]:
         app = self.app(broker_url)
         return self._run(
+            broker_url,
             self._command(
                 node,
                 lambda: app.control.add_consumer(
@@ -223,6 +233,7 @@ class CeleryControl:
     ) -> Deferred[str]:
         app = self.app(broker_url)
         return self._run(
+            broker_url,
             self._command(
                 node,
                 lambda: app.control.cancel_consumer(
@@ -236,6 +247,7 @@ class CeleryControl:
     ) -> Deferred[str]:
         app = self.app(broker_url)
         return self._run(
+            broker_url,
             self._command(
                 node,
                 lambda: app.control.autoscale(
@@ -254,7 +266,7 @@ class CeleryControl:
         def call() -> None:
             app.control.ping(destination=["scs-warm-up@nowhere"], timeout=0.01)
 
-        return self._run(call)
+        return self._run(broker_url, call)
 
     def broker_alive(self, broker_url: str, timeout: float = 1.0) -> Deferred[bool]:
         """Can a plain AMQP connection be opened to this broker now?"""
@@ -271,4 +283,5 @@ class CeleryControl:
             finally:
                 conn.release()
 
+        # Not through the semaphore: it opens its own connection.
         return deferToThreadPool(self._reactor, self._pool(), call)

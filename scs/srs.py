@@ -151,6 +151,11 @@ class _Member:
     last_seen: Optional[float] = None
     summary: dict[str, Any] = attr.Factory(dict)
     left: bool = False
+    # When it last failed to answer one of our scatters; until we hear from
+    # it again, later scatters do not wait for it (it is reported missing at
+    # once), so a crashed peer costs one scatter timeout, not one per
+    # listing until it is declared dead.
+    silent_since: Optional[float] = None
     # Last liveness we logged, so that transitions are logged once.
     reported_alive: bool = False
 
@@ -170,6 +175,8 @@ class _PendingScatter:
     expected: set[str]
     timer: Any
     results: dict[str, Any] = attr.Factory(dict)
+    # Peers not waited for (suspects), reported missing unless they answer.
+    skipped: list[str] = attr.Factory(list)
 
 
 def _default_handler(op: str, args: dict[str, Any]) -> Any:
@@ -320,13 +327,15 @@ class SRS(MultiService):
         if not self._connected or self._reply_queue is None:
             missing = list(self._alive_when_lost)
             return defer.succeed(({}, missing))
-        expected = {m.id for m in self._members.values() if self._alive(m, now)}
+        live = [m for m in self._members.values() if self._alive(m, now)]
+        suspects = sorted(m.id for m in live if self._suspect(m))
+        expected = {m.id for m in live} - set(suspects)
         if not expected:
-            return defer.succeed(({}, []))
+            return defer.succeed(({}, suspects))
         correlation_id = self._new_id()
         d = Deferred(lambda _: self._forget_scatter(correlation_id))
         timer = self._reactor.callLater(timeout, self._finish_scatter, correlation_id)
-        self._scatters[correlation_id] = _PendingScatter(d, op, expected, timer)
+        self._scatters[correlation_id] = _PendingScatter(d, op, expected, timer, skipped=suspects)
         sent = self._send(
             FANOUT,
             "",
@@ -563,6 +572,13 @@ class SRS(MultiService):
 
     # -- membership --------------------------------------------------------
 
+    @staticmethod
+    def _suspect(member: _Member) -> bool:
+        """Missed a scatter and has not been heard from since."""
+        return member.silent_since is not None and (
+            member.last_seen is None or member.last_seen <= member.silent_since
+        )
+
     def _touch(self, sender: str) -> _Member:
         member = self._members.get(sender)
         if member is None:
@@ -723,7 +739,13 @@ class SRS(MultiService):
             return
         if pending.timer.active():
             pending.timer.cancel()
-        missing = sorted(pending.expected - pending.results.keys())
+        silent = pending.expected - pending.results.keys()
+        now = self._reactor.seconds()
+        for agent_id in silent:
+            member = self._members.get(agent_id)
+            if member is not None:
+                member.silent_since = now
+        missing = sorted(silent | (set(pending.skipped) - pending.results.keys()))
         if missing:
             self.log.info("SRS scatter {op}: no answer from {missing}", op=pending.op, missing=missing, event="srs.scatter.missing")
         pending.deferred.callback((pending.results, missing))

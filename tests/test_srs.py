@@ -318,6 +318,36 @@ class ScatterTests(SynchronousTestCase):
         results, missing = _result(self, d)
         self.assertEqual((sorted(results), missing), (["agent2"], ["agent3"]))
 
+    def test_peer_that_missed_a_scatter_is_not_waited_for_until_heard_again(self) -> None:
+        agent3 = self.c.agents["agent3"]
+        agent3.handler = lambda op, args: defer.Deferred()  # alive but stuck
+        first = self.a1.scatter("list", {}, timeout=1.0)
+        self.c.settle()
+        self.c.clock.advance(1.0)
+        self.assertEqual(_result(self, first)[1], ["agent3"])
+        # Before agent3's next heartbeat: reported missing without waiting.
+        second = self.a1.scatter("list", {}, timeout=1.0)
+        self.c.settle()
+        results, missing = _result(self, second)
+        self.assertEqual((sorted(results), missing), (["agent2"], ["agent3"]))
+        # Its heartbeat clears the suspicion: it is waited for again.
+        agent3.handler = lambda op, args: {"agent": "agent3"}
+        self.c.clock.advance(INTERVAL)
+        third = self.a1.scatter("list", {}, timeout=1.0)
+        self.c.settle()
+        self.assertEqual(_result(self, third), ({"agent2": {"agent": "agent2", "op": "list", "args": {}}, "agent3": {"agent": "agent3"}}, []))
+
+    def test_crashed_peer_costs_one_timeout_not_one_per_scatter(self) -> None:
+        self.c.agents["agent3"].transport.crash()
+        first = self.a1.scatter("list", {}, timeout=1.0)
+        self.c.settle()
+        self.c.clock.advance(1.0)
+        self.assertEqual(_result(self, first)[1], ["agent3"])
+        for _ in range(3):
+            d = self.a1.scatter("list", {}, timeout=1.0)
+            self.c.settle()
+            self.assertEqual(_result(self, d)[1], ["agent3"])
+
     def test_dead_peer_is_not_waited_for(self) -> None:
         self.c.agents["agent3"].transport.crash()
         self.c.clock.advance(3 * INTERVAL + 0.1)

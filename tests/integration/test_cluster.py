@@ -228,6 +228,11 @@ def test_killed_agent_is_missing_then_dead(tmp_path: Path) -> None:
         assert status == 200
         assert headers.get("X-SCS-Missing-Agents") == "agent3"
         assert took < 5.0
+        # Having missed one listing, agent3 is not waited for again.
+        started = time.monotonic()
+        status, _, headers = agent1.request("GET", "/foo/instances/")
+        assert time.monotonic() - started < 1.0
+        assert headers.get("X-SCS-Missing-Agents") == "agent3"
         wait_until(
             lambda: all_alive(agent1, {"agent1", "agent2"}), 3 * HEARTBEAT + 2, what="agent3 dead"
         )

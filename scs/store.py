@@ -385,13 +385,14 @@ def _app_record(app: App) -> AppRecord:
     )
 
 
-def _queue_binding(queue: Queue) -> QueueBinding:
+def _queue_binding(row: Queue | Consumption) -> QueueBinding:
+    """A declaration, or the copy of one a consumption keeps."""
     return QueueBinding(
-        name=queue.name,
-        exchange=queue.exchange,
-        routing_key=queue.routing_key,
-        exchange_type=queue.exchange_type,
-        options=None if queue.options is None else json.loads(queue.options),
+        name=row.name if isinstance(row, Queue) else row.queue_name,
+        exchange=row.exchange,
+        routing_key=row.routing_key,
+        exchange_type=row.exchange_type,
+        options=None if row.options is None else json.loads(row.options),
     )
 
 
@@ -417,16 +418,7 @@ def _instance_spec(node: Node) -> InstanceSpec:
         min_concurrency=node.min_concurrency,
         is_enabled=node.is_enabled,
         celery_app=node.app.celery_app,
-        queues=tuple(
-            QueueBinding(
-                name=c.queue_name,
-                exchange=c.exchange,
-                routing_key=c.routing_key,
-                exchange_type=c.exchange_type,
-                options=None if c.options is None else json.loads(c.options),
-            )
-            for c in node.consumptions
-        ),
+        queues=tuple(_queue_binding(c) for c in node.consumptions),
         arguments=app_arguments + node_arguments,
         node_arguments=node_arguments,
     )

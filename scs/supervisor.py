@@ -845,11 +845,8 @@ class Supervisor(Service):
 
     async def _restart(self, name: str) -> None:
         w = self._workers.get(name)
-        spec = w.spec if w is not None else None
-        for s in self._desired():
-            if s.name == name:
-                spec = s
-        if spec is None:
+        spec = next((s for s in self._desired() if s.name == name), None)
+        if spec is None:  # deleted (its worker, if any, is being stopped)
             raise NotFound(f"no instance {name!r}", name=name)
         if w is None:
             w = self._workers[name] = _Worker(spec=spec, node=node_name(name, self.hostname))

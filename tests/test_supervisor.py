@@ -284,6 +284,24 @@ class RestartPolicyTests(SynchronousTestCase):
         h = Harness(self, [])
         self.failureResultOf(h.sup.restart("nope"), NotFound)
 
+    def test_restart_deleted(self) -> None:
+        h = Harness(self, [spec()])
+        h.running()
+        h.specs = []
+        self.failureResultOf(h.sup.restart("w1"), NotFound)
+        self.assertEqual(len(h.spawner.processes), 1)
+
+    def test_restart_disabled_does_not_start(self) -> None:
+        h = Harness(self, [spec(is_enabled=False)])
+        self.successResultOf(h.sup.restart("w1"))
+        self.assertEqual(h.spawner.processes, [])
+
+    def test_restart_never_started(self) -> None:
+        h = Harness(self, [spec()])
+        self.successResultOf(h.sup.restart("w1"))
+        self.assertEqual(len(h.spawner.alive), 1)
+        self.assertEqual(h.sup.status("w1").state, "starting")
+
     def test_reconfiguration_restarts(self) -> None:
         h = Harness(self, [spec()])
         h.running()

@@ -220,6 +220,16 @@ class WorkerIntegrationTests(_WorkerTestCase):
         self.assertTrue([e for e in self.events if e.get("scs_event") == "successfully started"])
         self.assertLess(elapsed, 10.0)
 
+    async def test_non_ascii_instance_name(self) -> None:
+        s = self.spec("-wörker-ü")
+        self.specs = [s]
+        sup = self.supervisor(interval=30.0)
+        sup.startService()
+        pid = await self.ready(s)
+        self.assertEqual(len(await self.client_ping(s)), 1)
+        self.assertEqual(TABLE.read_pidfile(os.path.join(self.dir, s.name, "worker.pid")), pid)
+        self.assertIn(f"dq.{s.name}", await sup.active_queues(s.name))
+
     async def test_kill9_is_restarted_at_once(self) -> None:
         s = self.spec()
         self.specs = [s]

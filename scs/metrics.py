@@ -198,7 +198,7 @@ class MetricsObserver:
 
     - the supervisor's ``scs_event`` values (``SUPERVISOR_EVENTS``), and its
       ``wake-up.done``/``ping.done`` events with a ``duration``/``rtt`` in
-      seconds, if it logs them;
+      seconds;
     - the worker protocol's ``worker started``/``worker exited`` lines;
     - the agent's ``-->``/``<--`` operation lines, paired by request id.
     """
@@ -206,10 +206,6 @@ class MetricsObserver:
     def __init__(self, metrics: AgentMetrics) -> None:
         self.metrics = metrics
         self._operations: OrderedDict[str, str] = OrderedDict()
-        # Set once the supervisor reports durations itself, so that the
-        # wrappers of ``instrument`` stop measuring them a second time.
-        self.supervisor_times_wakeups = False
-        self.supervisor_times_pings = False
 
     def __call__(self, event: dict[str, Any]) -> None:
         try:
@@ -226,12 +222,10 @@ class MetricsObserver:
             elif kind == "wake-up.done":
                 seconds = _number(event.get("duration"))
                 if seconds is not None:
-                    self.supervisor_times_wakeups = True
                     self.metrics.wakeup_seconds.observe(seconds)
             elif kind == "ping.done":
-                seconds = _number(event.get("rtt", event.get("duration")))
+                seconds = _number(event.get("rtt"))
                 if seconds is not None:
-                    self.supervisor_times_pings = True
                     self.metrics.ping_seconds.observe(seconds)
         elif fmt.startswith("{name} worker started"):
             self.metrics.worker_starts.inc()
@@ -246,64 +240,6 @@ class MetricsObserver:
             operation = self._operations.pop(str(event.get("request")), None)
             if operation is not None:
                 self.metrics.operations.labels(operation, str(event.get("status", ""))).inc()
-
-
-class TimedControl:
-    """A Celery control object that times the supervisor's batched pings.
-
-    Only a ping every node answered is a round trip; one that waited out
-    its timeout measures the timeout, so it is not observed.
-    """
-
-    def __init__(self, control: Any, metrics: AgentMetrics, clock: Callable[[], float]) -> None:
-        self._control = control
-        self._metrics = metrics
-        self._clock = clock
-
-    def ping(self, broker_url: str, nodes: Any, timeout: float) -> Any:
-        started = self._clock()
-        nodes = list(nodes)
-        d = self._control.ping(broker_url, nodes, timeout)
-
-        def observe(answered: Any) -> Any:
-            if not self._metrics.observer.supervisor_times_pings and set(nodes) <= set(answered):
-                self._metrics.ping_seconds.observe(max(0.0, self._clock() - started))
-            return answered
-
-        d.addCallback(observe)
-        return d
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._control, name)
-
-
-def instrument(supervisor: Any, metrics: AgentMetrics, clock: Callable[[], float]) -> None:
-    """Time the supervisor's wake-ups and pings from outside.
-
-    The supervisor logs when a wake-up starts but not how long it took, and
-    when it pings but not the answer's round trip; until it does
-    (``wake-up.done``/``ping.done`` events, which take over), this wraps its
-    ``wake`` (the periodic loop and the agent both call it; a wake-up asked
-    for while one runs is timed from the asking) and its control object.
-    """
-    wake = supervisor.wake
-
-    def timed_wake() -> Any:
-        started = clock()
-        d = wake()
-
-        def observe(result: Any) -> Any:
-            if not metrics.observer.supervisor_times_wakeups:
-                metrics.wakeup_seconds.observe(max(0.0, clock() - started))
-            return result
-
-        d.addBoth(observe)
-        return d
-
-    supervisor.wake = timed_wake
-    control = getattr(supervisor, "_control", None)
-    if control is not None and not isinstance(control, TimedControl):
-        supervisor._control = TimedControl(control, metrics, clock)
 
 
 class MetricsService(Service):

@@ -180,6 +180,7 @@ class Supervisor(Service):
         # Wake-up serialisation: waiters of the running wake-up, and of the
         # one queued behind it (None when nothing is queued).
         self._current: list[Deferred[None]] | None = None
+        self._wake_started = 0.0
         self._next: list[Deferred[None]] | None = None
         self._loop: LoopingCall | None = None
         self._adopted = True
@@ -363,12 +364,18 @@ class Supervisor(Service):
 
     def _start_wake(self, waiters: list[Deferred[None]]) -> None:
         self._current = waiters
+        self._wake_started = self._reactor.seconds()
         d = ensureDeferred(self._reconcile())
         # Errors end here: a failing wake-up must never stop the LoopingCall.
         d.addErrback(lambda f: self.log.failure("[Supervisor] wake-up failed", f))
         d.addBoth(self._wake_done)
 
     def _wake_done(self, _: object) -> None:
+        self.log.debug(
+            "[Supervisor] wake-up done in {duration:.3f} s",
+            duration=self._reactor.seconds() - self._wake_started,
+            scs_event="wake-up.done",
+        )
         waiters, self._current = self._current or [], None
         if self._next is not None:
             nxt, self._next = self._next, None
@@ -439,11 +446,20 @@ class Supervisor(Service):
                 nodes=sorted(missing),
                 scs_event="pingWithTimeout",
             )
+            sent = self._reactor.seconds()
             try:
                 answered = await self._control.ping(url, sorted(missing), timeout)
             except Exception as e:
                 broker_error = e
                 break
+            if missing <= answered:
+                # Every node answered: a round trip, not a waited-out timeout.
+                self.log.debug(
+                    "ping answered in {rtt:.3f} s",
+                    rtt=self._reactor.seconds() - sent,
+                    broker=url,
+                    scs_event="ping.done",
+                )
             for node in answered & missing:
                 self._answered(by_node[node])
             missing -= answered

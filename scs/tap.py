@@ -255,11 +255,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if srs is not None:
         srs.connected_callbacks.append(agent.sync_apps_from_peers)
 
-    from scs.metrics import AgentMetrics, MetricsService, instrument
+    from scs.metrics import AgentMetrics, MetricsService
 
     metrics = AgentMetrics(agent)
     MetricsService(metrics).setServiceParent(top)
-    instrument(supervisor, metrics, reactor.seconds)
     if not options["without-http"]:
         from twisted.web.server import Site
 

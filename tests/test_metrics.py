@@ -10,12 +10,11 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet.defer import succeed
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogPublisher, Logger
 
 from scs.agent import Agent, LocalAgent
-from scs.metrics import AgentMetrics, MetricsService, TimedControl, instrument
+from scs.metrics import AgentMetrics, MetricsService
 from scs.store import Store
 from scs.supervisor import Supervisor
 from scs.testing import FakeControl, FakeProcessTable, FakeSpawner
@@ -67,7 +66,6 @@ class Machine:
         self.agent.local.ready_timeout = 5.0
         self.site = Surfaces(agent=self.agent)
         self.metrics = self.site.metrics
-        instrument(self.supervisor, self.metrics, self.clock.seconds)
         self.services = [MetricsService(self.metrics, self.publisher), MetricsService(self.metrics)]
         for service in self.services:
             service.startService()
@@ -181,35 +179,16 @@ def test_wakeup_durations_and_ping_round_trips(machine: Machine) -> None:
     assert value(samples, "scs_worker_ping_seconds_count") >= 1
 
 
-def test_supervisor_reported_durations_take_over() -> None:
+def test_supervisor_timing_events_feed_the_histograms() -> None:
     metrics = AgentMetrics()
-    clock = MemoryReactorClock()
-
-    class Sup:
-        def __init__(self) -> None:
-            self._control = FakeControl()
-
-        def wake(self) -> Any:
-            clock.advance(0.25)
-            return succeed(None)
-
-    sup = Sup()
-    instrument(sup, metrics, clock.seconds)
-    assert isinstance(sup._control, TimedControl)
-    sup._control.up("w1@h")
-    sup.wake()
-    sup._control.ping(BROKER, ["w1@h"], 1.0)
-    sup._control.ping(BROKER, ["w1@h", "gone@h"], 1.0)  # a timeout is not a round trip
-    registry = metrics.registry
-    assert registry.get_sample_value("scs_supervisor_wakeup_seconds_sum") == 0.25
-    assert registry.get_sample_value("scs_worker_ping_seconds_count") == 1
     metrics.observer({"scs_event": "wake-up.done", "duration": 0.5, "log_format": ""})
+    metrics.observer({"scs_event": "wake-up.done", "duration": 0.25, "log_format": ""})
     metrics.observer({"scs_event": "ping.done", "rtt": 0.002, "log_format": ""})
-    sup.wake()
-    sup._control.ping(BROKER, ["w1@h"], 1.0)
+    metrics.observer({"scs_event": "ping.done", "log_format": ""})  # no figure: ignored
+    registry = metrics.registry
     assert registry.get_sample_value("scs_supervisor_wakeup_seconds_count") == 2
     assert registry.get_sample_value("scs_supervisor_wakeup_seconds_sum") == 0.75
-    assert registry.get_sample_value("scs_worker_ping_seconds_count") == 2
+    assert registry.get_sample_value("scs_worker_ping_seconds_count") == 1
 
 
 def test_peers_alive_from_the_membership_table() -> None:

@@ -59,8 +59,8 @@ def is_plain_binding(q: QueueBinding) -> bool:
 # paid on every restart for a feature (cross-worker revoke sync at start)
 # that a supervised, per-instance worker rarely needs.  Gossip costs nothing
 # measurable at start and feeds worker events to monitors, so it stays on.
-# An app or instance that wants mingle back can pass its own arguments; the
-# Supervisor's ``mingle=True`` switches the default.
+# Celery has no option to turn mingle back on, so it is a property of the
+# agent, not of an app: the Supervisor's ``mingle=True`` switches it.
 WITHOUT_MINGLE = "--without-mingle"
 
 

@@ -453,13 +453,7 @@ class Supervisor(Service):
                 broker_error = e
                 break
             if missing <= answered:
-                # Every node answered: a round trip, not a waited-out timeout.
-                self.log.debug(
-                    "ping answered in {rtt:.3f} s",
-                    rtt=self._reactor.seconds() - sent,
-                    broker=url,
-                    scs_event="ping.done",
-                )
+                self._log_round_trip(url, sent)
             for node in answered & missing:
                 self._answered(by_node[node])
             missing -= answered
@@ -680,7 +674,11 @@ class Supervisor(Service):
             del self._probes[url]
             return
 
+        sent = self._reactor.seconds()
+
         def got(answered: set[str]) -> None:
+            if set(starting) <= answered:
+                self._log_round_trip(url, sent)
             ready = []
             for node in sorted(answered):
                 w = starting.get(node)
@@ -704,6 +702,15 @@ class Supervisor(Service):
         d.addCallbacks(got, lambda f: None)
         d.addErrback(lambda f: self.log.failure("[Supervisor] probe", f))
         d.addBoth(again)
+
+    def _log_round_trip(self, url: str, sent: float) -> None:
+        """A ping every node answered: a round trip, not a waited-out timeout."""
+        self.log.debug(
+            "ping answered in {rtt:.3f} s",
+            rtt=self._reactor.seconds() - sent,
+            broker=url,
+            scs_event="ping.done",
+        )
 
     def _answered(self, w: _Worker) -> None:
         if w.process is None or w.intent is not None:

@@ -293,7 +293,7 @@ class LocalAgent:
         return queue_json(self.store.get_queue(app, name))
 
     def queue_list(self, app: str) -> list[str]:
-        return [q.name for q in self.store.list_queues(app)]
+        return self.store.queue_names(app)
 
     def queue_delete(self, app: str, name: str) -> dict[str, Any]:
         return queue_json(self.store.delete_queue(app, name))

@@ -156,6 +156,20 @@ class WorkerProcess(ProcessProtocol):
         return True
 
 
+# Each worker runs in a session of its own, so that a Ctrl-C or hang-up
+# meant for the agent's terminal does not reach the workers directly: the
+# agent stops them itself, in order, when it stops (a worker that the
+# terminal had stopped first would look like a crash and be restarted).
+# The launcher is a constant (no user input) and exec()s the worker's argv,
+# keeping its pid, which is what the supervisor tracks.
+NEW_SESSION = "import os, sys; os.setsid(); os.execv(sys.argv[1], sys.argv[1:])"
+
+
+def session_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` started through the new-session launcher."""
+    return [sys.executable, "-S", "-E", "-c", NEW_SESSION, *argv]
+
+
 def spawn_worker(
     spawner: Any,
     protocol: WorkerProcess,
@@ -178,10 +192,11 @@ def spawn_worker(
     )
     nullfd = os.open(os.devnull, os.O_RDONLY)
     try:
+        launch = session_argv(argv)
         spawner.spawnProcess(
             protocol,
-            argv[0],
-            list(argv),
+            launch[0],
+            launch,
             env=dict(os.environ if env is None else env),
             path=None,
             childFDs={0: nullfd, 1: logfd, 2: logfd},

@@ -3,11 +3,11 @@ process-table helpers."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.python.failure import Failure
@@ -20,6 +20,7 @@ from scs.worker import (
     WorkerProcess,
     build_argv,
     is_worker_for,
+    session_argv,
     spawn_worker,
 )
 
@@ -148,14 +149,31 @@ class SpawnWorkerTests(SynchronousTestCase):
         self.addCleanup(os.environ.pop, "SCS_TEST_MARKER", None)
         spawn_worker(spawner, proto, argv, base, "w1")
         (p,) = spawner.processes
-        self.assertEqual(p.args, argv)
-        self.assertEqual(p.executable, argv[0])
+        self.assertEqual(p.args, session_argv(argv))
+        self.assertEqual(p.args[-len(argv) :], argv)
+        self.assertEqual(p.executable, sys.executable)
         self.assertTrue(os.path.isfile(os.path.join(base, "w1", "worker.log")))
         self.assertEqual(p.env.get("SCS_TEST_MARKER"), "1")
         self.assertIsNone(p.path)  # the agent's working directory
         # stdout and stderr are the same descriptor (the log file), not pipes.
         self.assertIsInstance(p.childFDs[1], int)
         self.assertEqual(p.childFDs[1], p.childFDs[2])
+
+
+class SessionLauncherTests(SynchronousTestCase):
+    def test_runs_argv_in_a_new_session_with_the_same_pid(self) -> None:
+        probe = "import os, sys; print(os.getpid(), os.getsid(0), sys.argv[1:])"
+        child = subprocess.Popen(
+            session_argv([sys.executable, "-c", probe, "a b", "ö"]),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        out, _ = child.communicate(timeout=30)
+        pid, sid, args = out.split(" ", 2)
+        self.assertEqual(int(pid), child.pid)  # exec'd: the pid the agent tracks
+        self.assertEqual(int(sid), child.pid)  # leader of its own session
+        self.assertNotEqual(int(sid), os.getsid(0))
+        self.assertEqual(args.strip(), repr(["a b", "ö"]))
 
 
 class ProcessTableTests(SynchronousTestCase):

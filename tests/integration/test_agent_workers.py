@@ -158,3 +158,23 @@ def test_broker_outage_restarts_nothing(tmp_path: Path) -> None:
         agent.stop()
         kill_leftover_workers(agent.directory)
         broker.destroy()
+
+
+def test_ctrl_c_to_the_terminal_stops_the_agent_in_order(agent: AgentProcess) -> None:
+    """SIGINT to the agent's whole process group, as a terminal's Ctrl-C: the
+    workers do not get it directly (they run in sessions of their own), so
+    none dies early and is restarted; the agent stops them and exits."""
+    for i in range(2):
+        assert agent.request("PUT", f"/foo/instances/ctrl-c-{i}")[0] == 201
+    pids = worker_pids(agent.directory)
+    assert len(pids) == 2
+    for pid in pids.values():
+        assert os.getsid(pid) == pid
+    os.killpg(agent.pid, signal.SIGINT)
+    assert agent.process is not None
+    agent.process.wait(60)
+    assert not any(pid_alive(p) for p in pids.values())
+    log = agent.log_text()
+    after = log[log.index("Received SIGINT") :]
+    assert "node.restart" not in after
+    assert "Main loop terminated." in after

@@ -78,11 +78,14 @@ class LocalAgent:
         supervisor: Any = None,
         ready_timeout: float = DEFAULT_READY_TIMEOUT,
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
+        clock: Any = None,
     ) -> None:
         self.store = store
         self.agent_id = agent_id
         self.default_broker = default_broker
         self.supervisor = supervisor
+        # Bounds the waits for the supervisor; by default the supervisor's own.
+        self.clock = clock if clock is not None else getattr(supervisor, "clock", None)
         self.ready_timeout = ready_timeout
         self.stop_timeout = stop_timeout
         # Resolves a queue name to a declaration anywhere in the cluster;
@@ -302,11 +305,9 @@ class LocalAgent:
         """Wait (bounded) for the supervisor to act on a stop or delete."""
         if self.supervisor is None:
             return
-        from twisted.internet import reactor as default_reactor
-
-        clock = getattr(self.supervisor, "_reactor", None) or default_reactor
         done = self._changed()
-        done.addTimeout(self.stop_timeout, clock)
+        if self.clock is not None:
+            done.addTimeout(self.stop_timeout, self.clock)
         try:
             await done
         except Exception as e:  # noqa: BLE001 - a slow stop is logged, not fatal

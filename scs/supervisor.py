@@ -191,6 +191,12 @@ class Supervisor(Service):
 
     # -- public API ---------------------------------------------------------
 
+    @property
+    def clock(self) -> Any:
+        """The reactor (clock) this supervisor runs on, for callers that
+        bound their waits on it."""
+        return self._reactor
+
     def wake(self) -> Deferred[None]:
         """Reconcile now.  Wake-ups never overlap: one asked for while another
         runs is run once right after it, shared by everyone who asked."""

@@ -234,7 +234,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         store.list_nodes, instance_dir, interval=options["interval"], reactor=reactor
     )
     supervisor.setServiceParent(top)
-    local = LocalAgent(store, options["id"], options["broker"], supervisor)
+    local = LocalAgent(store, options["id"], options["broker"], supervisor, clock=reactor)
     url = "" if options["without-http"] else http_url(options["http-endpoint"])
 
     srs = None

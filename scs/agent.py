@@ -450,12 +450,8 @@ class Agent:
             body = await _as_deferred(getattr(self.local, operation)(**arguments))
             return Reply(body, missing=self._peers_missing())
         answers, missing = await self.srs.scatter(operation, arguments, timeout=self.call_timeout)
-        for agent in sorted(answers):
-            answer = answers[agent]
-            if isinstance(answer, NotFound):
-                continue
-            if isinstance(answer, Exception):
-                raise answer
+        answer = _owners_answer(answers)
+        if answer is not None:
             return Reply(answer, missing=tuple(missing))
         # The instance may have been created here while we asked.
         if self.local.instance_owned(name):
@@ -565,7 +561,7 @@ class Agent:
             answer = answers[agent]
             if isinstance(answer, list):
                 for app in answer:
-                    if _missing_locally(self.store, app["app"]):
+                    if not self.store.has_app(app["app"]):
                         self.local.app_put(**app)
 
     async def instance_create(
@@ -704,23 +700,26 @@ class Agent:
             if self.store.find_queue(app, name) is not None or not self._clustered():
                 return Reply(getattr(self.local, operation)(**arguments))
             answers, missing = await self.srs.scatter(operation, arguments)
-            for agent in sorted(answers):
-                answer = answers[agent]
-                if isinstance(answer, dict):
-                    return Reply(answer, missing=tuple(missing))
-                if isinstance(answer, Exception) and not isinstance(answer, NotFound):
-                    raise answer
+            answer = _owners_answer(answers)
+            if answer is not None:
+                return Reply(answer, missing=tuple(missing))
             raise NotFound(f"no queue named {name!r} in app {app!r}", queue=name)
 
         return await self._logged(f"Queue.{operation}", arguments, run())
 
 
-def _missing_locally(store: Store, app: str) -> bool:
-    try:
-        store.get_app(app)
-    except NotFound:
-        return True
-    return False
+def _owners_answer(answers: dict[str, Any]) -> Any:
+    """Of a scatter's answers about one instance or queue, the owner's: the
+    first (by agent id) that is not NotFound.  Another agent's error is
+    raised; None when every agent that answered does not have it."""
+    for agent in sorted(answers):
+        answer = answers[agent]
+        if isinstance(answer, NotFound):
+            continue
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+    return None
 
 
 async def _raise(error: Exception) -> None:

@@ -152,6 +152,9 @@ class Store:
         with self.transaction() as session:
             return _app_record(self._app(session, name))
 
+    def has_app(self, name: str) -> bool:
+        return bool(self._scalars(select(App.id).where(App.name == name)))
+
     def list_apps(self) -> list[AppRecord]:
         with self.transaction() as session:
             return [_app_record(a) for a in session.scalars(select(App).order_by(App.name))]

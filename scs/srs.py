@@ -14,22 +14,29 @@ Topology (declared by the transport, named by ``exchange_names`` and
 * replies go through the default exchange straight to the asker's private
   queue (``reply-to``), matched by ``correlation-id``.
 
-Every body is one JSON object, ASCII-only (txAMQP 0.8.2 counts ``str``
-lengths in characters, so non-ASCII text travels as ``\\u`` escapes)::
+Every body is ASCII-only JSON (txAMQP 0.8.2 counts ``str`` lengths in
+characters, so non-ASCII text travels as ``\\u`` escapes), sealed and
+opened by ``scs.srs_trust.MessageCodec``: a signed routing header (type,
+sender, incarnation, ``to``, timestamp, nonce, and for requests and replies
+the correlation id and reply queue) around a payload::
 
-    {"proto": "scs-srs", "version": "1.0", "cluster": "scs",
-     "type": "heartbeat" | "bye" | "request" | "reply",
-     "sender": "<agent id>", "incarnation": "<hex, new per start>", ...}
-
-    heartbeat: "url", "interval", "summary": {...}, "hello": bool
-    request:   "op", "args"            (properties reply-to, correlation-id
-                                         unless it is a broadcast)
+    heartbeat: "url", "interval", "summary": {"instances": N}, "hello": bool,
+               "token": bool (the agent requires an HTTP token)
+    bye:       {}
+    request:   "op", "args"
     reply:     "ok": true, "result": ...
                "ok": false, "error": {"code": ..., "body": {...}}
 
-A message whose ``cluster`` differs or whose major version is not ours is
-ignored (logged once per sender); a higher minor version is accepted, so
-later versions may add fields.
+With a cluster secret every message is signed, fresh and used once, and its
+payload is encrypted; without one anyone on the broker is a member.  Either
+way every field is checked before it is used, and what is dropped is
+counted by reason (``rejected``).
+
+Membership comes only from heartbeats, bounded by ``max_peers``; a member
+silent for ``forget_after`` seconds leaves the table; a ``bye`` counts only
+from the member's current incarnation.  A reply is taken only from the
+agent that was asked, addressed to us, for the request it names.  An agent
+that requires a token accepts requests only from peers that require one.
 
 Choices the contract left open:
 
@@ -68,11 +75,9 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
 
-from scs.errors import GatewayTimeout, SCSError, Unavailable, error_from_json
-
-PROTOCOL = "scs-srs"
-VERSION = "1.0"
-MAJOR_VERSION = 1
+from scs.errors import BadParameter, GatewayTimeout, SCSError, Unauthorized, Unavailable, error_from_json
+from scs.srs_trust import Message, MessageCodec, Rejected
+from scs.validation import check_name
 
 # Publish kinds understood by every transport.
 DIRECT = "direct"  # key: the target agent id (the transport applies routing_key)
@@ -84,6 +89,14 @@ DEAD_AFTER_PERIODS = 3
 # Bounds on the period a peer announces, so that one misconfigured (or
 # hostile) peer cannot make itself immortal or flap.
 MIN_PERIOD, MAX_PERIOD = 0.05, 60.0
+# Default bound on the membership table (other agents).
+DEFAULT_MAX_PEERS = 256
+# Default time a silent member stays listed (dead) before it is forgotten.
+DEFAULT_FORGET_AFTER = 24 * 3600.0
+# Distinct oddities logged (once each) before the rest are only counted.
+MAX_LOGGED_ODDITIES = 1000
+# A heartbeat is small: anything larger is not one.
+MAX_HEARTBEAT_URL = 512
 
 
 def _ascii_name(text: str) -> str:
@@ -158,6 +171,11 @@ class _Member:
     silent_since: Optional[float] = None
     # Last liveness we logged, so that transitions are logged once.
     reported_alive: bool = False
+    # The run of the agent that sent the last heartbeat: a "bye" from any
+    # other run (an old one replayed, or a forgery) does not count.
+    incarnation: str = ""
+    # It requires a bearer token on its HTTP API (one trust domain).
+    requires_token: bool = False
 
 
 @attr.s(auto_attribs=True)
@@ -202,6 +220,10 @@ class SRS(MultiService):
         summary: Callable[[], dict] = lambda: {},
         rng: Optional[random.Random] = None,
         discovery_delay: Optional[float] = None,
+        codec: Optional[MessageCodec] = None,
+        requires_token: bool = False,
+        max_peers: int = DEFAULT_MAX_PEERS,
+        forget_after: float = DEFAULT_FORGET_AFTER,
     ) -> None:
         super().__init__()
         if reactor is None:
@@ -218,6 +240,10 @@ class SRS(MultiService):
         self.connected_callbacks: list[Callable[[], Any]] = []
         self._reactor = reactor
         self._rng = rng if rng is not None else random.Random()
+        self.codec = codec if codec is not None else MessageCodec(cluster, clock=reactor.seconds)
+        self.requires_token = requires_token
+        self.max_peers = max_peers
+        self.forget_after = forget_after
         if transport is None:
             from scs.amqp import AMQPTransport
 
@@ -249,7 +275,7 @@ class SRS(MultiService):
         self._cancel_discovery()
         d: Deferred = defer.succeed(None)
         if self._connected:
-            d = self._send(FANOUT, "", self._envelope("bye"), {})
+            d = self._send(FANOUT, "*", "bye", {})
             d.addErrback(lambda _: None)
         self._fail_pending("this agent is stopping")
         d.addCallback(lambda _: MultiService.stopService(self))
@@ -270,6 +296,7 @@ class SRS(MultiService):
                 "alive": self._connected,
                 "last_seen": now if self._connected else self._last_connected,
                 "instances": _instances(self._safe_summary()),
+                "requires_token": self.requires_token,
             }
         ]
         for m in self._members.values():
@@ -280,16 +307,17 @@ class SRS(MultiService):
                     "alive": self._alive(m, now),
                     "last_seen": m.last_seen,
                     "instances": _instances(m.summary),
+                    "requires_token": m.requires_token,
                 }
             )
         rows.sort(key=lambda row: row["id"])
         return rows
 
     def live_agents(self) -> list[str]:
-        """Ids believed alive, self included (even while disconnected: the
-        local agent can always serve its own requests)."""
+        """Ids believed alive that accept our requests, self included (even
+        while disconnected: the local agent can always serve its own)."""
         now = self._reactor.seconds()
-        ids = [m.id for m in self._members.values() if self._alive(m, now)]
+        ids = [m.id for m in self._members.values() if self._alive(m, now) and self._accepts_us(m)]
         ids.append(self.agent_id)
         return sorted(ids)
 
@@ -309,8 +337,10 @@ class SRS(MultiService):
         sent = self._send(
             DIRECT,
             agent_id,
-            self._envelope("request", op=op, args=args),
-            {"reply-to": self._reply_queue, "correlation-id": correlation_id},
+            "request",
+            {"op": op, "args": args},
+            cid=correlation_id,
+            reply_to=self._reply_queue,
             mandatory=True,
         )
         sent.addErrback(self._call_send_failed, correlation_id)
@@ -327,7 +357,7 @@ class SRS(MultiService):
         if not self._connected or self._reply_queue is None:
             missing = list(self._alive_when_lost)
             return defer.succeed(({}, missing))
-        live = [m for m in self._members.values() if self._alive(m, now)]
+        live = [m for m in self._members.values() if self._alive(m, now) and self._accepts_us(m)]
         suspects = sorted(m.id for m in live if self._suspect(m))
         expected = {m.id for m in live} - set(suspects)
         if not expected:
@@ -337,10 +367,7 @@ class SRS(MultiService):
         timer = self._reactor.callLater(timeout, self._finish_scatter, correlation_id)
         self._scatters[correlation_id] = _PendingScatter(d, op, expected, timer, skipped=suspects)
         sent = self._send(
-            FANOUT,
-            "",
-            self._envelope("request", op=op, args=args),
-            {"reply-to": self._reply_queue, "correlation-id": correlation_id},
+            FANOUT, "*", "request", {"op": op, "args": args}, cid=correlation_id, reply_to=self._reply_queue
         )
         # A failed publish means nobody will answer: give up now, not at the timeout.
         sent.addErrback(lambda _: self._finish_scatter(correlation_id))
@@ -351,7 +378,7 @@ class SRS(MultiService):
         if not self._connected:
             self.log.warn("SRS broadcast {op} dropped: not connected", op=op, event="srs.broadcast.dropped")
             return
-        self._send(FANOUT, "", self._envelope("request", op=op, args=args), {})
+        self._send(FANOUT, "*", "request", {"op": op, "args": args})
 
     # -- ITransportReceiver ------------------------------------------------
 
@@ -404,37 +431,45 @@ class SRS(MultiService):
 
     def message_received(self, body: bytes, properties: dict[str, str]) -> None:
         try:
-            message = json.loads(body)
-        except ValueError:
-            self.log.warn("SRS ignored a message that is not JSON: {body!r}", body=body[:200], event="srs.ignored")
+            message = self.codec.open(body, me=self.agent_id)
+            check_name(message.sender, "sender")
+        except Rejected as e:
+            self._rejected(e)
             return
-        if not isinstance(message, dict):
-            self.log.warn("SRS ignored a message that is not a JSON object", event="srs.ignored")
+        except BadParameter:
+            self._rejected(Rejected("malformed", "sender is not an agent id"), counted=False)
             return
-        if not self._acceptable(message):
-            return
-        sender = message["sender"]
-        if sender == self.agent_id:
-            if message.get("incarnation") != self._incarnation:
+        if message.sender == self.agent_id:
+            if message.incarnation != self._incarnation:
                 self._log_once(
-                    ("duplicate", sender, str(message.get("incarnation"))),
+                    ("duplicate", message.sender, message.incarnation[:32]),
                     "SRS: another agent uses our id {sender}",
-                    sender=sender,
+                    sender=message.sender,
                 )
             return
-        kind = message.get("type")
-        if kind == "bye":
-            self._peer_left(sender)
-            return
-        member = self._touch(sender)
-        if kind == "heartbeat":
-            self._on_heartbeat(member, message)
-        elif kind == "request":
-            self._on_request(message, properties)
-        elif kind == "reply":
-            self._on_reply(sender, message, properties)
+        if message.type == "heartbeat":
+            self._on_heartbeat(message)
+        elif message.type == "bye":
+            self._on_bye(message)
+        elif message.type == "request":
+            self._on_request(message)
+        elif message.type == "reply":
+            self._on_reply(message)
         else:
-            self._log_once(("type", sender, str(kind)), "SRS ignored message type {kind} from {sender}", kind=kind, sender=sender)
+            self._rejected(Rejected("malformed", "unknown type %r" % message.type[:32], message.sender))
+
+    def _rejected(self, rejection: Rejected, counted: bool = True) -> None:
+        """Drop a message: counted by reason, logged once per reason and sender."""
+        if not counted:
+            self.codec.count(rejection.reason)
+        self._log_once(
+            ("rejected", rejection.reason, str(rejection.sender)[:64]),
+            "SRS dropped a message ({reason}) from {sender}: {detail}",
+            reason=rejection.reason,
+            sender=rejection.sender,
+            detail=rejection.detail,
+            log_event="srs.rejected",
+        )
 
     def message_returned(self, body: bytes, properties: dict[str, str]) -> None:
         pending = self._calls.pop(properties.get("correlation-id", ""), None)
@@ -455,69 +490,111 @@ class SRS(MultiService):
 
     # -- receiving ---------------------------------------------------------
 
-    def _acceptable(self, message: dict[str, Any]) -> bool:
-        sender = message.get("sender")
-        if message.get("proto") != PROTOCOL or not isinstance(sender, str):
-            self.log.warn("SRS ignored a message without protocol or sender", event="srs.ignored")
-            return False
-        version = message.get("version")
-        major = str(version).split(".", 1)[0]
-        if major != str(MAJOR_VERSION):
-            self._log_once(
-                ("version", sender, str(version)),
-                "SRS ignored protocol version {version} from {sender}",
-                version=version,
-                sender=sender,
-            )
-            return False
-        cluster = message.get("cluster")
-        if cluster != self.cluster:
-            self._log_once(
-                ("cluster", sender, str(cluster)),
-                "SRS ignored a message of cluster {other_cluster} from {sender}",
-                other_cluster=cluster,
-                sender=sender,
-            )
-            return False
-        return True
-
-    def _on_heartbeat(self, member: _Member, message: dict[str, Any]) -> None:
-        if isinstance(message.get("url"), str):
-            member.url = message["url"]
-        interval = message.get("interval")
-        if isinstance(interval, (int, float)) and not isinstance(interval, bool):
-            member.interval = min(max(float(interval), MIN_PERIOD), MAX_PERIOD)
-        if isinstance(message.get("summary"), dict):
-            member.summary = message["summary"]
+    def _on_heartbeat(self, message: Message) -> None:
+        payload = message.payload
+        url, interval, summary = payload.get("url"), payload.get("interval"), payload.get("summary")
+        if (
+            not isinstance(url, str)
+            or len(url) > MAX_HEARTBEAT_URL
+            or not (url == "" or url.startswith(("http://", "https://")))
+            or not url.isprintable()
+            or isinstance(interval, bool)
+            or not isinstance(interval, (int, float))
+            or interval != interval
+            or not isinstance(summary, dict)
+        ):
+            self._rejected(Rejected("malformed", "bad heartbeat", message.sender), counted=False)
+            return
+        member = self._members.get(message.sender)
+        if member is None:
+            member = self._admit(message.sender)
+            if member is None:
+                return
+        member.last_seen = self._reactor.seconds()
+        member.left = False
+        member.incarnation = message.incarnation
+        member.url = url
+        member.interval = min(max(float(interval), MIN_PERIOD), MAX_PERIOD)
+        # Only the fields we use, type-checked: a peer cannot park data here.
+        member.summary = {"instances": _instances(summary)}
+        member.requires_token = payload.get("token") is True
         self._log_transitions()
-        if message.get("hello"):
+        if payload.get("hello") is True:
             # A newcomer should not wait a whole period to learn about us.
             self._send_heartbeat(to=member.id)
 
-    def _on_request(self, message: dict[str, Any], properties: dict[str, str]) -> None:
-        op = message.get("op")
-        args = message.get("args")
-        reply_to = properties.get("reply-to")
-        correlation_id = properties.get("correlation-id")
-        if not isinstance(op, str) or not isinstance(args, dict):
-            d: Deferred = defer.fail(SCSError("malformed SRS request"))
+    def _admit(self, sender: str) -> Optional[_Member]:
+        """A new member, unless the table is full of live ones."""
+        if len(self._members) >= self.max_peers:
+            now = self._reactor.seconds()
+            dead = [m for m in self._members.values() if not self._heard_recently(m, now)]
+            if not dead:
+                self._rejected(Rejected("not-a-member", "membership table is full", sender), counted=False)
+                return None
+            oldest = min(dead, key=lambda m: m.last_seen or 0.0)
+            del self._members[oldest.id]
+        member = self._members[sender] = _Member(sender, interval=self.heartbeat_interval)
+        return member
+
+    def _on_bye(self, message: Message) -> None:
+        member = self._members.get(message.sender)
+        if member is None or member.incarnation != message.incarnation:
+            # A replayed bye of an earlier run, or one from a stranger.
+            self._rejected(Rejected("not-a-member", "bye from another incarnation", message.sender), counted=False)
+            return
+        self._peer_left(message.sender)
+
+    def _on_request(self, message: Message) -> None:
+        payload = message.payload
+        op, args = payload.get("op"), payload.get("args")
+        reply_to, correlation_id = message.reply_to, message.cid
+        if reply_to is not None and not reply_to.startswith(
+            private_queue_name(self.cluster, message.sender, "")
+        ):
+            # Replies go only to the asker's own private queue.
+            self._rejected(Rejected("misrouted", "reply-to is not the sender's queue", message.sender), counted=False)
+            return
+        self._touch(message.sender)
+        if not self._trusts(message.sender):
+            self._log_once(
+                ("untrusted", message.sender, ""),
+                "SRS refuses requests from {sender}: this agent requires a token and {sender} does not",
+                sender=message.sender,
+            )
+            self.codec.count("untrusted-peer")
+            d: Deferred = defer.fail(
+                Unauthorized("agent %s accepts cluster operations only from agents that require a token" % self.agent_id)
+            )
+        elif not isinstance(op, str) or not isinstance(args, dict):
+            d = defer.fail(BadParameter("malformed SRS request"))
         else:
             d = defer.maybeDeferred(self.handler, op, args)
         if reply_to and correlation_id:
             d.addCallbacks(self._ok_reply, self._error_reply, errbackArgs=(op,))
-            d.addCallback(self._send_reply, reply_to, correlation_id)
+            d.addCallback(self._send_reply, message.sender, reply_to, correlation_id)
             d.addErrback(lambda f: self.log.failure("SRS could not reply to {op}", f, op=op))
         else:
             d.addErrback(self._log_broadcast_failure, op)
 
+    def _trusts(self, sender: str) -> bool:
+        """Whether we run requests from ``sender`` (one trust domain)."""
+        if not self.requires_token:
+            return True
+        member = self._members.get(sender)
+        return member is not None and member.requires_token
+
+    def _accepts_us(self, member: _Member) -> bool:
+        """Whether ``member`` runs our requests (the mirror of ``_trusts``)."""
+        return self.requires_token or not member.requires_token
+
     def _ok_reply(self, result: Any) -> dict[str, Any]:
-        message = self._envelope("reply", ok=True, result=result)
+        payload = {"ok": True, "result": result}
         try:
-            encode_message(message)
+            encode_message(payload)
         except (TypeError, ValueError) as e:
             self.log.error("SRS handler result is not JSON: {error}", error=str(e))
-            return self._envelope("reply", ok=False, error={"code": SCSError.code, "body": {"error": "result is not JSON"}})
-        return message
+            return {"ok": False, "error": {"code": SCSError.code, "body": {"error": "result is not JSON"}}}
+        return payload
 
     def _error_reply(self, failure: Failure, op: Any) -> dict[str, Any]:
         if failure.check(SCSError):
@@ -527,15 +604,15 @@ class SRS(MultiService):
         else:
             self.log.failure("SRS handler failed on {op}", failure, op=op)
             code, body = SCSError.code, {"error": "internal error on agent %s" % self.agent_id}
-        message = self._envelope("reply", ok=False, error={"code": code, "body": body})
+        payload = {"ok": False, "error": {"code": code, "body": body}}
         try:
-            encode_message(message)
+            encode_message(payload)
         except (TypeError, ValueError):
-            message["error"]["body"] = {"error": str(body.get("error"))}
-        return message
+            payload["error"]["body"] = {"error": str(body.get("error"))}
+        return payload
 
-    def _send_reply(self, message: dict[str, Any], reply_to: str, correlation_id: str) -> Deferred:
-        return self._send(REPLY, reply_to, message, {"correlation-id": correlation_id})
+    def _send_reply(self, payload: dict[str, Any], asker: str, reply_to: str, correlation_id: str) -> Deferred:
+        return self._send(REPLY, reply_to, "reply", payload, to=asker, re=correlation_id)
 
     def _log_broadcast_failure(self, failure: Failure, op: Any) -> None:
         if failure.check(SCSError):
@@ -543,18 +620,20 @@ class SRS(MultiService):
         else:
             self.log.failure("SRS broadcast {op} failed", failure, op=op)
 
-    def _on_reply(self, sender: str, message: dict[str, Any], properties: dict[str, str]) -> None:
-        correlation_id = properties.get("correlation-id", "")
-        if message.get("ok") is True:
-            outcome: Any = message.get("result")
+    def _on_reply(self, message: Message) -> None:
+        sender, payload, correlation_id = message.sender, message.payload, message.re or ""
+        if payload.get("ok") is True:
+            outcome: Any = payload.get("result")
         else:
-            error = message.get("error")
+            error = payload.get("error")
             if not isinstance(error, dict):
                 error = {}
             body = error.get("body")
             outcome = error_from_json(str(error.get("code", SCSError.code)), body if isinstance(body, dict) else {})
-        pending_call = self._calls.pop(correlation_id, None)
-        if pending_call is not None:
+        pending_call = self._calls.get(correlation_id)
+        if pending_call is not None and pending_call.agent_id == sender:
+            del self._calls[correlation_id]
+            self._touch(sender)
             if pending_call.timer.active():
                 pending_call.timer.cancel()
             if isinstance(outcome, SCSError):
@@ -563,12 +642,14 @@ class SRS(MultiService):
                 pending_call.deferred.callback(outcome)
             return
         scatter = self._scatters.get(correlation_id)
-        if scatter is not None:
+        if scatter is not None and sender not in scatter.results:
+            self._touch(sender)
             scatter.results[sender] = outcome
             if scatter.expected <= scatter.results.keys():
                 self._finish_scatter(correlation_id)
             return
-        self.log.debug("SRS late or unknown reply from {sender}", sender=sender)
+        # Late, duplicated, or from an agent that was not asked.
+        self._rejected(Rejected("unexpected-reply", "", sender), counted=False)
 
     # -- membership --------------------------------------------------------
 
@@ -579,13 +660,11 @@ class SRS(MultiService):
             member.last_seen is None or member.last_seen <= member.silent_since
         )
 
-    def _touch(self, sender: str) -> _Member:
+    def _touch(self, sender: str) -> None:
+        """A member was heard from (only heartbeats make new members)."""
         member = self._members.get(sender)
-        if member is None:
-            member = self._members[sender] = _Member(sender, interval=self.heartbeat_interval)
-        member.last_seen = self._reactor.seconds()
-        member.left = False
-        return member
+        if member is not None and not member.left:
+            member.last_seen = self._reactor.seconds()
 
     def _peer_left(self, sender: str) -> None:
         member = self._members.get(sender)
@@ -630,19 +709,27 @@ class SRS(MultiService):
     def _heartbeat_tick(self) -> None:
         self._send_heartbeat()
         self._log_transitions()
+        self._forget_long_dead()
+
+    def _forget_long_dead(self) -> None:
+        now = self._reactor.seconds()
+        for m in list(self._members.values()):
+            if now - (m.last_seen or 0.0) > self.forget_after:
+                del self._members[m.id]
+                self.log.info("SRS forgot member {member}, silent since {last_seen}", member=m.id, last_seen=m.last_seen, event="srs.member.forgotten")
 
     def _send_heartbeat(self, hello: bool = False, to: Optional[str] = None) -> None:
-        message = self._envelope(
-            "heartbeat",
-            url=self.url,
-            interval=self.heartbeat_interval,
-            summary=self._safe_summary(),
-            hello=hello,
-        )
+        payload = {
+            "url": self.url,
+            "interval": self.heartbeat_interval,
+            "summary": self._safe_summary(),
+            "hello": hello,
+            "token": self.requires_token,
+        }
         if to is None:
-            self._send(FANOUT, "", message, {})
+            self._send(FANOUT, "*", "heartbeat", payload)
         else:
-            self._send(DIRECT, to, message, {})
+            self._send(DIRECT, to, "heartbeat", payload)
 
     def _safe_summary(self) -> dict[str, Any]:
         try:
@@ -654,23 +741,32 @@ class SRS(MultiService):
 
     # -- sending and pending requests --------------------------------------
 
-    def _envelope(self, kind: str, **fields: Any) -> dict[str, Any]:
-        message = {
-            "proto": PROTOCOL,
-            "version": VERSION,
-            "cluster": self.cluster,
-            "type": kind,
-            "sender": self.agent_id,
-            "incarnation": self._incarnation,
-        }
-        message.update(fields)
-        return message
-
     def _send(
-        self, kind: str, key: str, message: dict[str, Any], properties: dict[str, str], mandatory: bool = False
+        self,
+        kind: str,
+        key: str,
+        message_type: str,
+        payload: dict[str, Any],
+        *,
+        to: Optional[str] = None,
+        cid: Optional[str] = None,
+        reply_to: Optional[str] = None,
+        re: Optional[str] = None,
+        mandatory: bool = False,
     ) -> Deferred:
+        """Seal and publish one message. ``to`` (the agent it is for, signed
+        into it) defaults to ``key`` for DIRECT and everyone for FANOUT."""
+        if to is None:
+            to = key if kind == DIRECT else "*"
+        properties = {}
+        if reply_to is not None:
+            properties["reply-to"] = reply_to
+        if (cid or re) is not None:
+            properties["correlation-id"] = cid or re
         try:
-            body = encode_message(message)
+            body = self.codec.encode(
+                message_type, self.agent_id, self._incarnation, to, payload, cid=cid, reply_to=reply_to, re=re
+            )
             if mandatory:
                 d = self.transport.publish(kind, key, body, properties, mandatory=True)
             else:
@@ -681,7 +777,7 @@ class SRS(MultiService):
         def failed(f: Failure) -> Failure:
             self.log.warn(
                 "SRS could not send {type} ({kind}): {error}",
-                type=message.get("type"),
+                type=message_type,
                 kind=kind,
                 error=f.getErrorMessage(),
                 event="srs.send.failed",
@@ -759,12 +855,13 @@ class SRS(MultiService):
         for correlation_id in list(self._scatters):
             self._finish_scatter(correlation_id)
 
-    def _log_once(self, key: tuple[str, str, str], format: str, **fields: Any) -> None:
-        # Peers send every period: one line per distinct oddity, not one per heartbeat.
-        if key in self._ignored_logged:
+    def _log_once(self, key: tuple[str, str, str], format: str, log_event: str = "srs.ignored", **fields: Any) -> None:
+        # Peers send every period: one line per distinct oddity, not one per
+        # heartbeat; and a flood of distinct oddities is not a flood of lines.
+        if key in self._ignored_logged or len(self._ignored_logged) >= MAX_LOGGED_ODDITIES:
             return
         self._ignored_logged.add(key)
-        self.log.warn(format, event="srs.ignored", **fields)
+        self.log.warn(format, event=log_event, **fields)
 
 
 def _instances(summary: dict[str, Any]) -> int:

@@ -82,7 +82,7 @@ class MembershipTests(SynchronousTestCase):
             self.assertTrue(all(r["alive"] for r in rows))
             self.assertEqual({r["instances"] for r in rows}, {3})
         row = c.agents["agent1"].members()[1]
-        self.assertEqual(row, {"id": "agent2", "url": "http://agent2.example/", "alive": True, "last_seen": 0.0, "instances": 3})
+        self.assertEqual(row, {"id": "agent2", "url": "http://agent2.example/", "alive": True, "last_seen": 0.0, "instances": 3, "requires_token": False})
 
     def test_late_joiner_learns_members_without_waiting_a_period(self) -> None:
         c = Cluster(self, "agent1", "agent2")
@@ -148,7 +148,7 @@ class MembershipTests(SynchronousTestCase):
         agent.startService()
         c.settle()
         self.assertTrue(agent.is_connected())
-        self.assertEqual(agent.members(), [{"id": "solo", "url": agent.url, "alive": True, "last_seen": 0.0, "instances": 3}])
+        self.assertEqual(agent.members(), [{"id": "solo", "url": agent.url, "alive": True, "last_seen": 0.0, "instances": 3, "requires_token": False}])
 
     def test_summary_failure_reports_zero_instances(self) -> None:
         c = Cluster(self, "agent1", "agent2")
@@ -285,10 +285,11 @@ class CallTests(SynchronousTestCase):
         d = self.a1.call("agent2", "get", {"name": "wörker-ü1"})
         self.c.settle()
         self.successResultOf(d)
-        request = [p for p in self.c.network.published if json.loads(p.body)["type"] == "request"][0]
-        message = json.loads(request.body)
-        self.assertEqual((message["proto"], message["version"], message["cluster"]), ("scs-srs", "1.0", "scs"))
-        self.assertEqual(message["args"], {"name": "wörker-ü1"})
+        request = [p for p in self.c.network.published if json.loads(json.loads(p.body)["m"])["type"] == "request"][0]
+        message = json.loads(json.loads(request.body)["m"])
+        self.assertEqual((message["proto"], message["version"], message["cluster"]), ("scs-srs", "2.0", "scs"))
+        self.assertEqual((message["to"], message["cid"]), ("agent2", request.properties["correlation-id"]))
+        self.assertEqual(message["payload"]["args"], {"name": "wörker-ü1"})
         self.assertTrue(request.body.isascii())
         self.assertEqual(set(request.properties), {"reply-to", "correlation-id"})
         self.assertEqual(request.routing_key, "agent2")
@@ -449,18 +450,19 @@ class IsolationAndVersionTests(SynchronousTestCase):
     def _inject(self, c: Cluster, **overrides: Any) -> None:
         message = {
             "proto": "scs-srs",
-            "version": "1.0",
+            "version": "2.0",
             "cluster": "scs",
             "type": "heartbeat",
             "sender": "intruder",
             "incarnation": "x",
-            "url": "",
-            "interval": INTERVAL,
-            "summary": {},
+            "to": "*",
+            "ts": c.clock.seconds(),
+            "nonce": "00112233445566778899aabb",
+            "payload": {"url": "", "interval": INTERVAL, "summary": {}},
         }
         message.update(overrides)
         direct, fanout = srs.exchange_names("scs")
-        c.network.route(fanout, "", srs.encode_message(message), {})
+        c.network.route(fanout, "", srs.encode_message({"m": srs.encode_message(message).decode()}), {})
         c.settle()
 
     def test_other_cluster_name_is_ignored_and_logged_once(self) -> None:
@@ -469,15 +471,16 @@ class IsolationAndVersionTests(SynchronousTestCase):
         self._inject(c, cluster="other")
         self._inject(c, cluster="other")
         self.assertEqual(c.agents["agent1"].live_agents(), ["agent1"])
-        ignored = c.events_named("srs.ignored")
-        self.assertEqual([e["other_cluster"] for e in ignored], ["other"])
+        rejected = c.events_named("srs.rejected")
+        self.assertEqual([(e["reason"], e["detail"]) for e in rejected], [("foreign", "cluster 'other'")])
+        self.assertEqual(c.agents["agent1"].codec.rejected["foreign"], 2)
 
     def test_unknown_major_version_is_ignored(self) -> None:
         c = Cluster(self, "agent1")
         c.settle()
-        self._inject(c, version="2.0")
+        self._inject(c, version="3.0")
         self.assertEqual(c.agents["agent1"].live_agents(), ["agent1"])
-        self.assertEqual([e["version"] for e in c.events_named("srs.ignored")], ["2.0"])
+        self.assertEqual([e["reason"] for e in c.events_named("srs.rejected")], ["foreign"])
 
     def test_missing_version_is_ignored(self) -> None:
         c = Cluster(self, "agent1")
@@ -488,7 +491,7 @@ class IsolationAndVersionTests(SynchronousTestCase):
     def test_newer_minor_version_with_extra_fields_is_accepted(self) -> None:
         c = Cluster(self, "agent1")
         c.settle()
-        self._inject(c, version="1.7", shiny_new_field=[1])
+        self._inject(c, version="2.7", shiny_new_field=[1])
         self.assertEqual(c.agents["agent1"].live_agents(), ["agent1", "intruder"])
 
     def test_garbage_is_ignored(self) -> None:
@@ -499,7 +502,7 @@ class IsolationAndVersionTests(SynchronousTestCase):
             c.network.route(fanout, "", body, {})
         c.settle()
         self.assertEqual(c.agents["agent1"].live_agents(), ["agent1"])
-        self.assertEqual(len(c.events_named("srs.ignored")), 3)
+        self.assertEqual(c.agents["agent1"].codec.rejected["malformed"], 3)
 
     def test_another_agent_with_our_id_is_reported(self) -> None:
         c = Cluster(self, "agent1")

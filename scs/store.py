@@ -5,12 +5,21 @@ reactor thread as Axiom's were; SQLite answers these in well under a
 millisecond, so nothing is gained by moving them to a thread.  Methods take
 validated values (see ``scs.validation``) and return the immutable records of
 ``scs.records``; integrity problems come back as ``NotFound``/``Conflict``.
+
+Opening is strict: an existing store file that is empty, not a SQLite
+database, damaged (``PRAGMA integrity_check``) or without the agent's schema
+raises :class:`StoreError` instead of being started on (or silently
+replaced by) an empty store.  A missing file is a fresh start; starting
+fresh over an existing file is only done on purpose, by
+:func:`move_store_aside` (``--reset-store``), which never deletes it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sqlite3
+import stat
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -19,7 +28,9 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, func, inspect, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
@@ -33,11 +44,169 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 # Sentinel for "parameter not given" where None is a meaningful value.
 UNSET: Any = object()
 
+SQLITE_MAGIC = b"SQLite format 3\x00"
+SQLITE_HEADER_SIZE = 100
+# Every revision of the schema has these; a store without them is not ours.
+REQUIRED_TABLES = ("broker", "app", "node", "queue", "consumption")
+# Files SQLite keeps next to a database; they belong to it.
+COMPANION_SUFFIXES = ("-journal", "-wal", "-shm")
+
+
+class StoreError(Exception):
+    """A store file the agent must not start on: empty, not a SQLite
+    database, damaged, not an SCS store, or not a regular file.  ``str()``
+    is one line naming the file and the problem."""
+
+    def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
+        self.path = os.fspath(path)
+        self.problem = " ".join(problem.split())  # one line, whatever SQLite said
+        super().__init__(f"store file {self.path} {self.problem}")
+
+
+def known_revisions() -> set[str]:
+    """Every schema revision this agent's migrations know."""
+    return {script.revision for script in ScriptDirectory(str(MIGRATIONS)).walk_revisions()}
+
+
+def check_store_file(path: str | os.PathLike[str]) -> bool:
+    """Whether a store file exists at ``path``; :class:`StoreError` if one
+    exists but must not be used.
+
+    Checked before SQLAlchemy or Alembic touch it, because both would
+    quietly turn an empty or foreign file into a fresh, empty store."""
+    path = os.fspath(path)
+    try:
+        # O_NOFOLLOW: a symlink is refused, not followed; O_NONBLOCK: a FIFO
+        # planted there does not hang the agent at start.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        if any(os.path.lexists(path + suffix) for suffix in COMPANION_SUFFIXES):
+            # SQLite would play an orphaned journal back onto a new store.
+            raise StoreError(
+                path, "is missing but its SQLite journal files are still there"
+            ) from None
+        return False
+    except OSError as e:
+        if os.path.islink(path):
+            raise StoreError(path, "is a symbolic link, not a regular file") from None
+        raise StoreError(path, f"cannot be opened: {e.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise StoreError(path, "is not a regular file")
+        if info.st_size == 0:
+            raise StoreError(path, "is empty (0 bytes)")
+        header = os.read(fd, SQLITE_HEADER_SIZE)
+    finally:
+        os.close(fd)
+    if len(header) < SQLITE_HEADER_SIZE or not header.startswith(SQLITE_MAGIC):
+        raise StoreError(path, "is not a SQLite database")
+    _check_database(path)
+    return True
+
+
+def _check_database(path: str) -> None:
+    """Integrity and schema of an existing SQLite file."""
+    from urllib.parse import quote
+
+    # mode=rw: never create the file (it was there a moment ago).
+    uri = f"file:{quote(os.path.abspath(path))}?mode=rw"
+    try:
+        connection = sqlite3.connect(uri, uri=True)
+        try:
+            rows = connection.execute("PRAGMA integrity_check").fetchall()
+            if rows != [("ok",)]:
+                first = str(rows[0][0]) if rows else "no answer"
+                more = f" and {len(rows) - 1} more problems" if len(rows) > 1 else ""
+                raise StoreError(path, f"is damaged (integrity check: {first}{more})")
+            tables = {
+                row[0]
+                for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
+            if "alembic_version" not in tables:
+                raise StoreError(
+                    path, "has no schema version (no alembic_version table): not an SCS store"
+                )
+            versions = [row[0] for row in connection.execute("SELECT version_num FROM alembic_version")]
+        finally:
+            connection.close()
+    except sqlite3.DatabaseError as e:
+        raise StoreError(path, f"is damaged ({e})") from None
+    if len(versions) != 1:
+        raise StoreError(path, f"has {len(versions)} schema versions instead of one")
+    if versions[0] not in known_revisions():
+        raise StoreError(
+            path, f"has schema revision {versions[0]!r}, unknown to this agent (a newer agent's?)"
+        )
+    missing = [table for table in REQUIRED_TABLES if table not in tables]
+    if missing:
+        raise StoreError(path, f"lacks the table(s) {', '.join(missing)}")
+
+
+def move_store_aside(path: str | os.PathLike[str], now: float | None = None) -> str | None:
+    """Move the store file at ``path`` (whatever it is) to
+    ``<name>.<UTC timestamp>.bak``, with its SQLite journal files; returns
+    where it went, or None when there was nothing there.  Never deletes and
+    never overwrites anything."""
+    path = os.fspath(path)
+    companions = [path + suffix for suffix in COMPANION_SUFFIXES if os.path.lexists(path + suffix)]
+    if not os.path.lexists(path) and not companions:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
+    for attempt in range(1000):
+        target = f"{path}.{stamp}{'' if attempt == 0 else f'-{attempt}'}.bak"
+        taken = [target + suffix for suffix in ("", *COMPANION_SUFFIXES)]
+        if not any(os.path.lexists(t) for t in taken):
+            break
+    else:
+        raise StoreError(path, "cannot be moved aside: too many backups with this timestamp")
+    try:
+        if os.path.lexists(path):
+            os.rename(path, target)
+        for companion in companions:
+            os.rename(companion, target + companion[len(path) :])
+    except OSError as e:
+        raise StoreError(path, f"cannot be moved aside to {target}: {e.strerror}") from None
+    return target
+
 
 def _enable_foreign_keys(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _engine(path: str) -> Engine:
+    engine = create_engine(f"sqlite:///{path}")
+    event.listen(engine, "connect", _enable_foreign_keys)
+    return engine
+
+
+def _create(path: str, revision: str) -> None:
+    """A new store at ``path``, made under another name and linked into
+    place complete, so that a crash while it is made never leaves an empty
+    or half-made file that a restart would refuse."""
+    partial = f"{path}.new-{os.getpid()}"
+    for leftover in (partial, *(partial + suffix for suffix in COMPANION_SUFFIXES)):
+        if os.path.lexists(leftover):
+            os.unlink(leftover)
+    engine = _engine(partial)
+    try:
+        migrate(engine, revision)
+    finally:
+        engine.dispose()
+    try:
+        os.link(partial, path)  # unlike rename, never replaces a file made meanwhile
+    except FileExistsError:
+        pass  # another process made one first: it is checked like any other
+    except OSError:
+        # A file system without hard links: rename, unless one appeared.
+        if not os.path.lexists(path):
+            os.rename(partial, path)
+    finally:
+        if os.path.lexists(partial):
+            os.unlink(partial)
+    check_store_file(path)
 
 
 def migrate(engine: Engine, revision: str = "head") -> None:
@@ -65,10 +234,21 @@ class Store:
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], revision: str = "head") -> Store:
-        """Open (creating and upgrading as needed) the store file at ``path``."""
-        engine = create_engine(f"sqlite:///{os.fspath(path)}")
-        event.listen(engine, "connect", _enable_foreign_keys)
-        migrate(engine, revision)
+        """Open (creating and upgrading as needed) the store file at ``path``.
+
+        A missing file is created; an existing one that is empty, damaged or
+        not an SCS store raises :class:`StoreError` (see ``check_store_file``).
+        """
+        path = os.fspath(path)
+        if not check_store_file(path):
+            _create(path, revision)
+        engine = _engine(path)
+        try:
+            migrate(engine, revision)
+        except SQLAlchemyError as e:
+            engine.dispose()
+            cause = getattr(e, "orig", None) or e
+            raise StoreError(path, f"could not be upgraded to the current schema ({cause})") from None
         return cls(engine)
 
     @classmethod

@@ -95,6 +95,7 @@ class Options(usage.Options):
         ["without-srs", None, "Do not join the cluster."],
         ["allow-remote", None, "Serve HTTP on a non-loopback address without a token."],
         ["manhole-allow-remote", None, "Allow a non-loopback manhole endpoint."],
+        ["reset-store", None, "Start with an empty store, moving the old file aside."],
     ]
 
     def __init__(self) -> None:
@@ -209,13 +210,40 @@ class _ClosingStore(Service):
         self.store.close()
 
 
+def open_store(instance_dir: str, reset: bool = False) -> Any:
+    """The agent's store in ``instance_dir``.  An empty or damaged store
+    file stops the agent here, with one line on stderr and exit status 1
+    (under ``scs-agent`` and ``twistd -n scs-agent`` alike: twistd calls
+    makeService before its logging starts and lets SystemExit through).
+    ``reset`` (--reset-store) moves the old file aside first."""
+    from scs.store import STORE_FILENAME, Store, StoreError, move_store_aside
+
+    path = os.path.join(instance_dir, STORE_FILENAME)
+    try:
+        if reset:
+            moved = move_store_aside(path)
+            if moved is None:
+                log.info("--reset-store: no store file at {path}; starting fresh", path=path)
+            else:
+                log.warn(
+                    "--reset-store: moved the old store {path} to {moved}; starting with an empty store",
+                    path=path,
+                    moved=moved,
+                )
+        return Store.in_directory(instance_dir)
+    except (StoreError, OSError) as e:
+        hint = "" if reset else "; give --reset-store to move it aside and start with an empty store"
+        message = str(e) if isinstance(e, StoreError) else f"store in {instance_dir}: {e}"
+        print(f"scs-agent: {message}; not starting{hint}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
 def makeService(options: Options, reactor: Any = None) -> IService:
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
     from scs.agent import Agent, LocalAgent
-    from scs.store import Store
     from scs.supervisor import Supervisor
 
     if options["logfile"] and not options.get("console-logging"):
@@ -226,7 +254,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
     top = MultiService()
     instance_dir = os.path.abspath(options["instance-dir"])
-    store = Store.in_directory(instance_dir)
+    store = open_store(instance_dir, reset=options["reset-store"])
     # First in, last out: MultiService stops its children in reverse order.
     _ClosingStore(store).setServiceParent(top)
 

@@ -144,3 +144,198 @@ def test_redeclaring_a_queue_updates_it() -> None:
     assert not created
     assert store.get_queue("foo", "q") == binding == QueueBinding("q", "x", "y", "direct")
     assert json.loads(json.dumps(binding.to_json()))["exchange"] == "x"
+
+
+# -- integrity at open (an empty or damaged store never starts silently) ------
+
+import os
+import sqlite3
+
+from scs.store import StoreError, check_store_file, move_store_aside
+
+
+def _store_with_rows(directory: Path, count: int = 300) -> Path:
+    """A real store file spanning many pages, with no free pages."""
+    store = Store.in_directory(directory)
+    store.add_node("foo", "w0", BROKER, arguments=["--loglevel=INFO"])
+    with store.engine.begin() as connection:  # one transaction: fast
+        for i in range(1, count):
+            connection.exec_driver_sql(
+                "INSERT INTO node (name, app_id, max_concurrency, min_concurrency, is_enabled,"
+                " created_at, arguments) VALUES (?, 1, 1, 1, 1, ?, ?)",
+                (f"w{i}", float(i), json.dumps(["--loglevel=INFO"] * 5)),
+            )
+    assert store.count_nodes() == count
+    store.close()
+    path = directory / STORE_FILENAME
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("PRAGMA freelist_count").fetchone() == (0,)
+        assert connection.execute("PRAGMA page_count").fetchone()[0] > 10
+    return path
+
+
+def _refused(path: Path) -> str:
+    with pytest.raises(StoreError) as raised:
+        Store.open(path)
+    message = str(raised.value)
+    assert str(path) in message and "\n" not in message
+    return message
+
+
+def test_missing_store_file_is_a_fresh_start(tmp_path: Path) -> None:
+    store = Store.in_directory(tmp_path / "new")
+    assert store.count_nodes() == 0
+    store.close()
+    # Made under another name and linked into place: nothing else is left.
+    assert sorted(os.listdir(tmp_path / "new")) == [STORE_FILENAME]
+    assert check_store_file(tmp_path / "new" / STORE_FILENAME) is True
+
+
+def test_empty_store_file_is_refused_and_kept(tmp_path: Path) -> None:
+    path = tmp_path / STORE_FILENAME
+    path.write_bytes(b"")
+    assert "is empty (0 bytes)" in _refused(path)
+    assert path.read_bytes() == b""
+
+
+def test_garbage_store_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / STORE_FILENAME
+    path.write_bytes(b"these are not the pages you are looking for\n" * 100)
+    assert "is not a SQLite database" in _refused(path)
+    path.write_bytes(b"SQLite format 3\x00")  # a header cut short
+    assert "is not a SQLite database" in _refused(path)
+
+
+def test_damaged_page_in_the_middle_is_refused(tmp_path: Path) -> None:
+    path = _store_with_rows(tmp_path)
+    size = path.stat().st_size
+    middle = (size // 2) // 4096 * 4096  # the start of a page in use (no free pages)
+    with open(path, "r+b") as f:
+        f.seek(middle)
+        f.write(b"\xff" * 4096)
+    assert "is damaged" in _refused(path)
+
+
+def test_damaged_btree_header_is_refused(tmp_path: Path) -> None:
+    """A single wrong byte (the page type of the node table's root page)."""
+    path = _store_with_rows(tmp_path)
+    with sqlite3.connect(path) as connection:
+        (root,) = connection.execute("SELECT rootpage FROM sqlite_master WHERE name = 'node'").fetchone()
+        (page_size,) = connection.execute("PRAGMA page_size").fetchone()
+    with open(path, "r+b") as f:
+        f.seek((root - 1) * page_size)
+        assert f.read(1) in (b"\x05", b"\x0d")  # interior or leaf table b-tree page
+        f.seek((root - 1) * page_size)
+        f.write(b"\x07")  # no such page type
+    assert "is damaged" in _refused(path)
+
+
+def test_truncated_store_is_refused(tmp_path: Path) -> None:
+    path = _store_with_rows(tmp_path)
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2 + 17)
+    assert "is damaged" in _refused(path)
+
+
+def test_sqlite_file_without_the_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / STORE_FILENAME
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE something (other)")
+    connection.close()
+    assert "no alembic_version" in _refused(path)
+
+
+def test_store_missing_tables_or_with_unknown_revision_is_refused(tmp_path: Path) -> None:
+    path = _store_with_rows(tmp_path, count=1)
+    with sqlite3.connect(path) as connection:
+        connection.execute("UPDATE alembic_version SET version_num = '9999'")
+    connection.close()
+    assert "unknown to this agent" in _refused(path)
+    with sqlite3.connect(path) as connection:
+        connection.execute("UPDATE alembic_version SET version_num = '0002'")
+        connection.execute("DROP TABLE consumption")
+    connection.close()
+    assert "lacks the table(s) consumption" in _refused(path)
+
+
+def test_symlink_or_other_file_types_are_refused(tmp_path: Path) -> None:
+    real = _store_with_rows(tmp_path / "real", count=1)
+    link = tmp_path / "link.sqlite"
+    link.symlink_to(real)
+    assert "symbolic link" in _refused(link)
+    directory = tmp_path / "dir.sqlite"
+    directory.mkdir()
+    assert "not a regular file" in _refused(directory)
+    fifo = tmp_path / "fifo.sqlite"
+    os.mkfifo(fifo)
+    assert "not a regular file" in _refused(fifo)  # and it does not hang
+
+
+def test_orphaned_journal_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / STORE_FILENAME
+    (tmp_path / (STORE_FILENAME + "-journal")).write_bytes(b"\xd9\xd5\x05\xf9\x20\xa1\x63\xd7")
+    assert "journal" in _refused(path)
+    assert not path.exists()
+
+
+def test_move_store_aside_keeps_the_old_file(tmp_path: Path) -> None:
+    path = _store_with_rows(tmp_path, count=3)
+    content = path.read_bytes()
+    journal = tmp_path / (STORE_FILENAME + "-journal")
+    journal.write_bytes(b"j")
+    now = 1_800_000_000.0  # 2027-01-15T08:00:00Z
+    moved = move_store_aside(path, now=now)
+    assert moved == f"{path}.20270115T080000Z.bak"
+    assert Path(moved).read_bytes() == content
+    assert Path(moved + "-journal").read_bytes() == b"j"
+    assert not path.exists() and not journal.exists()
+    # Starting fresh now works, and a second reset in the same second does
+    # not overwrite the first backup.
+    Store.in_directory(tmp_path).close()
+    again = move_store_aside(path, now=now)
+    assert again == f"{path}.20270115T080000Z-1.bak"
+    assert Path(moved).read_bytes() == content
+    assert move_store_aside(path, now=now) is None  # nothing left to move
+    restored = Store.open(moved)  # the backup is still a working store
+    assert restored.count_nodes() == 3
+    restored.close()
+
+
+def test_empty_store_after_reset(tmp_path: Path) -> None:
+    path = tmp_path / STORE_FILENAME
+    path.write_bytes(b"")
+    moved = move_store_aside(path)
+    assert moved is not None and os.path.exists(moved)
+    store = Store.in_directory(tmp_path)
+    assert store.count_nodes() == 0
+    store.close()
+
+
+def test_agent_start_refuses_a_damaged_store_with_one_line_and_status_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from scs.tap import open_store
+
+    (tmp_path / STORE_FILENAME).write_bytes(b"")
+    with pytest.raises(SystemExit) as raised:
+        open_store(str(tmp_path))
+    assert raised.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"scs-agent: store file {tmp_path / STORE_FILENAME} is empty (0 bytes)")
+    assert "--reset-store" in err
+    assert (tmp_path / STORE_FILENAME).read_bytes() == b""
+
+
+def test_agent_start_with_reset_store_keeps_the_old_file(tmp_path: Path) -> None:
+    from scs.tap import Options, open_store
+
+    (tmp_path / STORE_FILENAME).write_bytes(b"junk")
+    options = Options()
+    options.parseOptions(["-i", "a1", "-D", str(tmp_path), "--reset-store"])
+    assert options["reset-store"]
+    store = open_store(str(tmp_path), reset=options["reset-store"])
+    assert store.count_nodes() == 0
+    store.close()
+    (backup,) = tmp_path.glob(STORE_FILENAME + ".*.bak")
+    assert backup.read_bytes() == b"junk"

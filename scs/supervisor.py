@@ -46,8 +46,10 @@ from scs.records import InstanceSpec, QueueBinding, WorkerStatus
 from scs.worker import (
     PIDFILE,
     ProcessTable,
+    UnsafeName,
     WorkerProcess,
     build_argv,
+    check_path_component,
     instance_path,
     is_worker_for,
     node_name,
@@ -630,11 +632,15 @@ class Supervisor(Service):
         if self._shutting_down or w.process is not None:
             return
         spec = w.spec
+        try:
+            argv = build_argv(spec, self.instance_dir, self.hostname, mingle=self.mingle)
+        except UnsafeName as e:
+            self._refuse(w, e)
+            return
         self.log.info(
             "[Supervisor] {name} node.restart", name=spec.name, scs_event="node.restart"
         )
         proto = WorkerProcess(spec.name, self._process_ended)
-        argv = build_argv(spec, self.instance_dir, self.hostname, mingle=self.mingle)
         w.process = proto
         w.state = "starting"
         w.answered = False
@@ -645,12 +651,30 @@ class Supervisor(Service):
         w.spawns += 1
         try:
             spawn_worker(self._spawner, proto, argv, self.instance_dir, spec.name)
+        except UnsafeName as e:  # a symlink planted since build_argv looked
+            w.process = None
+            self._refuse(w, e)
+            return
         except Exception:
             self.log.failure("[Supervisor] {name} could not be spawned", name=spec.name)
             w.process = None
             self._died(w, young=True)
             return
         self._probe(w)
+
+    def _refuse(self, w: _Worker, error: UnsafeName) -> None:
+        """A name whose files would not stay inside the instance directory
+        (or a symlink there redirecting them): that instance is ``failed``
+        at once, no retries; the others are not affected."""
+        w.state = "failed"
+        w.rapid_failures = 0
+        self.log.error(
+            "[Supervisor] {name!r} not started: {error}",
+            name=w.name,
+            error=error.message,
+            scs_event="unsafe-path",
+        )
+        self._fire_ready(w.name, False)
 
     def _probe(self, w: _Worker) -> None:
         """Make sure the broker of a starting worker has a probe loop: it
@@ -899,12 +923,10 @@ class Supervisor(Service):
         case a pid file was lost, by a process whose ``--pidfile`` argument
         points into this instance directory."""
         found: dict[int, tuple[str, str]] = {}
-        try:
-            names = sorted(os.listdir(self.instance_dir))
-        except OSError:
-            names = []
-        for name in names:
-            path = instance_path(self.instance_dir, name, PIDFILE)
+        for name in self._instance_subdirectories():
+            path = self._leftover_pidfile(name)
+            if path is None:
+                continue
             pid = self._table.read_pidfile(path)
             if pid is not None and is_worker_for(self._table.cmdline(pid), name):
                 found[pid] = (name, path)
@@ -922,7 +944,11 @@ class Supervisor(Service):
                         and os.path.basename(path) == PIDFILE
                         and is_worker_for(cmd, name)
                     ):
-                        found[pid] = (name, path)
+                        # The pid file is removed later: only through a
+                        # path that stays inside the instance directory.
+                        safe = self._leftover_pidfile(name)
+                        if safe is not None:
+                            found[pid] = (name, safe)
                     break
         ends = [
             ensureDeferred(self._end_leftover(name, pid, path))
@@ -930,6 +956,34 @@ class Supervisor(Service):
         ]
         if ends:
             await DeferredList(ends, consumeErrors=True)
+
+    def _instance_subdirectories(self) -> list[str]:
+        """Names of the real subdirectories of the instance directory that
+        are valid instance names: the store file, its backups, stray files
+        and symlinks (which could lead out of it) are not instances."""
+        try:
+            with os.scandir(self.instance_dir) as entries:
+                return sorted(
+                    e.name
+                    for e in entries
+                    if e.is_dir(follow_symlinks=False) and _is_instance_name(e.name)
+                )
+        except OSError:
+            return []
+
+    def _leftover_pidfile(self, name: str) -> str | None:
+        """The pid file of instance ``name``, or None (logged) if its path
+        would not stay inside the instance directory."""
+        try:
+            return instance_path(self.instance_dir, name, PIDFILE)
+        except UnsafeName as e:
+            self.log.warn(
+                "[Supervisor] leftover scan skips {name!r}: {error}",
+                name=name,
+                error=e.message,
+                scs_event="unsafe-path",
+            )
+            return None
 
     async def _end_leftover(self, name: str, pid: int, pidfile: str) -> None:
         self.log.warn(
@@ -967,6 +1021,14 @@ class Supervisor(Service):
                 os.unlink(path)
             except OSError:
                 pass
+
+
+def _is_instance_name(name: str) -> bool:
+    try:
+        check_path_component(name)
+    except UnsafeName:
+        return False
+    return True
 
 
 def _sleep(reactor: Any, seconds: float) -> Deferred[None]:

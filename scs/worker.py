@@ -15,6 +15,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from scs.errors import BadParameter
 from scs.records import InstanceSpec, QueueBinding
 
 PIDFILE = "worker.pid"
@@ -30,8 +31,57 @@ def node_name(name: str, hostname: str) -> str:
     return f"{name}@{hostname}"
 
 
+class UnsafeName(BadParameter):
+    """A name that must not become part of a path under the instance
+    directory: not a single, valid path component, or one that resolves
+    somewhere else (a symlink planted in the instance directory)."""
+
+
+def check_path_component(name: object, what: str = "instance") -> str:
+    """``name`` if it is one safe path component and a valid instance name;
+    :class:`UnsafeName` otherwise.
+
+    The last line of defence where names become file names: whatever the
+    API or the cluster let through, a name here is never empty, ``.`` or
+    ``..``, never holds a separator or a NUL, and passes the same validator
+    as names the API accepts."""
+    if not isinstance(name, str):
+        raise UnsafeName(f"{what} name must be a string, not {type(name).__name__}", parameter=what)
+    if name in ("", ".", "..") or any(c in name for c in ("/", "\\", "\0")) or (
+        os.altsep and os.altsep in name
+    ):
+        raise UnsafeName(
+            f"{what} name {name!r} is not a single path component", parameter=what
+        )
+    from scs.validation import check_instance_name  # here: validation may grow imports
+
+    try:
+        check_instance_name(name)
+    except BadParameter as e:
+        raise UnsafeName(f"{what} name {name!r} is refused: {e.message}", parameter=what) from None
+    return name
+
+
 def instance_path(instance_dir: str, name: str, *parts: str) -> str:
-    return os.path.join(instance_dir, name, *parts)
+    """``instance_dir/name/parts...``, refusing (``UnsafeName``) a name
+    that is not one safe component and any path that would resolve anywhere
+    else: every component below ``instance_dir`` must be what it says, not
+    a symlink to another place (outside the directory or inside it)."""
+    check_path_component(name)
+    for part in parts:
+        if part in ("", ".", "..") or "/" in part or "\0" in part:
+            raise UnsafeName(f"bad file name {part!r} under instance {name!r}", parameter="instance")
+    path = os.path.join(instance_dir, name, *parts)
+    base = os.path.realpath(instance_dir)
+    expected = os.path.join(base, name, *parts)
+    resolved = os.path.realpath(path)
+    if os.path.commonpath([base, resolved]) != base or resolved != expected:
+        raise UnsafeName(
+            f"instance {name!r}: {path} resolves to {resolved}, not inside {base} as itself "
+            "(a symbolic link in the instance directory?)",
+            parameter="instance",
+        )
+    return path
 
 
 def is_plain_binding(q: QueueBinding) -> bool:
@@ -187,8 +237,12 @@ def spawn_worker(
     typed there)."""
     directory = instance_path(instance_dir, name)
     os.makedirs(directory, exist_ok=True)
+    # Checked again now that the directory exists; O_NOFOLLOW: a worker.log
+    # that is a symlink is refused rather than appended through.
     logfd = os.open(
-        os.path.join(directory, LOGFILE), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644
+        instance_path(instance_dir, name, LOGFILE),
+        os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
+        0o644,
     )
     nullfd = os.open(os.devnull, os.O_RDONLY)
     try:

@@ -751,3 +751,131 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(h.table.killed, [(4242, 15)])
 
 
+
+
+HOSTILE = ["../A-escape", "", ".", "..", "a/b", "a\\b", "a\0b", "/abs", ".scs-store.sqlite"]
+
+
+class PathSafetyTests(SynchronousTestCase):
+    """Names that reach the supervisor (from the store, whatever the API or
+    the cluster let in) never make files outside -D, and one bad instance
+    does not stop the others."""
+
+    def test_hostile_names_fail_alone_and_write_nothing(self) -> None:
+        h = Harness(self, [spec("good1"), *(spec(n) for n in HOSTILE), spec("good2")])
+        parent = os.path.dirname(h.dir)
+        before = set(os.listdir(parent))
+        ready = h.sup.wait_ready("../A-escape", 5.0)
+        h.wake()
+        spawned = sorted(a for p in h.spawner.processes for a in p.args if a.endswith("@h"))
+        self.assertEqual(spawned, ["good1@h", "good2@h"])
+        for name in HOSTILE:
+            self.assertEqual(h.sup.status(name).state, "failed", name)
+        self.assertIs(self.successResultOf(ready), False)
+        refused = h.named("unsafe-path")
+        self.assertEqual(sorted(e["name"] for e in refused), sorted(HOSTILE))
+        self.assertTrue(all(e["log_level"].name == "error" for e in refused))
+        self.assertEqual(sorted(os.listdir(h.dir)), ["good1", "good2"])
+        self.assertEqual(set(os.listdir(parent)), before)
+        # Later wake-ups neither retry nor log them again; the good ones run.
+        h.up("good1")
+        h.up("good2")
+        h.clock.advance(h.sup.probe_interval)
+        h.wake()
+        self.assertEqual(len(h.named("unsafe-path")), len(HOSTILE))
+        self.assertEqual(h.sup.status("good1").state, "running")
+
+    def test_forced_restart_of_a_hostile_name_is_refused_again(self) -> None:
+        h = Harness(self, [spec("../A-escape")])
+        h.wake()
+        self.successResultOf(h.sup.restart("../A-escape"))
+        self.assertEqual(h.sup.status("../A-escape").state, "failed")
+        self.assertEqual(h.spawner.processes, [])
+        self.assertEqual(len(h.named("unsafe-path")), 2)
+
+    def test_symlinked_instance_directory_pointing_outside(self) -> None:
+        outside = tmpdir(self)
+        h = Harness(self, [spec("w1"), spec("w2")])
+        os.symlink(outside, os.path.join(h.dir, "w1"))
+        h.wake()
+        self.assertEqual(h.sup.status("w1").state, "failed")
+        self.assertEqual(h.sup.status("w2").state, "starting")
+        (p,) = h.spawner.processes
+        self.assertIn("w2@h", p.args)
+        self.assertEqual(os.listdir(outside), [])
+        (event,) = h.named("unsafe-path")
+        self.assertIn("symbolic link", event["error"])
+
+    def test_symlink_planted_between_argv_and_spawn(self) -> None:
+        """Checked again where the log file is opened."""
+        outside = tmpdir(self)
+        h = Harness(self, [spec("w1")])
+        real_spawn = h.spawner.spawnProcess
+
+        def plant(*args, **kw):
+            raise AssertionError("must not spawn")
+
+        import scs.supervisor as supervisor_module
+
+        original = supervisor_module.build_argv
+
+        def build_then_plant(*args, **kw):
+            argv = original(*args, **kw)
+            os.symlink(outside, os.path.join(h.dir, "w1"))
+            return argv
+
+        self.patch(supervisor_module, "build_argv", build_then_plant)
+        h.spawner.spawnProcess = plant
+        h.wake()
+        h.spawner.spawnProcess = real_spawn
+        self.assertEqual(h.sup.status("w1").state, "failed")
+        self.assertEqual(os.listdir(outside), [])
+        self.assertEqual(len(h.named("unsafe-path")), 1)
+
+
+class LeftoverPathTests(SynchronousTestCase):
+    def pidfile(self, directory, pid):
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "worker.pid"), "w") as f:
+            f.write(f"{pid}\n")
+
+    def test_scan_ignores_entries_that_are_not_instances(self) -> None:
+        h = Harness(self, [])
+        for stray in (".scs-store.sqlite", ".hidden", "has space", "-n"):
+            self.pidfile(os.path.join(h.dir, stray), 4242)
+        with open(os.path.join(h.dir, "plainfile"), "w") as f:
+            f.write("4242\n")
+        h.table.processes[4242] = ["python", "-m", "celery", "worker", "-n", ".hidden@h"]
+        h.sup.startService()
+        self.assertEqual(h.table.killed, [])
+
+    def test_scan_does_not_follow_a_symlink_out_of_the_directory(self) -> None:
+        outside = tmpdir(self)
+        self.pidfile(outside, 4242)
+        h = Harness(self, [])
+        os.symlink(outside, os.path.join(h.dir, "w1"))
+        h.table.processes[4242] = ["python", "-m", "celery", "worker", "-n", "w1@h"]
+        h.sup.startService()
+        self.assertEqual(h.table.killed, [])
+        self.assertTrue(os.path.exists(os.path.join(outside, "worker.pid")))
+
+    def test_pidfile_argument_through_a_symlink_is_not_removed(self) -> None:
+        """A process whose --pidfile names -D/w1/worker.pid, where w1 is a
+        symlink out of -D: its pid file is never unlinked through it."""
+        outside = tmpdir(self)
+        self.pidfile(outside, 4242)
+        h = Harness(self, [])
+        os.symlink(outside, os.path.join(h.dir, "w1"))
+        mine = os.path.join(h.dir, "w1", "worker.pid")
+        h.table.processes[4242] = ["python", "-m", "celery", "worker", "-n", "w1@h", "--pidfile", mine]
+        h.sup.startService()
+        self.assertEqual(h.table.killed, [])
+        self.assertTrue(os.path.exists(os.path.join(outside, "worker.pid")))
+        self.assertTrue(h.named("unsafe-path"))
+
+    def test_real_instance_directories_are_still_scanned(self) -> None:
+        h = Harness(self, [])
+        self.pidfile(os.path.join(h.dir, "wörker-1"), 4242)
+        h.table.processes[4242] = ["python", "-m", "celery", "worker", "-n", "wörker-1@h"]
+        h.sup.startService()
+        self.assertEqual(h.table.killed, [(4242, 15)])

@@ -13,12 +13,16 @@ from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from scs.errors import BadParameter
 from scs.records import BrokerInfo, InstanceSpec, QueueBinding
 from scs.testing import FakeSpawner
 from scs.worker import (
     ProcessTable,
+    UnsafeName,
     WorkerProcess,
     build_argv,
+    check_path_component,
+    instance_path,
     is_worker_for,
     session_argv,
     spawn_worker,
@@ -197,3 +201,115 @@ class ProcessTableTests(SynchronousTestCase):
             f.write("1234\n")
         self.assertEqual(ProcessTable().read_pidfile(path), 1234)
         self.assertIsNone(ProcessTable().read_pidfile(path + ".missing"))
+
+
+HOSTILE_NAMES = [
+    "",
+    ".",
+    "..",
+    "../A-escape",
+    "../../etc",
+    "a/b",
+    "/etc",
+    "a\\b",
+    "..\\x",
+    "a\0b",
+    "\0",
+    ".hidden",  # would shadow the store file's neighbours
+    "-n",  # would read as an option
+    "a b",
+    "x" * 65,
+    "wo\u0308rker",  # not NFC
+]
+
+
+class InstancePathTests(SynchronousTestCase):
+    """Paths built from names stay inside the instance directory (-D)."""
+
+    def test_plain_names(self) -> None:
+        base = tmpdir(self)
+        self.assertEqual(instance_path(base, "w1"), os.path.join(base, "w1"))
+        self.assertEqual(
+            instance_path(base, "wörker-1", "worker.pid"), os.path.join(base, "wörker-1", "worker.pid")
+        )
+        # The directory as given (relative or not), not its resolved form.
+        self.assertEqual(instance_path("/data", "w1", "worker.log"), "/data/w1/worker.log")
+
+    def test_hostile_names_are_refused(self) -> None:
+        base = tmpdir(self)
+        for name in HOSTILE_NAMES:
+            with self.subTest(name=name):
+                with self.assertRaises(UnsafeName) as raised:
+                    instance_path(base, name, "worker.pid")
+                self.assertIsInstance(raised.exception, BadParameter)
+                self.assertIn(repr(name), raised.exception.message)
+                with self.assertRaises(UnsafeName):
+                    build_argv(spec(name=name), base, "h")
+        self.assertEqual(os.listdir(base), [])
+
+    def test_non_string_names_are_refused(self) -> None:
+        for name in (None, b"w1", 3):
+            with self.subTest(name=name), self.assertRaises(UnsafeName):
+                instance_path("/data", name)  # type: ignore[arg-type]
+
+    def test_bad_file_parts_are_refused(self) -> None:
+        for part in ("", "..", "../x", "a\0"):
+            with self.subTest(part=part), self.assertRaises(UnsafeName):
+                instance_path("/data", "w1", part)
+
+    def test_symlinked_instance_directory_pointing_outside(self) -> None:
+        base, outside = tmpdir(self), tmpdir(self)
+        os.symlink(outside, os.path.join(base, "w1"))
+        with self.assertRaises(UnsafeName) as raised:
+            instance_path(base, "w1", "worker.pid")
+        self.assertIn("symbolic link", raised.exception.message)
+        with self.assertRaises(UnsafeName):
+            build_argv(spec(), base, "h")
+
+    def test_symlink_to_another_place_inside_is_refused_too(self) -> None:
+        base = tmpdir(self)
+        os.mkdir(os.path.join(base, "w2"))
+        os.symlink(os.path.join(base, "w2"), os.path.join(base, "w1"))
+        with self.assertRaises(UnsafeName):
+            instance_path(base, "w1", "worker.pid")
+        # A log file planted as a symlink (to the store, say) is refused too.
+        os.mkdir(os.path.join(base, "w3"))
+        os.symlink(os.path.join(base, ".scs-store.sqlite"), os.path.join(base, "w3", "worker.log"))
+        with self.assertRaises(UnsafeName):
+            instance_path(base, "w3", "worker.log")
+
+    def test_instance_directory_itself_may_be_a_symlink(self) -> None:
+        """-D is the operator's choice; only what lies below it is checked."""
+        real = tmpdir(self)
+        link = os.path.join(tmpdir(self), "D")
+        os.symlink(real, link)
+        self.assertEqual(instance_path(link, "w1", "worker.pid"), os.path.join(link, "w1", "worker.pid"))
+
+    def test_check_path_component(self) -> None:
+        self.assertEqual(check_path_component("w1"), "w1")
+        for name in HOSTILE_NAMES:
+            with self.subTest(name=name), self.assertRaises(UnsafeName):
+                check_path_component(name)
+
+
+class SpawnWorkerPathTests(SynchronousTestCase):
+    def test_hostile_name_creates_nothing_and_spawns_nothing(self) -> None:
+        root = tmpdir(self)
+        base = os.path.join(root, "D")
+        os.mkdir(base)
+        spawner = FakeSpawner()
+        for name in ("../A-escape", "", "a\0b", ".."):
+            with self.subTest(name=name), self.assertRaises(UnsafeName):
+                spawn_worker(spawner, WorkerProcess(name, lambda p, r: None), ["x"], base, name)
+        self.assertEqual(spawner.processes, [])
+        self.assertEqual(sorted(os.listdir(root)), ["D"])
+        self.assertEqual(os.listdir(base), [])
+
+    def test_symlinked_instance_directory_is_not_written_through(self) -> None:
+        base, outside = tmpdir(self), tmpdir(self)
+        os.symlink(outside, os.path.join(base, "w1"))
+        spawner = FakeSpawner()
+        with self.assertRaises(UnsafeName):
+            spawn_worker(spawner, WorkerProcess("w1", lambda p, r: None), ["x"], base, "w1")
+        self.assertEqual(spawner.processes, [])
+        self.assertEqual(os.listdir(outside), [])

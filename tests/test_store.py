@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,15 @@ from sqlalchemy import create_engine
 
 from scs.errors import BadParameter, Conflict, NotFound
 from scs.records import QueueBinding
-from scs.store import STORE_FILENAME, Store, migrate, schema_revision
+from scs.store import (
+    STORE_FILENAME,
+    Store,
+    StoreError,
+    check_store_file,
+    migrate,
+    move_store_aside,
+    schema_revision,
+)
 
 BROKER = "amqp://guest:guest@127.0.0.1:5672//"
 
@@ -147,11 +157,6 @@ def test_redeclaring_a_queue_updates_it() -> None:
 
 
 # -- integrity at open (an empty or damaged store never starts silently) ------
-
-import os
-import sqlite3
-
-from scs.store import StoreError, check_store_file, move_store_aside
 
 
 def _store_with_rows(directory: Path, count: int = 300) -> Path:

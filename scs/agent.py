@@ -18,13 +18,14 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredLock, maybeDeferred
 from twisted.logger import Logger
 
-from scs.errors import Conflict, GatewayTimeout, NotFound, SCSError, Unavailable
+from scs.errors import BadParameter, Conflict, GatewayTimeout, NotFound, SCSError, Unavailable
 from scs.records import BrokerInfo, InstanceSpec, QueueBinding, WorkerStatus
 from scs.store import UNSET, Store
-from scs.validation import check_concurrency_range
+from scs.operation_args import OPERATIONS, check_operation
+from scs.validation import check_concurrency_range, check_name, only
 
 log = Logger(namespace="scs.agent")
 
@@ -314,33 +315,9 @@ class LocalAgent:
             log.warn("supervisor did not settle in time: {error}", error=repr(e))
 
 
-# The LocalAgent methods a peer may run here through SRS.
-REMOTE_OPERATIONS = frozenset(
-    {
-        "app_put",
-        "app_get",
-        "app_export",
-        "app_delete",
-        "instance_owned",
-        "instance_create",
-        "instance_list",
-        "instance_details",
-        "instance_get",
-        "instance_delete",
-        "instance_enable",
-        "instance_disable",
-        "instance_restart",
-        "autoscale_get",
-        "autoscale_set",
-        "queues_of",
-        "consume",
-        "cancel",
-        "stats",
-        "queue_get",
-        "queue_list",
-        "queue_delete",
-    }
-)
+# The LocalAgent methods a peer may run here through SRS, each with its
+# checked arguments (scs.operation_args).
+REMOTE_OPERATIONS = OPERATIONS
 
 
 async def _nothing() -> None:
@@ -375,6 +352,8 @@ class Agent:
         self.call_timeout = call_timeout
         self.create_timeout = create_timeout or local.ready_timeout + 5.0
         self._calls = 0
+        # Named creations this agent is deciding, as the coordinator.
+        self._name_locks: dict[str, DeferredLock] = {}
         if srs is not None:
             srs.handler = self.handle_remote
             local.resolve_queue = self._resolve_queue_anywhere
@@ -415,10 +394,29 @@ class Agent:
     # -- peers -------------------------------------------------------------
 
     def handle_remote(self, operation: str, arguments: dict[str, Any]) -> Deferred:
-        """Run an operation a peer sent us (SRS handler)."""
-        if operation not in REMOTE_OPERATIONS:
-            return Deferred.fromCoroutine(_raise(NotFound(f"unknown operation {operation!r}")))
-        return maybeDeferred(lambda: _as_deferred(getattr(self.local, operation)(**arguments)))
+        """Run an operation a peer sent us (SRS handler), once its arguments
+        passed the API's own validators."""
+
+        def run() -> Deferred:
+            if operation == "instance_create_named":
+                return Deferred.fromCoroutine(self._create_named_for_peer(arguments))
+            clean = check_operation(operation, arguments)
+            return _as_deferred(getattr(self.local, operation)(**clean))
+
+        return maybeDeferred(run)
+
+    async def _create_named_for_peer(self, request: Any) -> dict[str, Any]:
+        if not isinstance(request, dict):
+            raise BadParameter("operation arguments must be an object")
+        only(request, ("arguments", "on"))
+        arguments = check_operation("instance_create", request.get("arguments"))
+        if arguments.get("name") is None:
+            raise BadParameter("missing parameter name", parameter="name")
+        on = request.get("on")
+        if on is not None:
+            on = check_name(on, "agent")
+        reply = await self.create_named(arguments, on)
+        return {"instance": reply.body, "status": reply.status}
 
     def _clustered(self) -> bool:
         return self.srs is not None and self.srs.is_connected()
@@ -445,10 +443,18 @@ class Agent:
         return results, tuple(sorted(missing))
 
     async def _on_owner(self, name: str, operation: str, arguments: dict[str, Any]) -> Reply:
-        """Run an instance operation where the instance lives."""
-        if self.local.instance_owned(name) or not self._clustered():
+        """Run an instance operation where the instance lives.  When the
+        owner cannot be asked the answer is 503, not 404: the instance may
+        well exist on an agent we cannot reach."""
+        if self.local.instance_owned(name) or self.srs is None:
             body = await _as_deferred(getattr(self.local, operation)(**arguments))
             return Reply(body, missing=self._peers_missing())
+        if not self.srs.is_connected():
+            raise Unavailable(
+                f"instance {name!r} is not on this agent, and the cluster cannot be reached",
+                instance=name,
+                missing_agents=list(self._peers_missing()),
+            )
         answers, missing = await self.srs.scatter(operation, arguments, timeout=self.call_timeout)
         answer = _owners_answer(answers)
         if answer is not None:
@@ -457,11 +463,13 @@ class Agent:
         if self.local.instance_owned(name):
             body = await _as_deferred(getattr(self.local, operation)(**arguments))
             return Reply(body)
-        raise NotFound(
-            f"no instance named {name!r}",
-            instance=name,
-            **({"missing_agents": sorted(missing)} if missing else {}),
-        )
+        if missing:
+            raise Unavailable(
+                f"no agent that answered has instance {name!r}; no answer from {', '.join(sorted(missing))}",
+                instance=name,
+                missing_agents=sorted(missing),
+            )
+        raise NotFound(f"no instance named {name!r}", instance=name)
 
     async def _resolve_queue_anywhere(self, app: str, queue: str) -> QueueBinding | None:
         binding = self.store.find_queue(app, queue)
@@ -559,56 +567,118 @@ class Agent:
         answers, _missing = await self.srs.scatter("app_export", {})
         for agent in sorted(answers):
             answer = answers[agent]
-            if isinstance(answer, list):
-                for app in answer:
-                    if not self.store.has_app(app["app"]):
-                        self.local.app_put(**app)
+            if not isinstance(answer, list):
+                continue
+            for app in answer:
+                try:
+                    clean = check_operation("app_put", app)
+                except SCSError as e:
+                    log.warn(
+                        "refused an app copied from {agent}: {error}",
+                        agent=agent,
+                        error=e.message,
+                        event="srs.app.refused",
+                    )
+                    continue
+                if not self.store.has_app(clean["app"]):
+                    self.local.app_put(**clean)
 
     async def instance_create(
         self, app: str, name: str | None = None, *, on: str | None = None, **settings: Any
     ) -> Reply:
         """Create an instance on a random live agent, or on agent ``on``
         (the admin page creates on its own agent).  A named instance that
-        exists already stays where it is."""
+        exists already stays where it is; whether it exists is decided by
+        one agent of the cluster (``_coordinator``), one name at a time, so
+        that the same name created through two agents at once is one
+        instance."""
         arguments = {"app": app, "name": name, **settings}
         log_arguments = dict(arguments)
         if settings.get("broker") is not None:
             log_arguments["broker"] = BrokerInfo.from_url(settings["broker"]).to_json(masked=True)
 
         async def run() -> Reply:
-            if name is not None:
-                # A named instance that exists somewhere stays where it is.
-                if self.local.instance_owned(name):
-                    return await self._create_on(self.agent_id, arguments)
-                if self._clustered():
-                    answers, _missing = await self.srs.scatter(
-                        "instance_owned", {"name": name}
-                    )
-                    owners = sorted(a for a, owned in answers.items() if owned is True)
-                    if owners:
-                        if on is not None and owners[0] != on:
-                            raise Conflict(
-                                f"instance {name!r} exists on agent {owners[0]!r}",
-                                instance=name,
-                                agent=owners[0],
-                            )
-                        return await self._create_on(owners[0], arguments)
-            if on is not None:
-                return await self._create_on(on, arguments)
-            candidates = self._live_agents()
-            self.random.shuffle(candidates)
-            last_error: SCSError | None = None
-            for agent in candidates:
-                try:
-                    return await self._create_on(agent, arguments)
-                except (GatewayTimeout, Unavailable) as e:
-                    log.warn(
-                        "placement on {agent} failed: {error}", agent=agent, error=e.message
-                    )
-                    last_error = e
-            raise last_error or Unavailable("no live agent to place the instance on")
+            if name is None:
+                # A fresh random name: nothing to decide.
+                return await self._place(arguments, on)
+            if self.local.instance_owned(name):
+                return await self._create_on(self.agent_id, arguments)
+            if self.srs is None:
+                return await self._place(arguments, on)
+            if not self.srs.is_connected():
+                # Another agent may own it: creating here could make a copy.
+                raise Unavailable(
+                    f"cannot tell whether instance {name!r} exists: not connected to the cluster",
+                    instance=name,
+                )
+            coordinator = self._coordinator()
+            if coordinator == self.agent_id:
+                return await self.create_named(arguments, on)
+            result = await self.srs.call(
+                coordinator,
+                "instance_create_named",
+                {"arguments": arguments, "on": on},
+                timeout=self.create_timeout + self.call_timeout,
+            )
+            return Reply(result["instance"], status=result["status"])
 
         return await self._logged("Node.add", log_arguments, run())
+
+    def _coordinator(self) -> str:
+        """The agent that decides named creations: the first live one by id,
+        the same for every agent that sees the same members."""
+        return min(self._live_agents())
+
+    async def create_named(self, arguments: dict[str, Any], on: str | None) -> Reply:
+        """On the coordinator: create a named instance unless it exists
+        somewhere, one decision per name at a time."""
+        name = arguments["name"]
+        lock = self._name_locks.setdefault(name, DeferredLock())
+        await lock.acquire()
+        try:
+            owner = await self._owner_of(name)
+            if owner is None:
+                return await self._place(arguments, on)
+            if on is not None and owner != on:
+                raise Conflict(f"instance {name!r} exists on agent {owner!r}", instance=name, agent=owner)
+            return await self._create_on(owner, arguments)
+        finally:
+            lock.release()
+            if not lock.locked and not lock.waiting:
+                self._name_locks.pop(name, None)
+
+    async def _owner_of(self, name: str) -> str | None:
+        """The agent that has instance ``name``; Unavailable when an agent
+        that might have it did not answer."""
+        if self.local.instance_owned(name):
+            return self.agent_id
+        if not self._clustered():
+            return None
+        answers, missing = await self.srs.scatter("instance_owned", {"name": name})
+        owners = sorted(a for a, owned in answers.items() if owned is True)
+        if owners:
+            return owners[0]
+        if missing:
+            raise Unavailable(
+                f"cannot tell whether instance {name!r} exists: no answer from {', '.join(missing)}",
+                instance=name,
+                missing_agents=sorted(missing),
+            )
+        return None
+
+    async def _place(self, arguments: dict[str, Any], on: str | None) -> Reply:
+        if on is not None:
+            return await self._create_on(on, arguments)
+        candidates = self._live_agents()
+        self.random.shuffle(candidates)
+        last_error: SCSError | None = None
+        for agent in candidates:
+            try:
+                return await self._create_on(agent, arguments)
+            except (GatewayTimeout, Unavailable) as e:
+                log.warn("placement on {agent} failed: {error}", agent=agent, error=e.message)
+                last_error = e
+        raise last_error or Unavailable("no live agent to place the instance on")
 
     def _live_agents(self) -> list[str]:
         if not self._clustered():
@@ -720,10 +790,6 @@ def _owners_answer(answers: dict[str, Any]) -> Any:
             raise answer
         return answer
     return None
-
-
-async def _raise(error: Exception) -> None:
-    raise error
 
 
 def _as_deferred(result: Any) -> Deferred:

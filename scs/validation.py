@@ -20,6 +20,7 @@ from urllib.parse import unquote, urlsplit
 
 from scs.errors import BadParameter
 from scs.records import BrokerInfo, QueueBinding
+from scs.worker_arguments import RefusedArgument, check_worker_arguments
 
 MAX_NAME_LENGTH = 64
 MAX_QUEUE_NAME_LENGTH = 200
@@ -49,26 +50,6 @@ EXCHANGE_TYPES = ("direct", "topic", "fanout", "headers")
 
 # Paths that would shadow an app's URL.
 RESERVED_APP_NAMES = frozenset({"ping", "agents", "admin", "metrics", "instances", "static"})
-
-# Worker options the supervisor owns: letting an operator override them
-# would break supervision (a second node name, a detached worker, …).  Short
-# ones are also refused with their value attached ("-nfoo", "-Qq1").
-RESERVED_WORKER_OPTIONS = (
-    "-n",
-    "--hostname",
-    "-Q",
-    "--queues",
-    "--pidfile",
-    "--logfile",
-    "-f",
-    "-b",
-    "--broker",
-    "--autoscale",
-    "-A",
-    "--app",
-    "--detach",
-    "-D",
-)
 
 _TRUE = {"1", "true", "yes", "on", ""}
 _FALSE = {"0", "false", "no", "off"}
@@ -242,15 +223,10 @@ def check_arguments(value: Any) -> tuple[str, ...]:
             raise BadParameter(
                 "an argument is too long or holds control characters", parameter="arguments"
             )
-        option = item.split("=", 1)[0]
-        if not item.startswith("--") and item[:2] in RESERVED_WORKER_OPTIONS:
-            option = item[:2]
-        if option in RESERVED_WORKER_OPTIONS:
-            raise BadParameter(
-                f"argument {option!r} is set by the agent and cannot be overridden",
-                parameter="arguments",
-            )
-    return tuple(items)
+    try:
+        return check_worker_arguments(items)
+    except RefusedArgument as e:
+        raise BadParameter(e.message, parameter="arguments", option=e.option) from None
 
 
 def check_queue_list(value: Any) -> tuple[str, ...]:

@@ -975,6 +975,16 @@ BAD_INSTANCE_SETTINGS: list[tuple[str, Any]] = [
     ("arguments", "-D"),
     ("arguments", "--detach"),
     ("arguments", "--pidfile=/tmp/x"),
+    # Allow-list (issue "Trust on the bus"): bundled short flags got past the
+    # old deny-list, and key=value became Celery configuration.
+    ("arguments", "-En x@y"),
+    ("arguments", "-EQq"),
+    ("arguments", "-Ef/path"),
+    ("arguments", "-ED"),
+    ("arguments", "accept_content=pickle"),
+    ("arguments", ["CELERY_ACCEPT_CONTENT=pickle"]),
+    ("arguments", "--include=os"),
+    ("arguments", "-c 4"),
     ("arguments", "'unbalanced"),
     ("arguments", "a\x00b"),
     ("arguments", ["ok", ""]),
@@ -1025,6 +1035,8 @@ BAD_APP_SETTINGS: list[tuple[str, Any]] = [
     ("arguments", "--app=other"),
     ("arguments", "-b amqp://x//"),
     ("arguments", "--autoscale=10,1"),
+    ("arguments", "-B"),
+    ("arguments", "worker_pool=evil:Pool"),
     ("arguments", '"unbalanced'),
     ("arguments", True),
 ]
@@ -1057,7 +1069,7 @@ def test_good_settings_are_accepted(h: Harness) -> None:
     response = h.json_request(
         "PUT",
         "/app1/instances/w2/",
-        {"queues": "q1, q2", "arguments": ["-c", "2", "--loglevel=$(x)"], "nowait": "yes"},
+        {"queues": "q1, q2", "arguments": ["-O", "fair", "--loglevel=info"], "nowait": "yes"},
     )
     assert response.status == 202, response
     assert response.json()["queues"] == ["q1", "q2"]

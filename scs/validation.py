@@ -99,8 +99,21 @@ def check_instance_name(value: Any) -> str:
     return check_name(value, "instance")
 
 
+# Queue names the broker or the agent reserve: RabbitMQ's own ("amq.") and
+# each instance's private queue ("dq.<instance>"), which no other worker
+# may consume.
+RESERVED_QUEUE_PREFIXES = ("amq.", "dq.")
+
+
 def check_queue_name(value: Any, what: str = "queue") -> str:
-    return check_name(value, what, MAX_QUEUE_NAME_LENGTH, MAX_QUEUE_NAME_BYTES)
+    name = check_name(value, what, MAX_QUEUE_NAME_LENGTH, MAX_QUEUE_NAME_BYTES)
+    if name.lower().startswith(RESERVED_QUEUE_PREFIXES):
+        raise BadParameter(
+            f"{what}: names starting with {' or '.join(RESERVED_QUEUE_PREFIXES)} are reserved "
+            "(the broker's own queues and the instances' private queues)",
+            parameter=what,
+        )
+    return name
 
 
 def check_int(value: Any, what: str, low: int, high: int) -> int:

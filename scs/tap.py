@@ -14,7 +14,6 @@ import socket
 import sys
 from typing import Any
 
-from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
 from twisted.logger import Logger
 from twisted.python import usage
@@ -45,20 +44,73 @@ def http_endpoint(addr: str) -> str:
     return f"tcp:{port}:interface={host.replace(':', chr(92) + ':')}"
 
 
+def endpoint_fields(description: str) -> tuple[list[str], dict[str, str]]:
+    """A server endpoint string split as Twisted splits it (":" separates,
+    a backslash escapes the next character) into positional fields and
+    keywords; a keyword given twice is refused (Twisted would silently use
+    the last, so "interface=127.0.0.1:interface=0.0.0.0" binds everything)."""
+    fields: list[str] = []
+    current: list[str] = []
+    chars = iter(description)
+    for char in chars:
+        if char == "\\":
+            current.append(next(chars, ""))
+        elif char == ":":
+            fields.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    fields.append("".join(current))
+    args: list[str] = []
+    keywords: dict[str, str] = {}
+    for field in fields:
+        name, sep, value = field.partition("=")
+        if not sep:
+            args.append(field)
+        elif name in keywords:
+            raise usage.UsageError(
+                f"endpoint {description!r} gives {name}= twice; give it once"
+            )
+        else:
+            keywords[name] = value
+    return args, keywords
+
+
+def endpoint_interface(description: str) -> str | None:
+    """The address a TCP (or ssl) server endpoint binds, as Twisted reads
+    the string: "" for every address, None for other kinds of endpoint."""
+    args, keywords = endpoint_fields(description)
+    kind = args[0] if args else ""
+    if kind in ("tcp", "tcp6"):
+        from twisted.internet.endpoints import serverFromString
+        from twisted.internet.protocol import Factory
+        from twisted.internet.testing import MemoryReactor
+
+        # Twisted's own parser, listening on a fake reactor: the interface
+        # it passes to listenTCP is the one the real reactor would bind.
+        reactor = MemoryReactor()
+        try:
+            serverFromString(reactor, description).listen(Factory())
+        except (ValueError, TypeError, KeyError) as e:
+            raise usage.UsageError(f"bad endpoint {description!r}: {e}") from None
+        return str(reactor.tcpServers[-1][3])
+    if kind == "ssl":
+        return keywords.get("interface", "")
+    return None
+
+
 def endpoint_is_loopback(description: str) -> bool:
     """Whether a server endpoint string binds only a loopback address."""
-    fields = description.split(":")
-    if fields[0] not in ("tcp", "tcp6", "ssl"):
-        # unix sockets are local by nature
-        return fields[0] == "unix"
-    for field in description.replace("\\:", "\0").split(":"):
-        if field.startswith("interface="):
-            host = field[len("interface=") :].replace("\0", ":")
-            try:
-                return ipaddress.ip_address(host).is_loopback
-            except ValueError:
-                return False
-    return False  # no interface: all addresses
+    kind = endpoint_fields(description)[0][:1]
+    if kind == ["unix"]:
+        return True  # unix sockets are local by nature
+    host = endpoint_interface(description)
+    if not host:
+        return False  # all addresses, or an endpoint kind we cannot read
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _seconds(value: str) -> float:
@@ -89,18 +141,70 @@ class Options(usage.Options):
         ["amqp-spec", None, DEFAULT_AMQP_SPEC, "AMQP 0-9-1 spec XML for txamqp."],
         ["cluster", None, "scs", "Answer only peers of this cluster name."],
         ["auth-token-file", None, None, "Require this bearer token on the API."],
+        [
+            "max-connections",
+            None,
+            1000,
+            "Most open HTTP connections; over it, the oldest idle one is closed.",
+            int,
+        ],
+        [
+            "http-header-timeout",
+            None,
+            10.0,
+            "Seconds a client has to send a whole request head.",
+            float,
+        ],
+        [
+            "http-idle-timeout",
+            None,
+            60.0,
+            "Seconds an HTTP connection may stay silent between requests.",
+            float,
+        ],
+        [
+            "cluster-secret-file",
+            None,
+            None,
+            "Sign, check and encrypt every cluster (SRS) message with the secret in this file.",
+        ],
+        ["max-peers", None, 256, "Most other agents kept in the membership table.", int],
+        [
+            "forget-dead-after",
+            None,
+            86400.0,
+            "Seconds a silent member stays listed (dead) before it is forgotten.",
+            float,
+        ],
     ]
     optFlags = [
         ["without-http", None, "Do not serve HTTP."],
         ["without-srs", None, "Do not join the cluster."],
         ["allow-remote", None, "Serve HTTP on a non-loopback address without a token."],
         ["manhole-allow-remote", None, "Allow a non-loopback manhole endpoint."],
+        [
+            "allow-unsigned-cluster",
+            None,
+            "Join a cluster on a non-loopback broker without --cluster-secret-file.",
+        ],
         ["reset-store", None, "Start with an empty store, moving the old file aside."],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["addr"] = None
+        self["allowed-host"] = []
+
+    def opt_allowed_host(self, name: str) -> None:
+        """Also answer requests whose Host is NAME or NAME:PORT (a DNS name
+        the agent is served as, e.g. behind a proxy); repeatable."""
+        from scs.http.guard import BadHost, parse_host
+
+        try:
+            parse_host(name)
+        except BadHost as e:
+            raise usage.UsageError(f"--allowed-host: {e}") from None
+        self["allowed-host"].append(name)
 
     def opt_version(self) -> None:
         print(f"scs-agent {__version__}")
@@ -136,6 +240,7 @@ class Options(usage.Options):
         if self["http"] and self["addr"]:
             raise usage.UsageError("give ADDR or --http, not both")
         self["http-endpoint"] = self["http"] or http_endpoint(self["addr"] or DEFAULT_ADDR)
+        self._check_http_limits()
         if self["id"] is None:
             self["id"] = socket.gethostname()
         from scs.validation import check_name
@@ -163,6 +268,7 @@ class Options(usage.Options):
                 "refusing to serve HTTP on a non-loopback address without "
                 "--auth-token-file; give --allow-remote to do it anyway"
             )
+        self._check_cluster_trust()
         if self["auth-token-file"]:
             from scs.http.auth import TokenFileError, read_token_file
 
@@ -184,6 +290,56 @@ class Options(usage.Options):
                 check_password_file(self["manhole-passwd"])
             except ManholeConfigError as e:
                 raise usage.UsageError(f"--manhole-passwd: {e}") from None
+
+
+    def _check_cluster_trust(self) -> None:
+        """A cluster on a broker other machines reach needs a secret: anyone
+        with credentials on that broker could otherwise command the agent."""
+        if self["max-peers"] < 1:
+            raise usage.UsageError("--max-peers must be at least 1")
+        if self["forget-dead-after"] <= 0:
+            raise usage.UsageError("--forget-dead-after must be a positive number of seconds")
+        if self["cluster-secret-file"]:
+            from scs.srs_trust import SecretFileError, read_secret_file
+
+            try:
+                read_secret_file(self["cluster-secret-file"])
+            except SecretFileError as e:
+                raise usage.UsageError(f"--cluster-secret-file: {e}") from None
+        elif (
+            not self["without-srs"]
+            and not self["allow-unsigned-cluster"]
+            and not broker_is_loopback(self["broker"])
+        ):
+            raise usage.UsageError(
+                "refusing to join a cluster on a non-loopback broker without "
+                "--cluster-secret-file; give --allow-unsigned-cluster to do it anyway"
+            )
+
+
+    def _check_http_limits(self) -> None:
+        if self["max-connections"] < 1:
+            raise usage.UsageError("--max-connections must be at least 1")
+        for name in ("http-header-timeout", "http-idle-timeout"):
+            if not self[name] > 0:
+                raise usage.UsageError(f"--{name} must be a positive number of seconds")
+        if not self["without-http"]:
+            # Refuses a keyword given twice, and a string Twisted cannot read.
+            endpoint_interface(self["http-endpoint"])
+        if self["manhole"]:
+            endpoint_interface(self["manhole"])
+
+
+def broker_is_loopback(url: str) -> bool:
+    from scs.records import BrokerInfo
+
+    host = BrokerInfo.from_url(url).hostname
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def http_url(endpoint: str) -> str:
@@ -277,7 +433,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             spec_path=options["amqp-spec"],
             reactor=reactor,
             summary=local.summary,
+            codec=_message_codec(options, reactor),
+            requires_token=bool(options["auth-token-file"]),
+            max_peers=options["max-peers"],
+            forget_after=options["forget-dead-after"],
         )
+        _log_cluster_trust(options)
         srs.setServiceParent(top)
     agent = Agent(local, srs, url=url)
     if srs is not None:
@@ -288,16 +449,28 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     metrics = AgentMetrics(agent)
     MetricsService(metrics).setServiceParent(top)
     if not options["without-http"]:
-        from twisted.web.server import Site
-
         from scs.http.auth import TokenAuth
 
         auth = TokenAuth.from_file(options["auth-token-file"]) if options["auth-token-file"] else None
         from scs.http.params import APIRequest
 
-        site = Site(http_resource(agent, metrics, auth), requestFactory=APIRequest)
-        site.displayTracebacks = False
-        strports.service(options["http-endpoint"], site, reactor=reactor).setServiceParent(top)
+        from twisted.internet.endpoints import serverFromString
+
+        from scs.http.guard import HTTPServerService, LimitedSite
+
+        site = LimitedSite(
+            http_resource(agent, metrics, auth, allowed_hosts=options["allowed-host"]),
+            requestFactory=APIRequest,
+            header_timeout=options["http-header-timeout"],
+            idle_timeout=options["http-idle-timeout"],
+            reactor=reactor,
+        )
+        HTTPServerService(
+            serverFromString(reactor, options["http-endpoint"]),
+            site,
+            max_connections=options["max-connections"],
+            allow_public=bool(options["auth-token-file"] or options["allow-remote"]),
+        ).setServiceParent(top)
         _log_access_decision(options)
     if options["manhole"]:
         from scs.manhole import manhole_service
@@ -324,17 +497,53 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     return top
 
 
-def http_resource(agent: Any, metrics: Any, auth: Any = None) -> Any:
+def http_resource(
+    agent: Any, metrics: Any, auth: Any = None, allowed_hosts: Any = ()
+) -> Any:
     """The whole HTTP site: the API with the admin page and /metrics
-    mounted, behind the token check, every request counted."""
+    mounted, behind the Host/Origin guard and the token check, every
+    request counted."""
     from scs.http.admin import Admin
     from scs.http.api import API
     from scs.http.auth import guarded
+    from scs.http.guard import HostOriginGuard
     from scs.metrics import CountingResource, route_of
 
     api = API(agent, mounts={"admin": Admin(agent, auth).resource(), "metrics": metrics.resource()})
-    # Counted outside the guard, so that refused requests show as 401s.
-    return CountingResource(guarded(api.resource(), auth), metrics, route_of(API.app.url_map))
+    # Counted outside the guards, so that refused requests show as 400s,
+    # 401s and 403s.  The Host and Origin checks come first: a page that
+    # rebinds a name or posts cross-site learns nothing, token or not.
+    site = HostOriginGuard(guarded(api.resource(), auth), allowed_hosts)
+    return CountingResource(site, metrics, route_of(API.app.url_map))
+
+
+def _message_codec(options: Options, reactor: Any) -> Any:
+    from scs.srs_trust import MessageCodec, read_secret_file
+
+    secret = read_secret_file(options["cluster-secret-file"]) if options["cluster-secret-file"] else None
+    return MessageCodec(options["cluster"], secret, clock=reactor.seconds)
+
+
+def _log_cluster_trust(options: Options) -> None:
+    """Say at start whom this agent takes cluster operations from."""
+    if options["cluster-secret-file"]:
+        log.info(
+            "cluster {cluster}: messages signed and encrypted with the secret of {path}",
+            cluster=options["cluster"],
+            path=options["cluster-secret-file"],
+        )
+    else:
+        log.warn(
+            "cluster {cluster}: messages NOT signed (no --cluster-secret-file): "
+            "anyone with credentials on the broker can command this agent",
+            cluster=options["cluster"],
+        )
+    if options["auth-token-file"]:
+        log.info(
+            "cluster {cluster}: this agent requires a token, so it accepts cluster "
+            "operations only from agents that require one too",
+            cluster=options["cluster"],
+        )
 
 
 def _log_access_decision(options: Options) -> None:

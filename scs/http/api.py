@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import quote, unquote_to_bytes
+from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 from klein import Klein
 from twisted.logger import Logger
@@ -23,6 +23,7 @@ from werkzeug.exceptions import HTTPException
 from scs import validation as v
 from scs.agent import Agent, Reply
 from scs.errors import BadParameter, MethodNotAllowed, NotFound, SCSError
+from scs.http.guard import BadHost, parse_host
 from scs.http.params import DEFAULT_MAX_BODY, request_params
 from scs.store import UNSET
 
@@ -73,10 +74,15 @@ class _UTF8PathGuard(Resource):
             unquote_to_bytes(request.path).decode("utf-8")
         except UnicodeDecodeError:
             return write_error(request, BadParameter("the URL path is not valid UTF-8"))
-        try:
-            request.getRequestHostname().decode("ascii")
-        except UnicodeDecodeError:
-            return write_error(request, BadParameter("the Host header is not ASCII"))
+        # Werkzeug fails (a 500) on a Host that is not a host name, such as
+        # ".": refuse those here.  Which hosts are served is decided by the
+        # guard around the whole site (scs.http.guard).
+        for host in request.requestHeaders.getRawHeaders(b"host") or []:
+            try:
+                parse_host(host.strip())
+            except BadHost as e:
+                message = str(e) if "Host" in str(e) else f"bad Host header: {e}"
+                return write_error(request, BadParameter(message))
         segments = request.path.split(b"/")
         if any(b"/" in unquote_to_bytes(part) for part in segments):
             return write_error(
@@ -364,10 +370,21 @@ def _routing_error(self: API, request: IRequest, failure: Failure) -> bytes:
     error: HTTPException = failure.value
     location = getattr(error, "new_url", None)
     if location:
-        # "/admin" -> "/admin/": a redirect, not an error.
+        # "/admin" -> "/admin/": a redirect, not an error.  Werkzeug builds
+        # an absolute URL from the request's Host; send the path alone, so
+        # that the answer never echoes what the client claimed to reach.
+        location = _relative(location)
         request.setHeader(b"Location", location.encode("utf-8"))
         return write_json(request, {"location": location}, error.code or 308)
     return write_json(request, {"error": error.description or error.name}, error.code or 500)
+
+
+def _relative(url: str) -> str:
+    """The path and query of ``url``, never read as another host's
+    (a leading "//" is a network path: collapse it)."""
+    parts = urlsplit(url)
+    path = "/" + (parts.path or "/").lstrip("/")
+    return path + ("?" + parts.query if parts.query else "")
 
 
 @API.app.route("/<path:rest>", methods=list(ALL_METHODS), endpoint="not-found")

@@ -36,6 +36,7 @@ from scs.worker_arguments import (
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     from celery import Celery, _find_option_with_arg
+    from celery.app.defaults import NAMESPACES
     from celery.bin.base import LOG_LEVEL, CLIContext
     from celery.bin.celery import celery as celery_group
     from celery.bin.worker import worker as worker_command
@@ -348,8 +349,6 @@ def test_allowed_settings_are_celery_settings() -> None:
     samples = {"int": "3", "float": "2.5", "bool": "yes"}
     for key in ALLOWED_SETTINGS:
         namespace, name = key.split("_", 1)
-        from celery.app.defaults import NAMESPACES
-
         kind = NAMESPACES[namespace][name].type
         value = samples[kind]
         check_worker_arguments([f"{key}={value}"])
@@ -424,8 +423,6 @@ def _spellings(key: str) -> st.SearchStrategy[str]:
 
 @st.composite
 def setting(draw: Any) -> list[str]:
-    from celery.app.defaults import NAMESPACES
-
     key = draw(st.sampled_from(sorted(ALLOWED_SETTINGS)))
     namespace, name = key.split("_", 1)
     value = draw(SETTING_VALUES[NAMESPACES[namespace][name].type])
@@ -484,7 +481,8 @@ def forbidden_element(draw: Any) -> list[str]:
         short = draw(st.sampled_from("aeghjkmoprtuvwxyzFGHJKLMNRTUVWYZ0123456789%"))
         return draw(st.sampled_from([[name], [f"-{flags}{short}"]]))
     if kind == "setting":
-        return [f"{draw(st.sampled_from(FORBIDDEN_SETTINGS))}={draw(st.sampled_from(['1', 'x', 'pickle']))}"]
+        key = draw(st.sampled_from(FORBIDDEN_SETTINGS))
+        return [f"{key}={draw(st.sampled_from(['1', 'x', 'pickle']))}"]
     if kind == "bad-value":
         name = draw(st.sampled_from(LONG_VALUED + SHORT_VALUED))
         value = draw(st.sampled_from(["-D", "--hostname=x", "0", "-1", "x@y", "inf", "", "=4"]))

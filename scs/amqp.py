@@ -98,6 +98,11 @@ class _Factory(AMQFactory):
     noisy = False  # ClientService logs the connection life; no factory chatter
 
 
+# Bounds of an agent's private queue on the broker.
+PRIVATE_QUEUE_MAX_MESSAGES = 20_000
+PRIVATE_QUEUE_MAX_BYTES = 64 * 1024 * 1024
+
+
 @implementer(srs.ISRSTransport)
 class AMQPTransport(MultiService):
     """``scs.srs.ISRSTransport`` over txAMQP, reconnecting by itself."""
@@ -230,7 +235,16 @@ class AMQPTransport(MultiService):
         await channel.exchange_declare(exchange=direct, type="direct", durable=False, auto_delete=True)
         await channel.exchange_declare(exchange=fanout, type="fanout", durable=False, auto_delete=True)
         queue = srs.private_queue_name(self.cluster, self.agent_id, "%012x" % self._rng.getrandbits(48))
-        await channel.queue_declare(queue=queue, exclusive=True, auto_delete=True, durable=False)
+        # Bounded on the broker too: a flood of messages (from anyone with
+        # credentials on the broker) drops the oldest instead of filling the
+        # broker's memory while we work through it.
+        await channel.queue_declare(
+            queue=queue,
+            exclusive=True,
+            auto_delete=True,
+            durable=False,
+            arguments={"x-max-length": PRIVATE_QUEUE_MAX_MESSAGES, "x-max-length-bytes": PRIVATE_QUEUE_MAX_BYTES},
+        )
         await channel.queue_bind(queue=queue, exchange=direct, routing_key=srs.routing_key(self.agent_id))
         await channel.queue_bind(queue=queue, exchange=fanout, routing_key="")
         reply = await channel.basic_consume(queue=queue, no_ack=True)

@@ -34,6 +34,7 @@ from twisted.web.resource import IResource, Resource
 from zope.interface import implementer
 
 from scs.records import STATES
+from scs.srs_trust import REASONS as REJECTION_REASONS
 
 log = Logger(namespace="scs.metrics")
 
@@ -60,6 +61,9 @@ class AgentCollector:
             ),
             GaugeMetricFamily("scs_peers", "Other agents of the cluster by liveness.", labels=["alive"]),
             GaugeMetricFamily("scs_srs_connected", "1 when this agent is connected to the cluster."),
+            CounterMetricFamily(
+                "scs_srs_rejected", "Cluster messages dropped, by reason.", labels=["reason"]
+            ),
         ]
 
     def collect(self) -> Iterator[Metric]:
@@ -105,6 +109,14 @@ class AgentCollector:
         )
         connected.add_metric([], 1 if srs is not None and srs.is_connected() else 0)
         yield connected
+
+        rejected = CounterMetricFamily(
+            "scs_srs_rejected", "Cluster messages dropped, by reason.", labels=["reason"]
+        )
+        counts = srs.rejected_counts() if srs is not None else {}
+        for reason in REJECTION_REASONS:
+            rejected.add_metric([reason], counts.get(reason, 0))
+        yield rejected
 
 
 class AgentMetrics:

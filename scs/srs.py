@@ -286,6 +286,10 @@ class SRS(MultiService):
     def is_connected(self) -> bool:
         return self._connected
 
+    def rejected_counts(self) -> dict[str, int]:
+        """Messages dropped so far, by reason (``scs.srs_trust.REASONS``)."""
+        return dict(self.codec.rejected)
+
     def members(self) -> list[dict[str, Any]]:
         """The membership table, this agent included, sorted by id."""
         now = self._reactor.seconds()

@@ -47,6 +47,7 @@ from scs.worker import (
     PIDFILE,
     ProcessTable,
     UnsafeName,
+    UnsafeSpec,
     WorkerProcess,
     build_argv,
     check_path_component,
@@ -634,7 +635,7 @@ class Supervisor(Service):
         spec = w.spec
         try:
             argv = build_argv(spec, self.instance_dir, self.hostname, mingle=self.mingle)
-        except UnsafeName as e:
+        except UnsafeSpec as e:
             self._refuse(w, e)
             return
         self.log.info(
@@ -662,17 +663,18 @@ class Supervisor(Service):
             return
         self._probe(w)
 
-    def _refuse(self, w: _Worker, error: UnsafeName) -> None:
-        """A name whose files would not stay inside the instance directory
-        (or a symlink there redirecting them): that instance is ``failed``
-        at once, no retries; the others are not affected."""
+    def _refuse(self, w: _Worker, error: UnsafeSpec) -> None:
+        """A spec the supervisor will not run (a name whose files would not
+        stay inside the instance directory, a symlink there redirecting
+        them, stored arguments outside the allow-list): that instance is
+        ``failed`` at once, no retries; the others are not affected."""
         w.state = "failed"
         w.rapid_failures = 0
         self.log.error(
             "[Supervisor] {name!r} not started: {error}",
             name=w.name,
             error=error.message,
-            scs_event="unsafe-path",
+            scs_event=error.event,
         )
         self._fire_ready(w.name, False)
 

@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 
 from scs.errors import BadParameter
 from scs.records import InstanceSpec, QueueBinding
+from scs.worker_arguments import RefusedArgument, check_worker_arguments
 
 PIDFILE = "worker.pid"
 LOGFILE = "worker.log"
@@ -31,10 +32,21 @@ def node_name(name: str, hostname: str) -> str:
     return f"{name}@{hostname}"
 
 
-class UnsafeName(BadParameter):
+class UnsafeSpec(BadParameter):
+    """Desired state the supervisor will not run, whatever let it into the
+    store (an older version of the agent, a hand-edited file): the instance
+    is ``failed`` and the others are not affected.  ``event`` names it in
+    the log."""
+
+    event = "unsafe-spec"
+
+
+class UnsafeName(UnsafeSpec):
     """A name that must not become part of a path under the instance
     directory: not a single, valid path component, or one that resolves
     somewhere else (a symlink planted in the instance directory)."""
+
+    event = "unsafe-path"
 
 
 def check_path_component(name: object, what: str = "instance") -> str:
@@ -128,6 +140,12 @@ def build_argv(
     subcommand rejects ``-b``, so both come before ``worker``.
     """
     name = spec.name
+    try:
+        # The store is a door too: arguments stored before the allow-list
+        # existed are checked again before any worker runs them.
+        check_worker_arguments(spec.arguments)
+    except RefusedArgument as e:
+        raise UnsafeSpec(f"stored arguments of {name!r} are refused: {e}", parameter="arguments") from None
     argv = [python or sys.executable, "-m", "celery"]
     if spec.celery_app:
         argv += ["-A", spec.celery_app]

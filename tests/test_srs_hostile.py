@@ -438,3 +438,24 @@ class SameNameTests(SynchronousTestCase):
         bus.agents["agent2"].srs.handler = lambda op, args: defer.Deferred()
         failure = self.failureResultOf(bus.run(a1.instance_operation("instance_get", "w1", "foo")), errors.Unavailable)
         self.assertEqual(failure.value.details["missing_agents"], ["agent2"])
+
+
+class RejectedMetricTests(SynchronousTestCase):
+    def test_rejections_are_counted_by_reason_in_metrics(self) -> None:
+        from prometheus_client.parser import text_string_to_metric_families
+        from prometheus_client.exposition import generate_latest
+
+        from scs.metrics import AgentMetrics
+
+        bus = Bus(self, "agent1")
+        for _ in range(3):
+            bus.inject(forged("heartbeat", "phantom", {"url": "", "interval": 2, "summary": {}}, clock=bus.clock))
+        bus.inject(b"not json")
+        text = generate_latest(AgentMetrics(bus.agents["agent1"]).registry).decode()
+        samples = {
+            sample.labels["reason"]: sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "scs_srs_rejected_total"
+        }
+        self.assertEqual((samples["unsigned"], samples["malformed"], samples["replayed"]), (3, 1, 0))

@@ -833,6 +833,28 @@ class PathSafetyTests(SynchronousTestCase):
         self.assertEqual(len(h.named("unsafe-path")), 1)
 
 
+class StoredArgumentsTests(SynchronousTestCase):
+    """Arguments stored before the allow-list (or written into the store by
+    hand) are checked again before a worker runs them."""
+
+    def test_refused_stored_arguments_fail_that_instance_alone(self) -> None:
+        h = Harness(
+            self,
+            [
+                spec("good", arguments=("--without-gossip",)),
+                spec("pickle", arguments=("accept_content=pickle",)),
+                spec("detach", arguments=("-ED",)),
+            ],
+        )
+        h.wake()
+        spawned = sorted(a for p in h.spawner.processes for a in p.args if a.endswith("@h"))
+        self.assertEqual(spawned, ["good@h"])
+        self.assertEqual([h.sup.status(n).state for n in ("pickle", "detach")], ["failed", "failed"])
+        refused = h.named("unsafe-spec")
+        self.assertEqual(sorted(e["name"] for e in refused), ["detach", "pickle"])
+        self.assertTrue(all("accept_content" in e["error"] or "-D" in e["error"] for e in refused))
+
+
 class LeftoverPathTests(SynchronousTestCase):
     def pidfile(self, directory, pid):
         os.makedirs(directory, exist_ok=True)

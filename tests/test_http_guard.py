@@ -566,8 +566,3 @@ def test_endpoints_are_read_as_twisted_reads_them() -> None:
     with pytest.raises(usage.UsageError):
         endpoint_is_loopback("tcp:8001:interface=127.0.0.1:interface=0.0.0.0")
 
-
-def test_api_resource_is_unchanged_for_direct_use() -> None:
-    # The guard wraps the site (http_resource), not API.resource(): the
-    # API's own tests keep sending whatever Host their client sends.
-    assert API(Agent(LocalAgent(Store.in_memory(), "agent1", BROKER))).resource() is not None

@@ -236,10 +236,6 @@ class HostOriginGuard(Resource):
         return _error(request, status, message)
 
 
-def guarded_site(resource: IResource, allowed_hosts: Iterable[str] = ()) -> IResource:
-    return HostOriginGuard(resource, allowed_hosts)
-
-
 # -- connections ------------------------------------------------------------------
 
 

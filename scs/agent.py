@@ -21,7 +21,15 @@ import attrs
 from twisted.internet.defer import Deferred, DeferredLock, maybeDeferred
 from twisted.logger import Logger
 
-from scs.errors import BadParameter, Conflict, GatewayTimeout, NotFound, SCSError, Unavailable
+from scs.errors import (
+    BadParameter,
+    Conflict,
+    GatewayTimeout,
+    NotFound,
+    SCSError,
+    Unavailable,
+    WorkerFailed,
+)
 from scs.records import BrokerInfo, InstanceSpec, QueueBinding, WorkerStatus
 from scs.store import UNSET, Store
 from scs.operation_args import OPERATIONS, check_operation
@@ -202,7 +210,14 @@ class LocalAgent:
         started = self._changed()
         if not nowait and self.supervisor is not None:
             await started
-            await self.supervisor.wait_ready(name, self.ready_timeout)
+            ready = await self.supervisor.wait_ready(name, self.ready_timeout)
+            if not ready and self.status(name).state in ("restarting", "failed"):
+                # Kept, so that it can be fixed and restarted; but not a 201.
+                raise WorkerFailed(
+                    f"instance {name!r} was created but its worker cannot start: it exits "
+                    "before answering (see its worker.log); fix the app and restart it",
+                    instance=self._json(self.store.get_node(name)),
+                )
         return {"instance": self._json(self.store.get_node(name)), "created": created}
 
     def instance_list(self, app: str | None = None) -> list[str]:

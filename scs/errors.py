@@ -57,6 +57,14 @@ class BodyTooLarge(SCSError):
     code = "body-too-large"
 
 
+class WorkerFailed(SCSError):
+    """The instance exists, but its worker cannot start (it keeps exiting
+    before it answers: a bad ``celery_app``, a broker that refuses it)."""
+
+    status = 502
+    code = "worker-failed"
+
+
 class Unavailable(SCSError):
     status = 503
     code = "unavailable"
@@ -77,6 +85,7 @@ ERRORS_BY_CODE: dict[str, type[SCSError]] = {
         MethodNotAllowed,
         Conflict,
         BodyTooLarge,
+        WorkerFailed,
         Unavailable,
         GatewayTimeout,
     )

@@ -830,6 +830,9 @@ class Supervisor(Service):
             scs_event="backoff",
         )
         w.backoff = self._reactor.callLater(delay, self._spawn, w)
+        # Whoever waits for it to be ready (a create) learns now that it
+        # keeps dying, not at the end of its wait.
+        self._fire_ready(w.name, False)
 
     def backoff_delay(self, failures: int) -> float:
         """Delay before the next spawn after ``failures`` young deaths in a

@@ -311,3 +311,54 @@ def test_operations_are_logged_as_structured_events(client: Client) -> None:
     replies = [e for e in operations if "status" in e]
     assert replies[0]["status"] == 201 and replies[0]["body"]["name"] == "w1"
     assert replies[-1]["status"] == 404
+
+
+def test_missing_agents_header_is_bounded(client: Client) -> None:
+    from scs.agent import Reply
+
+    phantoms = tuple(f"phantom-{i:04d}" for i in range(5000))
+
+    async def listing(app: str) -> Reply:
+        return Reply(["w1"], missing=phantoms)
+
+    client.agent.instance_list = listing  # type: ignore[method-assign]
+    status, body, headers = client.request("GET", "/foo/instances/")
+    assert (status, body) == (200, ["w1"])
+    listed = headers.getRawHeaders("x-scs-missing-agents")[0].split(",")
+    assert listed == list(phantoms[:20])
+    assert headers.getRawHeaders("x-scs-missing-agents-count") == ["5000"]
+
+
+class FailingSupervisor(RecordingSupervisor):
+    """Its workers keep dying before they answer."""
+
+    def wait_ready(self, name: str, timeout: float) -> Deferred:
+        return succeed(False)
+
+    def status(self, name: str) -> WorkerStatus:
+        return WorkerStatus(state="restarting", pid=None, restarts=2)
+
+
+def test_create_whose_worker_cannot_start_is_an_error_not_201() -> None:
+    client = Client(FailingSupervisor())
+    status, body, _ = client.request("PUT", "/foo/instances/w1/")
+    assert status == 502
+    assert "cannot start" in body["error"]
+    assert body["instance"]["name"] == "w1" and body["instance"]["state"] == "restarting"
+    # kept, to be fixed and restarted; asking again says the same
+    assert client.store.has_node("w1")
+    assert client.request("PUT", "/foo/instances/w1/")[0] == 502
+    assert client.request("PUT", "/foo/instances/w2/?nowait=1")[0] == 202
+
+
+def test_slow_worker_is_still_201_starting() -> None:
+    class Slow(RecordingSupervisor):
+        def wait_ready(self, name: str, timeout: float) -> Deferred:
+            return succeed(False)
+
+        def status(self, name: str) -> WorkerStatus:
+            return WorkerStatus(state="starting", pid=4242, restarts=0)
+
+    client = Client(Slow())
+    status, body, _ = client.request("PUT", "/foo/instances/w1/")
+    assert (status, body["state"]) == (201, "starting")

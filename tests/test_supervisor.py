@@ -215,6 +215,16 @@ class RestartPolicyTests(SynchronousTestCase):
             self.assertLess(low, full * 0.5 + 1e-3)
         self.assertEqual(h.sup.backoff_delay(1), 0.0)
 
+    def test_a_waiter_learns_at_the_first_backoff_that_it_keeps_dying(self) -> None:
+        h = Harness(self, [spec()])
+        h.wake()
+        ready = h.sup.wait_ready("w1", 1000)
+        h.proc().exit(code=1)  # once: restarted at once, still waiting
+        self.assertNoResult(ready)
+        h.proc().exit(code=1)  # twice: backing off
+        self.assertIs(self.successResultOf(ready), False)
+        self.assertEqual(h.sup.status("w1").state, "restarting")
+
     def test_backoff_waits_are_honoured_by_wake(self) -> None:
         h = Harness(self, [spec()])
         h.wake()

@@ -9,7 +9,7 @@ trailing slash, and a known path asked with a wrong method answers 405.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import quote, unquote_to_bytes, urlsplit
 
@@ -31,6 +31,8 @@ log = Logger(namespace="scs.http")
 
 ALL_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
 MISSING_AGENTS_HEADER = b"X-SCS-Missing-Agents"
+MISSING_AGENTS_COUNT_HEADER = b"X-SCS-Missing-Agents-Count"
+MAX_MISSING_AGENTS_LISTED = 20
 
 # path -> methods, filled by ``endpoint`` so that the other methods of a
 # known path can answer 405 instead of 404.
@@ -41,6 +43,15 @@ def write_json(request: IRequest, body: Any, status: int = 200) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", b"application/json")
     return json.dumps(body, ensure_ascii=False).encode("utf-8")
+
+
+def write_missing_agents(request: IRequest, missing: Sequence[str]) -> None:
+    """The agents a cluster answer lacks: their ids (the first
+    MAX_MISSING_AGENTS_LISTED of them, so that the header stays small
+    whatever the membership table holds) and how many there are."""
+    listed = missing[:MAX_MISSING_AGENTS_LISTED]
+    request.setHeader(MISSING_AGENTS_HEADER, ",".join(quote(agent, safe="") for agent in listed).encode())
+    request.setHeader(MISSING_AGENTS_COUNT_HEADER, str(len(missing)).encode())
 
 
 def write_error(request: IRequest, error: SCSError) -> bytes:
@@ -112,10 +123,7 @@ def endpoint(path: str, *methods: str) -> Callable[[Callable[..., Any]], Callabl
                 log.failure("unexpected error in {path}", Failure(), path=path)
                 return write_json(request, {"error": "internal error"}, 500)
             if reply.missing:
-                request.setHeader(
-                    MISSING_AGENTS_HEADER,
-                    ",".join(quote(agent, safe="") for agent in reply.missing).encode(),
-                )
+                write_missing_agents(request, reply.missing)
             return write_json(request, reply.body, reply.status)
 
         handler.__name__ = f.__name__

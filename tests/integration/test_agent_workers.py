@@ -46,6 +46,19 @@ def test_create_answers_once_the_worker_answers_a_ping(agent: AgentProcess) -> N
     assert "Node.add" in log and "wake-up" in log
 
 
+def test_create_whose_worker_cannot_start_answers_an_error(agent: AgentProcess) -> None:
+    assert agent.request("PUT", "/broken/", {"celery_app": "no_such_module_for_scs_tests"})[0] == 201
+    started = time.monotonic()
+    status, body, _ = agent.request("PUT", "/broken/instances/w1/")
+    assert status == 502, body
+    assert "cannot start" in body["error"]
+    assert body["instance"]["state"] in ("restarting", "failed")
+    # well before the 15 s readiness bound: it learnt at the first backoff
+    assert time.monotonic() - started < 12
+    # kept, so that it can be fixed and restarted
+    assert agent.request("GET", "/broken/instances/w1/")[0] == 200
+
+
 def test_consume_cancel_autoscale_disable_enable_delete(agent: AgentProcess) -> None:
     status, body, _ = agent.request("PUT", "/foo/instances/w1", {"max_concurrency": 2})
     assert status == 201, body

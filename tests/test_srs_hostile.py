@@ -459,3 +459,19 @@ class RejectedMetricTests(SynchronousTestCase):
             if sample.name == "scs_srs_rejected_total"
         }
         self.assertEqual((samples["unsigned"], samples["malformed"], samples["replayed"]), (3, 1, 0))
+
+
+class RedeclareTests(SynchronousTestCase):
+    def test_redeclaring_a_queue_through_a_non_owner_updates_the_owners(self) -> None:
+        from scs.records import QueueBinding
+
+        bus = Bus(self, "agent1", "agent2")
+        a1, a2 = bus.agents["agent1"], bus.agents["agent2"]
+        first = self.successResultOf(bus.run(a2.queue_declare("foo", QueueBinding("tasks", "tasks", "tasks"))))
+        self.assertEqual(first.status, 201)
+        again = self.successResultOf(
+            bus.run(a1.queue_declare("foo", QueueBinding("tasks", "ex2", "rk2", "topic", {"durable": True})))
+        )
+        self.assertEqual((again.body["exchange"], again.body["routing_key"]), ("ex2", "rk2"))
+        self.assertEqual(a2.store.get_queue("foo", "tasks").exchange, "ex2")
+        self.assertIsNone(a1.store.find_queue("foo", "tasks"))

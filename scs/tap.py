@@ -12,6 +12,7 @@ import ipaddress
 import os
 import socket
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
@@ -342,17 +343,27 @@ def broker_is_loopback(url: str) -> bool:
         return False
 
 
-def http_url(endpoint: str) -> str:
-    """A best guess at this agent's base URL, shown to peers in /agents/."""
-    fields = endpoint.replace("\\:", "\0").split(":")
-    port = fields[1] if len(fields) > 1 else ""
-    host = "127.0.0.1"
-    for field in fields:
-        if field.startswith("interface="):
-            host = field[len("interface=") :].replace("\0", ":")
+def http_url(endpoint: str, allowed_hosts: Sequence[str] = ()) -> str:
+    """This agent's base URL as peers show it in /agents/: ``https`` on an
+    ``ssl:`` endpoint; the first ``--allowed-host`` name (the name it is
+    served as), else the interface it binds (127.0.0.1 for a wildcard or a
+    Unix socket, a best guess)."""
+    args, keywords = endpoint_fields(endpoint)
+    kind = args[0] if args else "tcp"
+    scheme = "https" if kind == "ssl" else "http"
+    port = keywords.get("port") or (args[1] if len(args) > 1 else "")
+    if allowed_hosts:
+        # "NAME" or "NAME:PORT" (the port it is served on, behind a proxy).
+        name, sep, named_port = allowed_hosts[0].rpartition(":")
+        if not sep or not named_port.isdigit():
+            name, named_port = allowed_hosts[0], ""
+        return f"{scheme}://{name}:{named_port or port}/"
+    host = keywords.get("interface") or "127.0.0.1"
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{port}/"
+    return f"{scheme}://{host}:{port}/"
 
 
 class _ClosingStore(Service):
@@ -419,7 +430,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     )
     supervisor.setServiceParent(top)
     local = LocalAgent(store, options["id"], options["broker"], supervisor, clock=reactor)
-    url = "" if options["without-http"] else http_url(options["http-endpoint"])
+    url = "" if options["without-http"] else http_url(options["http-endpoint"], options["allowed-host"])
 
     srs = None
     if not options["without-srs"]:

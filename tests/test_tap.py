@@ -34,6 +34,10 @@ def test_addr_forms() -> None:
         "tcp:9000:interface=127.0.0.1"
     )
     assert http_url("tcp:8001:interface=127.0.0.1") == "http://127.0.0.1:8001/"
+    assert http_url("tcp:port=8001:interface=\\:\\:1") == "http://[::1]:8001/"
+    assert http_url("ssl:8443:privateKey=k.pem:interface=127.0.0.1") == "https://127.0.0.1:8443/"
+    assert http_url("ssl:8443:privateKey=k.pem", ["agent1.example"]) == "https://agent1.example:8443/"
+    assert http_url("tcp:8001:interface=0.0.0.0", ["agent1.example:443"]) == "http://agent1.example:443/"
 
 
 @pytest.mark.parametrize(

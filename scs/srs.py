@@ -97,6 +97,7 @@ DEFAULT_FORGET_AFTER = 24 * 3600.0
 MAX_LOGGED_ODDITIES = 1000
 # A heartbeat is small: anything larger is not one.
 MAX_HEARTBEAT_URL = 512
+MAX_HEARTBEAT_BYTES = 8 * 1024
 
 
 def _ascii_name(text: str) -> str:
@@ -450,6 +451,9 @@ class SRS(MultiService):
                     "SRS: another agent uses our id {sender}",
                     sender=message.sender,
                 )
+            return
+        if message.type in ("heartbeat", "bye") and len(body) > MAX_HEARTBEAT_BYTES:
+            self._rejected(Rejected("oversized", f"{message.type} of {len(body)} bytes", message.sender), counted=False)
             return
         if message.type == "heartbeat":
             self._on_heartbeat(message)

@@ -341,6 +341,13 @@ class UnsignedClusterTests(SynchronousTestCase):
         bus.clock.pump([INTERVAL] * 10)
         self.assertEqual(sorted(node._members), ["agent2"])
 
+    def test_oversized_heartbeat_is_dropped(self) -> None:
+        bus = Bus(self, "agent1", secret=None)
+        payload = {"url": "", "interval": 2, "summary": {"instances": 1, "pad": "x" * 10_000}}
+        bus.inject(forged("heartbeat", "big", payload, clock=bus.clock))
+        self.assertEqual(bus.agents["agent1"].srs.live_agents(), ["agent1"])
+        self.assertEqual(bus.rejected("agent1")["oversized"], 1)
+
     def test_spoofed_bye_from_another_incarnation_is_ignored(self) -> None:
         bus = Bus(self, "agent1", "agent2", secret=None)
         bus.inject(forged("bye", "agent2", {}, clock=bus.clock, incarnation="not-the-real-one"))

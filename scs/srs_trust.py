@@ -189,10 +189,10 @@ class MessageCodec:
         for name in _HEADER_FIELDS:
             if header.get(name) is not None:
                 inner[name] = header[name]
-        plain = _json(payload)
         if self._aead is not None:
             iv = self._random_bytes(12)
-            inner["sealed"] = base64.b64encode(iv + self._aead.encrypt(iv, plain, None)).decode("ascii")
+            sealed = self._aead.encrypt(iv, _json(payload), None)
+            inner["sealed"] = base64.b64encode(iv + sealed).decode("ascii")
         else:
             inner["payload"] = payload
         text = _json(inner).decode("ascii")

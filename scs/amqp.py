@@ -14,6 +14,28 @@ properties are kept ASCII (checked before sending) and bodies are bytes of
 ASCII JSON made by ``scs.srs``; bodies may come back as ``str`` and are
 turned back into bytes here; property names are hyphenated. A frozen broker
 is only noticed through AMQP heartbeats, so one is always negotiated.
+
+The broker URL is read by ``scs.records.BrokerInfo.from_url``, the one
+broker-URL parser of the codebase. ``amqps://host:port/vhost`` (port 5671
+by default) connects through TLS: ``wrapClientTLS`` around the
+``HostnameEndpoint``, with ``optionsForClientTLS(host)``, so the broker's
+certificate must chain to the platform trust store and name the URL's host
+(a DNS name or an IP address in its subjectAltName). There is no fallback
+to plain AMQP: a failed handshake is a failed connection, logged and
+retried with backoff like any other.
+
+Private CA. The platform trust store is OpenSSL's default verify paths,
+which both halves of the agent read the same way: Twisted's
+``platformTrust()`` (pyOpenSSL's ``Context.set_default_verify_paths``) for
+SRS, and Python's ``ssl`` (``load_default_certs``, used by py-amqp under
+kombu) for the Celery workers and the agent's own control connections. Both
+honour the standard ``SSL_CERT_FILE`` (a PEM bundle) and ``SSL_CERT_DIR``
+environment variables, and workers inherit the agent's environment, so an
+operator points everything at a private CA by starting the agent with
+``SSL_CERT_FILE=/etc/scs/broker-ca.pem``. That file replaces the default
+bundle (with cryptography's own OpenSSL, as in its wheels, the agent then
+trusts that file alone): if other TLS peers need the public CAs too, make
+the file the system bundle followed by the private CA.
 """
 
 from __future__ import annotations
@@ -21,14 +43,13 @@ from __future__ import annotations
 import os
 import random
 from typing import Any, Optional
-from urllib.parse import unquote, urlsplit
 
-import attr
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txamqp.client import Closed as AMQPClosed
@@ -40,33 +61,9 @@ from zope.interface import implementer
 
 from scs import srs
 from scs.errors import Unavailable
+from scs.records import BrokerInfo
 
 DEFAULT_SPEC_PATH = "/usr/share/amqp/specs/0-9-1-rabbit/amqp0-9-1.stripped.extended.xml"
-
-
-@attr.s(auto_attribs=True, frozen=True)
-class BrokerAddress:
-    host: str
-    port: int
-    userid: str
-    password: str
-    virtual_host: str
-
-
-def parse_broker_url(url: str) -> BrokerAddress:
-    """``amqp://user:pass@host:port/vhost``; as with kombu, ``//`` and an empty
-    path mean the vhost ``/``, and ``%2f`` may spell it too."""
-    parts = urlsplit(url)
-    if parts.scheme != "amqp":
-        raise ValueError("broker URL must start with amqp://: %r" % url)
-    vhost = unquote(parts.path[1:]) if parts.path else ""
-    return BrokerAddress(
-        host=parts.hostname or "127.0.0.1",
-        port=parts.port or 5672,
-        userid=unquote(parts.username) if parts.username else "guest",
-        password=unquote(parts.password) if parts.password else "guest",
-        virtual_host=vhost or "/",
-    )
 
 
 def _require_ascii(what: str, value: str) -> str:
@@ -85,6 +82,8 @@ class _Client(AMQClient):
         # SRS sends small frames back to back (a reply, then a request):
         # without TCP_NODELAY the second waits out the broker's delayed ACK,
         # about 40 ms (measured in bench/bench_cluster.py).
+        # Under TLS our transport is the TLS wrapper, which hands this on
+        # to the TCP transport beneath it.
         self.transport.setTcpNoDelay(True)
         super().connectionMade()
 
@@ -128,7 +127,7 @@ class AMQPTransport(MultiService):
             reactor = _reactor
         self._reactor = reactor
         self._rng = rng if rng is not None else random.Random()
-        self.broker = parse_broker_url(broker_url)
+        self.broker = BrokerInfo.from_url(broker_url)
         for what in ("userid", "password", "virtual_host"):
             _require_ascii(what, getattr(self.broker, what))
         spec_path = spec_path or DEFAULT_SPEC_PATH
@@ -140,7 +139,12 @@ class AMQPTransport(MultiService):
         self._factory = _Factory(spec=spec_path, clock=reactor)
         self._factory.set_vhost(self.broker.virtual_host)
         self._factory.set_heartbeat(heartbeat)
-        endpoint = HostnameEndpoint(reactor, self.broker.host, self.broker.port, timeout=connect_timeout)
+        endpoint: Any = HostnameEndpoint(reactor, self.broker.hostname, self.broker.port, timeout=connect_timeout)
+        if self.broker.ssl:
+            # Verified against the platform trust store (SSL_CERT_FILE for a
+            # private CA) and the URL's host name or address; never plain.
+            endpoint = wrapClientTLS(optionsForClientTLS(self.broker.hostname), endpoint)
+        self.endpoint = endpoint
         self._service = ClientService(
             endpoint,
             self._factory,
@@ -201,7 +205,7 @@ class AMQPTransport(MultiService):
             # ClientService drops this connection and retries with backoff.
             self.log.warn(
                 "AMQP set-up on {host}:{port} failed: {error}",
-                host=self.broker.host,
+                host=self.broker.hostname,
                 port=self.broker.port,
                 error=failure.getErrorMessage(),
                 event="amqp.setup.failed",
@@ -255,7 +259,7 @@ class AMQPTransport(MultiService):
         self._consume(client, client.basic_return_queue, self._return)
         self.log.info(
             "AMQP connected to {host}:{port} vhost {vhost}, queue {queue}",
-            host=broker.host,
+            host=broker.hostname,
             port=broker.port,
             vhost=broker.virtual_host,
             queue=queue,
@@ -296,5 +300,5 @@ class AMQPTransport(MultiService):
         if self._client is not client:
             return
         self._client = self._channel = self.reply_queue = None
-        self.log.warn("AMQP connection to {host}:{port} lost", host=self.broker.host, port=self.broker.port, event="amqp.disconnected")
+        self.log.warn("AMQP connection to {host}:{port} lost", host=self.broker.hostname, port=self.broker.port, event="amqp.disconnected")
         self.receiver.transport_disconnected(result if isinstance(result, Failure) else None)

@@ -99,6 +99,12 @@ class CeleryControl:
             # call must not sit in a thread retrying a dead broker.
             app.conf.broker_connection_retry = False
             app.conf.broker_connection_max_retries = 0
+            # amqps://: kombu checks the certificate chain by itself; this
+            # makes it check the host name as well (scs.records.BrokerInfo).
+            if broker_url.lower().startswith("amqps://"):
+                from scs.records import BrokerInfo
+
+                app.conf.broker_use_ssl = BrokerInfo.from_url(broker_url).kombu_ssl
             app.control  # noqa: B018 - build the cached property here, not racing in threads
             self._apps[broker_url] = app
         return app

@@ -10,6 +10,8 @@ from urllib.parse import quote, unquote, urlsplit
 import attrs
 
 DEFAULT_AMQP_PORT = 5672
+DEFAULT_AMQPS_PORT = 5671
+DEFAULT_PORTS = {"amqp": DEFAULT_AMQP_PORT, "amqps": DEFAULT_AMQPS_PORT}
 
 
 @attrs.frozen
@@ -25,17 +27,20 @@ class BrokerInfo:
 
     @classmethod
     def from_url(cls, url: str) -> BrokerInfo:
-        """Parse ``amqp://user:password@host:port/vhost``.
+        """Parse ``amqp://user:password@host:port/vhost``, or ``amqps://``
+        for AMQP over TLS (``transport`` "amqps", default port 5671).
 
         Raises ``ValueError`` with a readable message on anything else.
         """
         parts = urlsplit(url)
-        if parts.scheme not in ("amqp", "pyamqp"):
-            raise ValueError(f"broker URL must start with amqp://, got {url!r}")
+        scheme = parts.scheme.lower()
+        if scheme not in ("amqp", "pyamqp", "amqps"):
+            raise ValueError(f"broker URL must start with amqp:// or amqps://, got {url!r}")
+        transport = "amqps" if scheme == "amqps" else "amqp"
         if parts.query or parts.fragment:
             raise ValueError("broker URL must not have a query or fragment")
         try:
-            port = parts.port or DEFAULT_AMQP_PORT
+            port = parts.port or DEFAULT_PORTS[transport]
         except ValueError as e:
             raise ValueError(f"bad port in broker URL: {e}") from None
         # amqp://host// names the vhost "/"; amqp://host/x names "x".
@@ -50,15 +55,32 @@ class BrokerInfo:
             userid=unquote(parts.username) if parts.username else "guest",
             password=unquote(parts.password) if parts.password else "guest",
             virtual_host=vhost,
-            transport="amqp",
+            transport=transport,
         )
+
+    @property
+    def ssl(self) -> bool:
+        """Whether the broker is reached over TLS (``amqps://``)."""
+        return self.transport == "amqps"
+
+    @property
+    def kombu_ssl(self) -> dict[str, str] | None:
+        """Celery's ``broker_use_ssl`` for this broker: None for amqp://.
+
+        For amqps:// kombu alone verifies the certificate chain (against
+        Python's default trust store, ``SSL_CERT_FILE`` included) but not the
+        host name it was issued for; naming ``server_hostname`` turns that
+        check on, as the SRS connection does it.
+        """
+        return {"server_hostname": self.hostname} if self.ssl else None
 
     @property
     def url(self) -> str:
         host = self.hostname
         if ":" in host:
             host = f"[{host}]"
-        return "amqp://{}:{}@{}:{}/{}".format(
+        return "{}://{}:{}@{}:{}/{}".format(
+            "amqps" if self.ssl else "amqp",
             quote(self.userid, safe=""),
             quote(self.password, safe=""),
             host,

@@ -157,9 +157,10 @@ def check_bool(value: Any, what: str) -> bool:
 
 
 def check_broker_url(value: Any, what: str = "broker") -> str:
-    """An ``amqp://user:password@host:port/vhost`` URL, in its one spelling."""
+    """An ``amqp://user:password@host:port/vhost`` URL (``amqps://`` for
+    AMQP over TLS), in its one spelling."""
     if not isinstance(value, str) or not value:
-        raise BadParameter(f"{what} must be a non-empty amqp:// URL", parameter=what)
+        raise BadParameter(f"{what} must be a non-empty amqp:// or amqps:// URL", parameter=what)
     if len(value) > MAX_BROKER_URL_LENGTH:
         raise BadParameter(
             f"{what} is too long (at most {MAX_BROKER_URL_LENGTH} characters)", parameter=what
@@ -168,8 +169,10 @@ def check_broker_url(value: Any, what: str = "broker") -> str:
         raise BadParameter(
             f"{what} must be a URL without spaces or control characters", parameter=what
         )
-    if not value.lower().startswith(("amqp://", "pyamqp://")):
-        raise BadParameter(f"{what} must start with amqp://, got {value!r}", parameter=what)
+    if not value.lower().startswith(("amqp://", "pyamqp://", "amqps://")):
+        raise BadParameter(
+            f"{what} must start with amqp:// or amqps://, got {value!r}", parameter=what
+        )
     try:
         parts = urlsplit(value)
         port = parts.port

@@ -4,6 +4,7 @@ spawn itself (workers left over from a previous agent run)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -166,6 +167,12 @@ def build_argv(
     if not mingle and WITHOUT_MINGLE not in spec.arguments:
         argv.append(WITHOUT_MINGLE)
     argv += list(spec.arguments)
+    ssl_options = spec.broker.kombu_ssl
+    if ssl_options is not None:
+        # amqps://: have kombu check the certificate's host name too (it
+        # checks the chain by itself). A key=value setting the worker reads
+        # with app.config_from_cmdline, last, after complete option lists.
+        argv.append("broker_use_ssl=(json)" + json.dumps(ssl_options, ensure_ascii=True))
     return argv
 
 

@@ -216,23 +216,50 @@ class AMQPTransportContractTests(TransportContract, TestCase):
 
 class BrokerURLTests(SynchronousTestCase):
     def test_parse(self) -> None:
-        from scs.amqp import BrokerAddress, parse_broker_url
+        # The transport reads its URL with the codebase's one parser.
+        from scs.amqp import AMQPTransport
+        from scs.records import BrokerInfo
 
         cases = {
-            "amqp://guest:guest@127.0.0.1:5672//": BrokerAddress("127.0.0.1", 5672, "guest", "guest", "/"),
-            "amqp://u:p%40ss@rabbit/": BrokerAddress("rabbit", 5672, "u", "p@ss", "/"),
-            "amqp://u:p@rabbit:5673/prod": BrokerAddress("rabbit", 5673, "u", "p", "prod"),
-            "amqp://rabbit/%2f": BrokerAddress("rabbit", 5672, "guest", "guest", "/"),
-            "amqp://rabbit": BrokerAddress("rabbit", 5672, "guest", "guest", "/"),
+            "amqp://guest:guest@127.0.0.1:5672//": BrokerInfo("127.0.0.1", 5672, "guest", "guest", "/"),
+            "amqp://u:p%40ss@rabbit/": BrokerInfo("rabbit", 5672, "u", "p@ss", "/"),
+            "amqp://u:p@rabbit:5673/prod": BrokerInfo("rabbit", 5673, "u", "p", "prod"),
+            "amqp://rabbit/%2f": BrokerInfo("rabbit", 5672, "guest", "guest", "/"),
+            "amqp://rabbit": BrokerInfo("rabbit", 5672, "guest", "guest", "/"),
+            "amqps://u:p@rabbit/prod": BrokerInfo("rabbit", 5671, "u", "p", "prod", "amqps"),
+            "amqps://rabbit:5999//": BrokerInfo("rabbit", 5999, "guest", "guest", "/", "amqps"),
         }
         for url, expected in cases.items():
-            self.assertEqual(parse_broker_url(url), expected, url)
+            self.assertEqual(BrokerInfo.from_url(url), expected, url)
+            self.assertEqual(AMQPTransport(url, reactor=reactor).broker, expected, url)
+            # The URL round-trips, scheme included.
+            self.assertEqual(BrokerInfo.from_url(expected.url), expected, url)
+        self.assertEqual(BrokerInfo.from_url("amqps://rabbit//").url, "amqps://guest:guest@rabbit:5671/%2F")
+        self.assertTrue(BrokerInfo.from_url("amqps://rabbit//").ssl)
+        self.assertFalse(BrokerInfo.from_url("amqp://rabbit//").ssl)
+
+    def test_amqps_connects_through_tls(self) -> None:
+        """amqps:// goes through a TLS wrapper checking the URL's host; amqp://
+        stays plain TCP."""
+        from twisted.internet.endpoints import HostnameEndpoint
+
+        from scs.amqp import AMQPTransport
+
+        endpoint = AMQPTransport("amqps://guest:guest@rabbit.example//", reactor=reactor).endpoint
+        plain_endpoint = AMQPTransport("amqp://guest:guest@rabbit.example//", reactor=reactor).endpoint
+        self.assertIsInstance(plain_endpoint, HostnameEndpoint)
+        self.assertNotIsInstance(endpoint, HostnameEndpoint)
+        self.assertIsInstance(endpoint._wrappedEndpoint, HostnameEndpoint)
+        self.assertEqual(endpoint._wrappedEndpoint._port, 5671)
 
     def test_refused(self) -> None:
-        from scs.amqp import AMQPTransport, parse_broker_url
+        from scs.amqp import AMQPTransport
+        from scs.records import BrokerInfo
 
         with self.assertRaises(ValueError):
-            parse_broker_url("redis://localhost/")
+            BrokerInfo.from_url("redis://localhost/")
+        with self.assertRaises(ValueError):
+            AMQPTransport("redis://localhost/", reactor=Clock())
         # txAMQP would corrupt the login frame: refuse at once, not at connect time.
         with self.assertRaises(ValueError):
             AMQPTransport("amqp://usér:p@127.0.0.1//", reactor=Clock())

@@ -4,6 +4,10 @@ It has its own node name, AMQP and distribution ports and data directory
 (owned by the ``rabbitmq`` user), so the shared broker on 5672 is never
 touched.  It runs in the foreground in its own process group, stopped by
 pid.
+
+``PrivateRabbitMQ(..., tls=True)`` also opens a TLS listener (``tls_url``,
+``amqps://``) with a server certificate for 127.0.0.1 and ``localhost``
+signed by a throwaway CA (``ca_path``) made here with ``cryptography``.
 """
 
 from __future__ import annotations
@@ -18,10 +22,95 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from tests.integration.agents import free_port
 
 RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
+
+
+def make_ca(directory: Path, name: str = "scs test CA") -> tuple[Path, Any, Any]:
+    """A throwaway CA: (certificate path, certificate, private key)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} {uuid.uuid4().hex[:8]}")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "ca.pem"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path, cert, key
+
+
+def _server_certificate(directory: Path, ca_cert: Any, ca_key: Any) -> tuple[Path, Path]:
+    """A key and a certificate for 127.0.0.1 and localhost signed by the CA."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key_path, cert_path = directory / "server.key", directory / "server.pem"
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key_path.chmod(0o600)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
 
 
 def available() -> bool:
@@ -33,7 +122,7 @@ def available() -> bool:
 
 
 class PrivateRabbitMQ:
-    def __init__(self, log_directory: Path) -> None:
+    def __init__(self, log_directory: Path, *, tls: bool = False) -> None:
         # pytest's tmp_path is private to root, so the node's data lives in
         # a directory of its own that the rabbitmq user can reach.
         self.directory = Path(tempfile.mkdtemp(prefix="scs-rabbitmq-"))
@@ -43,6 +132,47 @@ class PrivateRabbitMQ:
         self.port = free_port()
         self.dist_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        self.tls_port: int | None = None
+        self.ca_path: Path | None = None
+        if tls:
+            self._configure_tls()
+
+    def _configure_tls(self) -> None:
+        """A TLS listener on a free loopback port, with a certificate for
+        127.0.0.1 and localhost signed by a CA of its own; the key and
+        certificates belong to the rabbitmq user."""
+        self.tls_port = free_port()
+        tls = self.directory / "tls"
+        self.ca_path, ca_cert, ca_key = make_ca(tls)
+        key_path, cert_path = _server_certificate(tls, ca_cert, ca_key)
+        for path in (tls, self.ca_path, key_path, cert_path):
+            shutil.chown(path, "rabbitmq", "rabbitmq")
+        (self.directory / "rabbitmq.conf").write_text(
+            f"listeners.ssl.default = 127.0.0.1:{self.tls_port}\n"
+            f"ssl_options.cacertfile = {self.ca_path}\n"
+            f"ssl_options.certfile = {cert_path}\n"
+            f"ssl_options.keyfile = {key_path}\n"
+            "ssl_options.verify = verify_none\n"
+            "ssl_options.fail_if_no_peer_cert = false\n"
+        )
+
+    @property
+    def tls_url(self) -> str:
+        assert self.tls_port is not None, "started without tls=True"
+        return f"amqps://guest:guest@127.0.0.1:{self.tls_port}//"
+
+    def tls_answers(self) -> bool:
+        """Whether the TLS listener completes a handshake."""
+        import ssl
+
+        assert self.tls_port is not None and self.ca_path is not None
+        context = ssl.create_default_context(cafile=str(self.ca_path))
+        try:
+            with socket.create_connection(("127.0.0.1", self.tls_port), timeout=2) as raw:
+                with context.wrap_socket(raw, server_hostname="127.0.0.1"):
+                    return True
+        except (OSError, ssl.SSLError):
+            return False
 
     @property
     def url(self) -> str:
@@ -80,7 +210,7 @@ class PrivateRabbitMQ:
                 start_new_session=True,
             )
         deadline = time.monotonic() + timeout
-        while not self.answers():
+        while not (self.answers() and (self.tls_port is None or self.tls_answers())):
             if self.process.poll() is not None:
                 raise RuntimeError(
                     f"private RabbitMQ exited with {self.process.returncode}; "

@@ -30,8 +30,9 @@ from scs.errors import (
     Unavailable,
     WorkerFailed,
 )
-from scs.records import BrokerInfo, InstanceSpec, QueueBinding, WorkerStatus
-from scs.store import UNSET, Store
+from scs.records import AppRecord, BrokerInfo, InstanceSpec, QueueBinding, WorkerStatus
+from scs.records import UNSET
+from scs.store import Store
 from scs.operation_args import OPERATIONS, check_operation
 from scs.validation import check_concurrency_range, check_name, only
 
@@ -120,6 +121,16 @@ class LocalAgent:
     def _resolve_queue_here(self, app: str, queue: str) -> Deferred:
         binding = self.store.find_queue(app, queue)
         return Deferred.fromCoroutine(_value(binding))
+
+    def instances(self) -> list[tuple[InstanceSpec, WorkerStatus]]:
+        """This agent's instances with their workers' status (metrics)."""
+        return [(spec, self.status(spec.name)) for spec in self.store.list_nodes()]
+
+    def app_records(self) -> list[AppRecord]:
+        return self.store.list_apps()
+
+    def queue_records(self, app: str) -> list[QueueBinding]:
+        return self.store.list_queues(app)
 
     def summary(self) -> dict[str, Any]:
         # Sent with every SRS heartbeat: a count query, not the records.

@@ -75,9 +75,7 @@ class AgentCollector:
         )
         counts = dict.fromkeys(STATES, 0)
         try:
-            local = self.agent.local
-            for spec in local.store.list_nodes():
-                status = local.status(spec.name)
+            for spec, status in self.agent.local.instances():
                 counts[status.state] = counts.get(status.state, 0) + 1
                 restarts.add_metric([spec.app, spec.name], status.restarts)
         except Exception:  # noqa: BLE001 - a scrape must not fail on a bad row

@@ -10,6 +10,9 @@ from urllib.parse import quote, unquote, urlsplit
 import attrs
 
 DEFAULT_AMQP_PORT = 5672
+
+# Sentinel for "parameter not given" where None is a meaningful value.
+UNSET: Any = object()
 DEFAULT_AMQPS_PORT = 5671
 DEFAULT_PORTS = {"amqp": DEFAULT_AMQP_PORT, "amqps": DEFAULT_AMQPS_PORT}
 

@@ -36,13 +36,11 @@ from sqlalchemy.pool import StaticPool
 
 from scs.errors import Conflict, NotFound
 from scs.models import App, Broker, Consumption, Node, Queue
-from scs.records import AppRecord, BrokerInfo, InstanceSpec, QueueBinding
+from scs.records import UNSET, AppRecord, BrokerInfo, InstanceSpec, QueueBinding
 
 STORE_FILENAME = ".scs-store.sqlite"
 MIGRATIONS = Path(__file__).parent / "migrations"
 
-# Sentinel for "parameter not given" where None is a meaningful value.
-UNSET: Any = object()
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 SQLITE_HEADER_SIZE = 100

@@ -42,7 +42,7 @@ from scs import validation as v
 from scs.errors import BadParameter, SCSError
 from scs.http.auth import SESSION_COOKIE, SESSION_LIFETIME, TokenAuth
 from scs.http.params import DEFAULT_MAX_BODY, request_params
-from scs.store import UNSET
+from scs.records import UNSET
 
 log = Logger(namespace="scs.http.admin")
 
@@ -550,7 +550,6 @@ class Admin:
 
     async def _gather(self) -> dict[str, Any]:
         local = self.agent.local
-        store = local.store
         others: dict[str, list[dict[str, Any]]] = {}
         missing: tuple[str, ...] = ()
         try:
@@ -560,8 +559,8 @@ class Admin:
             log.warn("admin: listing other agents failed: {error}", error=e.message)
         except Exception:  # noqa: BLE001 - the local part of the page must still show
             log.failure("admin: listing other agents failed")
-        apps = store.list_apps()
-        queues = [(a.name, q) for a in apps for q in store.list_queues(a.name)]
+        apps = local.app_records()
+        queues = [(a.name, q) for a in apps for q in local.queue_records(a.name)]
         return {
             "members": self.agent.members(),
             "local": local.instance_details(),

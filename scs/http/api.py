@@ -25,7 +25,7 @@ from scs.agent import Agent, Reply
 from scs.errors import BadParameter, MethodNotAllowed, NotFound, SCSError
 from scs.http.guard import BadHost, parse_host
 from scs.http.params import DEFAULT_MAX_BODY, request_params
-from scs.store import UNSET
+from scs.records import UNSET
 
 log = Logger(namespace="scs.http")
 

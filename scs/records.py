@@ -38,7 +38,9 @@ class BrokerInfo:
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         if scheme not in ("amqp", "pyamqp", "amqps"):
-            raise ValueError(f"broker URL must start with amqp:// or amqps://, got {url!r}")
+            # The scheme alone: the URL may hold a password, and this
+            # message reaches answers and logs.
+            raise ValueError(f"broker URL must start with amqp:// or amqps://, not {parts.scheme!r}")
         transport = "amqps" if scheme == "amqps" else "amqp"
         if parts.query or parts.fragment:
             raise ValueError("broker URL must not have a query or fragment")

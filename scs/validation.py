@@ -171,7 +171,10 @@ def check_broker_url(value: Any, what: str = "broker") -> str:
         )
     if not value.lower().startswith(("amqp://", "pyamqp://", "amqps://")):
         raise BadParameter(
-            f"{what} must start with amqp:// or amqps://, got {value!r}", parameter=what
+            # The scheme alone: the URL may hold a password, and this
+            # message reaches answers and logs.
+            f"{what} must start with amqp:// or amqps://, not {value.partition(':')[0][:20]!r}",
+            parameter=what,
         )
     try:
         parts = urlsplit(value)

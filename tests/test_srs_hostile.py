@@ -482,3 +482,13 @@ class RedeclareTests(SynchronousTestCase):
         self.assertEqual((again.body["exchange"], again.body["routing_key"]), ("ex2", "rk2"))
         self.assertEqual(a2.store.get_queue("foo", "tasks").exchange, "ex2")
         self.assertIsNone(a1.store.find_queue("foo", "tasks"))
+
+
+class SecretsTests(SynchronousTestCase):
+    def test_a_refused_broker_url_is_not_echoed(self) -> None:
+        from scs.validation import check_broker_url
+
+        for url in ("redis://user:hunter2-pw@host//", "amqp://user:hunter2-pw@host:99999//", "http://u:hunter2-pw@h"):
+            with self.assertRaises(errors.BadParameter) as caught:
+                check_broker_url(url)
+            self.assertNotIn("hunter2", json.dumps(caught.exception.to_json()))

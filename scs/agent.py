@@ -399,6 +399,10 @@ class Agent:
     # -- the operation log of DESIGN §8 ----------------------------------
 
     async def _logged(self, operation: str, arguments: dict[str, Any], run: Any) -> Reply:
+        """Run an operation between its two log lines, ``-->`` with the
+        arguments and ``<--`` with the outcome; the second is the one
+        ``event="operation"`` (with ``operation`` and ``status``) that
+        metrics count."""
         self._calls += 1
         request = f"{self.agent_id}:{self._calls}"
         log.info(
@@ -406,15 +410,28 @@ class Agent:
             request=request,
             operation=operation,
             arguments=arguments,
+            event="operation.start",
         )
         try:
             reply = await run
         except SCSError as e:
             log.info(
-                "{{{request}}} <-- error={error}", request=request, error=e.to_json(), status=e.status
+                "{{{request}}} <-- error={error}",
+                request=request,
+                operation=operation,
+                error=e.to_json(),
+                status=e.status,
+                event="operation",
             )
             raise
-        log.info("{{{request}}} <-- ok={body}", request=request, body=reply.body, status=reply.status)
+        log.info(
+            "{{{request}}} <-- ok={body}",
+            request=request,
+            operation=operation,
+            body=reply.body,
+            status=reply.status,
+            event="operation",
+        )
         return reply
 
     # -- peers -------------------------------------------------------------

@@ -1,10 +1,10 @@
 """The façade the API, the admin page and the manhole call.
 
 ``Agent`` answers every operation for the whole cluster: it runs it here
-(``LocalAgent``) when this agent owns the instance or queue, sends it to the
-owner over SRS when another agent does, places new instances at random among
-live agents, and merges cluster-wide listings.  Without SRS it is the local
-agent alone.
+(``scs.local.LocalAgent``) when this agent owns the instance or queue, sends
+it to the owner over SRS when another agent does, creates instances through
+``scs.placement``, and merges cluster-wide listings.  Without SRS it is the
+local agent alone.
 
 Operations take validated values and return ``Reply`` objects: a JSON-able
 body, the HTTP status and the agents that did not answer a listing.
@@ -13,349 +13,53 @@ body, the HTTP status and the agents that did not answer a listing.
 from __future__ import annotations
 
 import random as _random
-import uuid
-from collections.abc import Callable
 from typing import Any
 
-import attrs
-from twisted.internet.defer import Deferred, DeferredLock, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 
-from scs.errors import (
-    BadParameter,
-    Conflict,
-    GatewayTimeout,
-    NotFound,
-    SCSError,
-    Unavailable,
-    WorkerFailed,
+from scs.errors import NotFound, SCSError, Unavailable
+from scs.local import (  # noqa: F401 - re-exported: the surfaces build agents from here
+    DEFAULT_READY_TIMEOUT,
+    DEFAULT_STOP_TIMEOUT,
+    LocalAgent,
+    instance_json,
+    queue_json,
 )
-from scs.records import AppRecord, BrokerInfo, InstanceSpec, QueueBinding, WorkerStatus
-from scs.records import UNSET
-from scs.store import Store
 from scs.operation_args import OPERATIONS, check_operation
-from scs.validation import check_concurrency_range, check_name, only
+from scs.placement import Placement
+from scs.records import UNSET, BrokerInfo, QueueBinding
+from scs.reply import Reply
+from scs.store import Store
 
 log = Logger(namespace="scs.agent")
-
-# How long instance creation waits for the new worker's first ping.
-DEFAULT_READY_TIMEOUT = 15.0
-# How long a DELETE waits for the supervisor to stop the worker.
-DEFAULT_STOP_TIMEOUT = 20.0
-
-
-@attrs.frozen
-class Reply:
-    body: Any
-    status: int = 200
-    missing: tuple[str, ...] = ()
-
-
-def instance_json(spec: InstanceSpec, status: WorkerStatus, agent_id: str) -> dict[str, Any]:
-    """The instance object of DESIGN §5 (the seed's fields first)."""
-    return {
-        "name": spec.name,
-        "is_enabled": spec.is_enabled,
-        "queues": list(spec.queue_names),
-        "broker": spec.broker.to_json(masked=True),
-        "max_concurrency": spec.max_concurrency,
-        "min_concurrency": spec.min_concurrency,
-        "app": spec.app,
-        "agent": agent_id,
-        "state": status.state,
-        "pid": status.pid,
-        "restarts": status.restarts,
-        "arguments": list(spec.node_arguments),
-    }
-
-
-def queue_json(binding: QueueBinding) -> dict[str, Any]:
-    return binding.to_json()
-
-
-class LocalAgent:
-    """Operations on this agent's own store and supervisor.
-
-    Every public method takes and returns JSON-able values, so that SRS can
-    run it for a peer by name (see ``REMOTE_OPERATIONS``).
-    """
-
-    def __init__(
-        self,
-        store: Store,
-        agent_id: str,
-        default_broker: str,
-        supervisor: Any = None,
-        ready_timeout: float = DEFAULT_READY_TIMEOUT,
-        stop_timeout: float = DEFAULT_STOP_TIMEOUT,
-        clock: Any = None,
-    ) -> None:
-        self.store = store
-        self.agent_id = agent_id
-        self.default_broker = default_broker
-        self.supervisor = supervisor
-        # Bounds the waits for the supervisor; by default the supervisor's own.
-        self.clock = clock if clock is not None else getattr(supervisor, "clock", None)
-        self.ready_timeout = ready_timeout
-        self.stop_timeout = stop_timeout
-        # Resolves a queue name to a declaration anywhere in the cluster;
-        # the cluster façade replaces it.
-        self.resolve_queue: Callable[[str, str], Deferred] = self._resolve_queue_here
-
-    # -- helpers ---------------------------------------------------------
-
-    def status(self, name: str) -> WorkerStatus:
-        if self.supervisor is None:
-            return WorkerStatus(state="stopped")
-        return self.supervisor.status(name)
-
-    def _json(self, spec: InstanceSpec) -> dict[str, Any]:
-        return instance_json(spec, self.status(spec.name), self.agent_id)
-
-    def _changed(self) -> Deferred:
-        """Tell the supervisor that desired state changed; fires when it acted."""
-        if self.supervisor is None:
-            return Deferred.fromCoroutine(_nothing())
-        return self.supervisor.wake()
-
-    def _resolve_queue_here(self, app: str, queue: str) -> Deferred:
-        binding = self.store.find_queue(app, queue)
-        return Deferred.fromCoroutine(_value(binding))
-
-    def instances(self) -> list[tuple[InstanceSpec, WorkerStatus]]:
-        """This agent's instances with their workers' status (metrics)."""
-        return [(spec, self.status(spec.name)) for spec in self.store.list_nodes()]
-
-    def app_records(self) -> list[AppRecord]:
-        return self.store.list_apps()
-
-    def queue_records(self, app: str) -> list[QueueBinding]:
-        return self.store.list_queues(app)
-
-    def summary(self) -> dict[str, Any]:
-        # Sent with every SRS heartbeat: a count query, not the records.
-        return {"instances": self.store.count_nodes()}
-
-    # -- apps ------------------------------------------------------------
-
-    def app_put(
-        self,
-        app: str,
-        broker: str | None = None,
-        celery_app: Any = UNSET,
-        arguments: list[str] | None = None,
-    ) -> dict[str, Any]:
-        record, created = self.store.put_app(
-            app, self.default_broker, broker=broker, celery_app=celery_app, arguments=arguments
-        )
-        if not created:
-            # The workers of this app must run with its new settings.
-            self._changed()
-        return {"app": record.to_json(), "created": created}
-
-    def app_get(self, app: str) -> dict[str, Any]:
-        return self.store.get_app(app).to_json()
-
-    def app_export(self) -> list[dict[str, Any]]:
-        """Every app with its real broker URL, for a peer copying them.
-
-        Only peers of the same cluster on the same broker can ask for this;
-        the API never shows it.
-        """
-        return [
-            {
-                "app": a.name,
-                "broker": a.broker.url,
-                "celery_app": a.celery_app,
-                "arguments": list(a.arguments),
-            }
-            for a in self.store.list_apps()
-        ]
-
-    def app_delete(self, app: str) -> dict[str, Any]:
-        """Delete an app here.  Its workers are stopped by the supervisor's
-        next wake-up, not awaited: an app may have many, and every agent of
-        the cluster answers this at once."""
-        try:
-            names = self.store.delete_app(app)
-        except NotFound:
-            return {"deleted": False, "instances": []}
-        self._changed()
-        return {"deleted": True, "instances": names}
-
-    # -- instances ---------------------------------------------------------
-
-    def instance_owned(self, name: str) -> bool:
-        return self.store.has_node(name)
-
-    async def instance_create(
-        self,
-        app: str,
-        name: str | None = None,
-        max_concurrency: int = 1,
-        min_concurrency: int = 1,
-        queues: list[str] | None = None,
-        broker: str | None = None,
-        arguments: list[str] | None = None,
-        nowait: bool = False,
-    ) -> dict[str, Any]:
-        check_concurrency_range(max_concurrency, min_concurrency)
-        if name is None:
-            name = str(uuid.uuid4())
-        bindings = []
-        for queue in queues or ():
-            bindings.append(await self.resolve_queue(app, queue) or _default_binding(queue))
-        spec, created = self.store.add_node(
-            app,
-            name,
-            self.default_broker,
-            max_concurrency=max_concurrency,
-            min_concurrency=min_concurrency,
-            broker=broker,
-            arguments=arguments or (),
-            queues=bindings,
-        )
-        for binding in bindings:
-            if binding.name not in spec.queue_names:
-                spec = self.store.add_consumption(name, binding)
-        started = self._changed()
-        if not nowait and self.supervisor is not None:
-            await started
-            ready = await self.supervisor.wait_ready(name, self.ready_timeout)
-            if not ready and self.status(name).state in ("restarting", "failed"):
-                # Kept, so that it can be fixed and restarted; but not a 201.
-                raise WorkerFailed(
-                    f"instance {name!r} was created but its worker cannot start: it exits "
-                    "before answering (see its worker.log); fix the app and restart it",
-                    instance=self._json(self.store.get_node(name)),
-                )
-        return {"instance": self._json(self.store.get_node(name)), "created": created}
-
-    def instance_list(self, app: str | None = None) -> list[str]:
-        return self.store.node_names(app)
-
-    def instance_details(self, app: str | None = None) -> list[dict[str, Any]]:
-        return [self._json(spec) for spec in self.store.list_nodes(app)]
-
-    def instance_get(self, name: str, app: str | None = None) -> dict[str, Any]:
-        return self._json(self.store.get_node(name, app))
-
-    async def instance_delete(self, name: str, app: str | None = None) -> dict[str, Any]:
-        spec = self.store.delete_node(name, app)
-        await self._settle()
-        body = instance_json(spec, self.status(name), self.agent_id)
-        body["is_enabled"] = False
-        return body
-
-    async def instance_enable(self, name: str, app: str | None = None) -> dict[str, Any]:
-        self.store.set_enabled(name, True, app)
-        if self.supervisor is not None:
-            self.supervisor.reset(name)
-        await self._changed()
-        return self.instance_get(name, app)
-
-    async def instance_disable(self, name: str, app: str | None = None) -> dict[str, Any]:
-        self.store.set_enabled(name, False, app)
-        await self._settle()
-        return self.instance_get(name, app)
-
-    async def instance_restart(self, name: str, app: str | None = None) -> dict[str, Any]:
-        self.store.get_node(name, app)
-        if self.supervisor is not None:
-            await self.supervisor.restart(name)
-        return self.instance_get(name, app)
-
-    def autoscale_get(self, name: str, app: str | None = None) -> dict[str, Any]:
-        spec = self.store.get_node(name, app)
-        return {"max": spec.max_concurrency, "min": spec.min_concurrency}
-
-    async def autoscale_set(
-        self,
-        name: str,
-        app: str | None = None,
-        max: int | None = None,
-        min: int | None = None,
-    ) -> dict[str, Any]:
-        spec = self.store.set_autoscale(name, max, min, app)
-        self._changed()
-        return {"max": spec.max_concurrency, "min": spec.min_concurrency}
-
-    async def queues_of(self, name: str, app: str | None = None) -> dict[str, Any]:
-        spec = self.store.get_node(name, app)
-        active = None
-        if self.supervisor is not None and self.status(name).state == "running":
-            active = await self.supervisor.active_queues(name)
-        return {
-            "queues": list(spec.queue_names),
-            "declared": [b.to_json() for b in spec.queues],
-            "active": active,
-        }
-
-    async def consume(self, name: str, queue: str, app: str | None = None) -> dict[str, Any]:
-        spec = self.store.get_node(name, app)
-        binding = await self.resolve_queue(spec.app, queue) or _default_binding(queue)
-        self.store.add_consumption(name, binding, app)
-        log.info("{instance}: node.consume_from: {queue}", instance=name, queue=queue)
-        self._changed()
-        return {"ok": "ok"}
-
-    async def cancel(self, name: str, queue: str, app: str | None = None) -> dict[str, Any]:
-        self.store.remove_consumption(name, queue, app)
-        log.info("{instance}: node.cancel_consume: {queue}", instance=name, queue=queue)
-        self._changed()
-        return {"ok": "ok"}
-
-    async def stats(self, name: str, app: str | None = None) -> dict[str, Any]:
-        self.store.get_node(name, app)
-        if self.supervisor is None:
-            raise Unavailable("this agent runs no supervisor", instance=name)
-        return await self.supervisor.stats(name)
-
-    # -- queues ----------------------------------------------------------
-
-    def queue_declare(self, app: str, binding: dict[str, Any]) -> dict[str, Any]:
-        record, created = self.store.declare_queue(
-            app, QueueBinding(**binding), self.default_broker
-        )
-        return {"queue": queue_json(record), "created": created}
-
-    def queue_get(self, app: str, name: str) -> dict[str, Any]:
-        return queue_json(self.store.get_queue(app, name))
-
-    def queue_list(self, app: str) -> list[str]:
-        return self.store.queue_names(app)
-
-    def queue_delete(self, app: str, name: str) -> dict[str, Any]:
-        return queue_json(self.store.delete_queue(app, name))
-
-    async def _settle(self) -> None:
-        """Wait (bounded) for the supervisor to act on a stop or delete."""
-        if self.supervisor is None:
-            return
-        done = self._changed()
-        if self.clock is not None:
-            done.addTimeout(self.stop_timeout, self.clock)
-        try:
-            await done
-        except Exception as e:  # noqa: BLE001 - a slow stop is logged, not fatal
-            log.warn("supervisor did not settle in time: {error}", error=repr(e))
-
 
 # The LocalAgent methods a peer may run here through SRS, each with its
 # checked arguments (scs.operation_args).
 REMOTE_OPERATIONS = OPERATIONS
 
 
-async def _nothing() -> None:
-    return None
+class ClusterQueues:
+    """Finds a queue's declaration here, else on any agent of the cluster
+    (a queue lives on the agent it was declared on)."""
 
+    def __init__(self, store: Store, srs: Any) -> None:
+        self.store = store
+        self.srs = srs
 
-async def _value(value: Any) -> Any:
-    return value
+    def __call__(self, app: str, queue: str) -> Deferred:
+        return Deferred.fromCoroutine(self._find(app, queue))
 
-
-def _default_binding(queue: str) -> QueueBinding:
-    return QueueBinding(name=queue, exchange=queue, routing_key=queue)
+    async def _find(self, app: str, queue: str) -> QueueBinding | None:
+        binding = self.store.find_queue(app, queue)
+        if binding is not None or not self.srs.is_connected():
+            return binding
+        answers, _missing = await self.srs.scatter("queue_get", {"app": app, "name": queue})
+        for agent in sorted(answers):
+            answer = answers[agent]
+            if isinstance(answer, dict):
+                return QueueBinding(**answer)
+        return None
 
 
 class Agent:
@@ -378,11 +82,7 @@ class Agent:
         self.call_timeout = call_timeout
         self.create_timeout = create_timeout or local.ready_timeout + 5.0
         self._calls = 0
-        # Named creations this agent is deciding, as the coordinator.
-        self._name_locks: dict[str, DeferredLock] = {}
-        if srs is not None:
-            srs.handler = self.handle_remote
-            local.resolve_queue = self._resolve_queue_anywhere
+        self.placement = Placement(local, srs, self.random, call_timeout, self.create_timeout)
 
     @property
     def agent_id(self) -> str:
@@ -396,7 +96,7 @@ class Agent:
     def supervisor(self) -> Any:
         return self.local.supervisor
 
-    # -- the operation log of DESIGN §8 ----------------------------------
+    # -- the operation log ---------------------------------------------------
 
     async def _logged(self, operation: str, arguments: dict[str, Any], run: Any) -> Reply:
         """Run an operation between its two log lines, ``-->`` with the
@@ -442,24 +142,11 @@ class Agent:
 
         def run() -> Deferred:
             if operation == "instance_create_named":
-                return Deferred.fromCoroutine(self._create_named_for_peer(arguments))
+                return Deferred.fromCoroutine(self.placement.create_named_for_peer(arguments))
             clean = check_operation(operation, arguments)
             return _as_deferred(getattr(self.local, operation)(**clean))
 
         return maybeDeferred(run)
-
-    async def _create_named_for_peer(self, request: Any) -> dict[str, Any]:
-        if not isinstance(request, dict):
-            raise BadParameter("operation arguments must be an object")
-        only(request, ("arguments", "on"))
-        arguments = check_operation("instance_create", request.get("arguments"))
-        if arguments.get("name") is None:
-            raise BadParameter("missing parameter name", parameter="name")
-        on = request.get("on")
-        if on is not None:
-            on = check_name(on, "agent")
-        reply = await self.create_named(arguments, on)
-        return {"instance": reply.body, "status": reply.status}
 
     def _clustered(self) -> bool:
         return self.srs is not None and self.srs.is_connected()
@@ -514,17 +201,6 @@ class Agent:
             )
         raise NotFound(f"no instance named {name!r}", instance=name)
 
-    async def _resolve_queue_anywhere(self, app: str, queue: str) -> QueueBinding | None:
-        binding = self.store.find_queue(app, queue)
-        if binding is not None or not self._clustered():
-            return binding
-        answers, _missing = await self.srs.scatter("queue_get", {"app": app, "name": queue})
-        for agent in sorted(answers):
-            answer = answers[agent]
-            if isinstance(answer, dict):
-                return QueueBinding(**answer)
-        return None
-
     # -- operations --------------------------------------------------------
 
     def members(self) -> list[dict[str, Any]]:
@@ -558,7 +234,7 @@ class Agent:
         async def run() -> Reply:
             result = self.local.app_put(**arguments_json)
             if self.srs is not None:
-                # Apps live on every agent (DESIGN §7).
+                # Apps live on every agent.
                 self.srs.broadcast("app_put", arguments_json)
             return Reply(result["app"], status=201 if result["created"] else 200)
 
@@ -629,122 +305,12 @@ class Agent:
     async def instance_create(
         self, app: str, name: str | None = None, *, on: str | None = None, **settings: Any
     ) -> Reply:
-        """Create an instance on a random live agent, or on agent ``on``
-        (the admin page creates on its own agent).  A named instance that
-        exists already stays where it is; whether it exists is decided by
-        one agent of the cluster (``_coordinator``), one name at a time, so
-        that the same name created through two agents at once is one
-        instance."""
+        """Create an instance; where it goes is ``scs.placement``'s to say."""
         arguments = {"app": app, "name": name, **settings}
         log_arguments = dict(arguments)
         if settings.get("broker") is not None:
             log_arguments["broker"] = BrokerInfo.from_url(settings["broker"]).to_json(masked=True)
-
-        async def run() -> Reply:
-            if name is None:
-                # A fresh random name: nothing to decide.
-                return await self._place(arguments, on)
-            if self.local.instance_owned(name):
-                return await self._create_on(self.agent_id, arguments)
-            if self.srs is None:
-                return await self._place(arguments, on)
-            if not self.srs.is_connected():
-                # Another agent may own it: creating here could make a copy.
-                raise Unavailable(
-                    f"cannot tell whether instance {name!r} exists: not connected to the cluster",
-                    instance=name,
-                )
-            coordinator = self._coordinator()
-            if coordinator == self.agent_id:
-                return await self.create_named(arguments, on)
-            result = await self.srs.call(
-                coordinator,
-                "instance_create_named",
-                {"arguments": arguments, "on": on},
-                timeout=self.create_timeout + self.call_timeout,
-            )
-            return Reply(result["instance"], status=result["status"])
-
-        return await self._logged("Node.add", log_arguments, run())
-
-    def _coordinator(self) -> str:
-        """The agent that decides named creations: the first live one by id,
-        the same for every agent that sees the same members."""
-        return min(self._live_agents())
-
-    async def create_named(self, arguments: dict[str, Any], on: str | None) -> Reply:
-        """On the coordinator: create a named instance unless it exists
-        somewhere, one decision per name at a time."""
-        name = arguments["name"]
-        lock = self._name_locks.setdefault(name, DeferredLock())
-        await lock.acquire()
-        try:
-            owner = await self._owner_of(name)
-            if owner is None:
-                return await self._place(arguments, on)
-            if on is not None and owner != on:
-                raise Conflict(f"instance {name!r} exists on agent {owner!r}", instance=name, agent=owner)
-            return await self._create_on(owner, arguments)
-        finally:
-            lock.release()
-            if not lock.locked and not lock.waiting:
-                self._name_locks.pop(name, None)
-
-    async def _owner_of(self, name: str) -> str | None:
-        """The agent that has instance ``name``; Unavailable when an agent
-        that might have it did not answer."""
-        if self.local.instance_owned(name):
-            return self.agent_id
-        if not self._clustered():
-            return None
-        answers, missing = await self.srs.scatter("instance_owned", {"name": name})
-        owners = sorted(a for a, owned in answers.items() if owned is True)
-        if owners:
-            return owners[0]
-        if missing:
-            raise Unavailable(
-                f"cannot tell whether instance {name!r} exists: no answer from {', '.join(missing)}",
-                instance=name,
-                missing_agents=sorted(missing),
-            )
-        return None
-
-    async def _place(self, arguments: dict[str, Any], on: str | None) -> Reply:
-        if on is not None:
-            return await self._create_on(on, arguments)
-        candidates = self._live_agents()
-        self.random.shuffle(candidates)
-        last_error: SCSError | None = None
-        for agent in candidates:
-            try:
-                return await self._create_on(agent, arguments)
-            except (GatewayTimeout, Unavailable) as e:
-                log.warn("placement on {agent} failed: {error}", agent=agent, error=e.message)
-                last_error = e
-        raise last_error or Unavailable("no live agent to place the instance on")
-
-    def _live_agents(self) -> list[str]:
-        if not self._clustered():
-            return [self.agent_id]
-        live = list(self.srs.live_agents())
-        if self.agent_id not in live:
-            live.append(self.agent_id)
-        return sorted(live)
-
-    async def _create_on(self, agent: str, arguments: dict[str, Any]) -> Reply:
-        if agent == self.agent_id:
-            result = await self.local.instance_create(**arguments)
-        else:
-            result = await self.srs.call(
-                agent, "instance_create", arguments, timeout=self.create_timeout
-            )
-        if not result["created"]:
-            status = 200
-        elif arguments.get("nowait"):
-            status = 202
-        else:
-            status = 201
-        return Reply(result["instance"], status=status)
+        return await self._logged("Node.add", log_arguments, self.placement.create(arguments, on))
 
     async def instance_list(self, app: str) -> Reply:
         async def run() -> Reply:
@@ -840,4 +406,4 @@ def _as_deferred(result: Any) -> Deferred:
         return result
     if hasattr(result, "__await__") and hasattr(result, "send"):
         return Deferred.fromCoroutine(result)
-    return Deferred.fromCoroutine(_value(result))
+    return succeed(result)

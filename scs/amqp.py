@@ -59,7 +59,7 @@ from txamqp.protocol import AMQClient
 from txamqp.queue import Closed as QueueClosed
 from zope.interface import implementer
 
-from scs import srs
+from scs import srs_wire as wire
 from scs.errors import Unavailable
 from scs.records import BrokerInfo
 
@@ -102,9 +102,9 @@ PRIVATE_QUEUE_MAX_MESSAGES = 20_000
 PRIVATE_QUEUE_MAX_BYTES = 64 * 1024 * 1024
 
 
-@implementer(srs.ISRSTransport)
+@implementer(wire.ISRSTransport)
 class AMQPTransport(MultiService):
-    """``scs.srs.ISRSTransport`` over txAMQP, reconnecting by itself."""
+    """``scs.wire.ISRSTransport`` over txAMQP, reconnecting by itself."""
 
     log = Logger()
 
@@ -160,7 +160,7 @@ class AMQPTransport(MultiService):
         self._channel: Any = None
         self._client: Optional[_Client] = None
 
-    def attach(self, agent_id: str, cluster: str, receiver: srs.ITransportReceiver) -> None:
+    def attach(self, agent_id: str, cluster: str, receiver: wire.ITransportReceiver) -> None:
         self.agent_id, self.cluster, self.receiver = agent_id, cluster, receiver
 
     def publish(
@@ -175,12 +175,12 @@ class AMQPTransport(MultiService):
         channel = self._channel
         if channel is None or self.cluster is None:
             return defer.fail(Unavailable("not connected to the broker"))
-        direct, fanout = srs.exchange_names(self.cluster)
-        if kind == srs.DIRECT:
-            exchange, routing_key = direct, srs.routing_key(key)
-        elif kind == srs.FANOUT:
+        direct, fanout = wire.exchange_names(self.cluster)
+        if kind == wire.DIRECT:
+            exchange, routing_key = direct, wire.routing_key(key)
+        elif kind == wire.FANOUT:
             exchange, routing_key = fanout, ""
-        elif kind == srs.REPLY:
+        elif kind == wire.REPLY:
             exchange, routing_key = "", _require_ascii("reply-to queue", key)
         else:
             raise ValueError("unknown publish kind %r" % kind)
@@ -229,7 +229,7 @@ class AMQPTransport(MultiService):
         await client.authenticate(broker.userid, broker.password)
         channel = await client.channel(1)
         await channel.channel_open()
-        direct, fanout = srs.exchange_names(self.cluster)
+        direct, fanout = wire.exchange_names(self.cluster)
         # Transient and auto-delete: every agent redeclares them identically
         # on each connection (a restarted broker gets them back) and they
         # vanish with the cluster's last queue, so clusters (and test runs)
@@ -238,7 +238,7 @@ class AMQPTransport(MultiService):
         # preparation and ClientService simply tries again.
         await channel.exchange_declare(exchange=direct, type="direct", durable=False, auto_delete=True)
         await channel.exchange_declare(exchange=fanout, type="fanout", durable=False, auto_delete=True)
-        queue = srs.private_queue_name(self.cluster, self.agent_id, "%012x" % self._rng.getrandbits(48))
+        queue = wire.private_queue_name(self.cluster, self.agent_id, "%012x" % self._rng.getrandbits(48))
         # Bounded on the broker too: a flood of messages (from anyone with
         # credentials on the broker) drops the oldest instead of filling the
         # broker's memory while we work through it.
@@ -249,7 +249,7 @@ class AMQPTransport(MultiService):
             durable=False,
             arguments={"x-max-length": PRIVATE_QUEUE_MAX_MESSAGES, "x-max-length-bytes": PRIVATE_QUEUE_MAX_BYTES},
         )
-        await channel.queue_bind(queue=queue, exchange=direct, routing_key=srs.routing_key(self.agent_id))
+        await channel.queue_bind(queue=queue, exchange=direct, routing_key=wire.routing_key(self.agent_id))
         await channel.queue_bind(queue=queue, exchange=fanout, routing_key="")
         reply = await channel.basic_consume(queue=queue, no_ack=True)
         deliveries = await client.queue(reply.consumer_tag)

@@ -10,6 +10,8 @@ from urllib.parse import quote, unquote, urlsplit
 import attrs
 
 DEFAULT_AMQP_PORT = 5672
+# The broker of SRS and of new apps unless told otherwise (--broker).
+DEFAULT_BROKER = "amqp://guest:guest@127.0.0.1:5672//"
 
 # Sentinel for "parameter not given" where None is a meaningful value.
 UNSET: Any = object()

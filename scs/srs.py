@@ -4,15 +4,7 @@ This module knows the messages and the bookkeeping, not the wire: it talks to
 an ``ISRSTransport`` (``scs.amqp.AMQPTransport`` on a real broker,
 ``scs.testing.FakeTransport`` in tests).
 
-Topology (declared by the transport, named by ``exchange_names`` and
-``routing_key`` below so that every transport agrees):
-
-* a direct exchange ``scs.<cluster>.direct``: each agent's private queue is
-  bound under ``routing_key(agent_id)``; requests to one agent go there;
-* a fanout exchange ``scs.<cluster>.fanout``: every private queue is bound;
-  heartbeats, scatter requests and broadcasts go there;
-* replies go through the default exchange straight to the asker's private
-  queue (``reply-to``), matched by ``correlation-id``.
+The exchanges, keys and queues are named in ``scs.srs_wire``.
 
 Every body is ASCII-only JSON (txAMQP 0.8.2 counts ``str`` lengths in
 characters, so non-ASCII text travels as ``\\u`` escapes), sealed and
@@ -32,9 +24,10 @@ payload is encrypted; without one anyone on the broker is a member.  Either
 way every field is checked before it is used, and what is dropped is
 counted by reason (``rejected``).
 
-Membership comes only from heartbeats, bounded by ``max_peers``; a member
-silent for ``forget_after`` seconds leaves the table; a ``bye`` counts only
-from the member's current incarnation.  A reply is taken only from the
+Membership (``scs.membership``) comes only from heartbeats, bounded by
+``max_peers``; a member silent for ``forget_after`` seconds leaves the
+table; a ``bye`` counts only from the member's current incarnation.  The
+requests waiting for answers are ``scs.srs_requests``.  A reply is taken only from the
 agent that was asked, addressed to us, for the request it names.  An agent
 that requires a token accepts requests only from peers that require one.
 
@@ -49,7 +42,7 @@ Choices the contract left open:
   ``missing`` names the peers that were alive when the connection dropped
   (the ones a listing would have asked), so the listing can name them in
   its missing-agents header; callers may also check ``is_connected()``.
-* ``connected_callbacks`` run ``discovery_delay`` seconds (default a
+* ``on_connected`` callbacks run ``discovery_delay`` seconds (default a
   quarter heartbeat period) after each connection, not at once: our first
   heartbeat asks peers to answer with theirs, and a callback that scatters
   (fetching the apps of the cluster) must find them in the table.
@@ -62,144 +55,45 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Any, Callable, Optional
-from urllib.parse import quote
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
 
-import attr
-from twisted.application.service import IService, MultiService
+from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
-from zope.interface import Attribute, Interface
 
-from scs.errors import BadParameter, GatewayTimeout, SCSError, Unauthorized, Unavailable, error_from_json
+from scs.errors import BadParameter, SCSError, Unauthorized, Unavailable, error_from_json
+from scs.membership import DEFAULT_FORGET_AFTER, DEFAULT_MAX_PEERS, BadHeartbeat, Member, Membership, TableFull, count
+from scs.srs_requests import PendingRequests
 from scs.srs_trust import Message, MessageCodec, Rejected
+from scs.srs_wire import (  # noqa: F401 - the wire's names are part of this module's API
+    DIRECT,
+    FANOUT,
+    REPLY,
+    ISRSTransport,
+    ITransportReceiver,
+    encode_message,
+    exchange_names,
+    private_queue_name,
+    routing_key,
+)
 from scs.validation import check_name
 
-# Publish kinds understood by every transport.
-DIRECT = "direct"  # key: the target agent id (the transport applies routing_key)
-FANOUT = "fanout"  # key ignored: every agent of the cluster
-REPLY = "reply"  # key: the asker's private queue name, from its reply-to
-
-# A peer silent for this many of its heartbeat periods is dead.
-DEAD_AFTER_PERIODS = 3
-# Bounds on the period a peer announces, so that one misconfigured (or
-# hostile) peer cannot make itself immortal or flap.
-MIN_PERIOD, MAX_PERIOD = 0.05, 60.0
-# Default bound on the membership table (other agents).
-DEFAULT_MAX_PEERS = 256
-# Default time a silent member stays listed (dead) before it is forgotten.
-DEFAULT_FORGET_AFTER = 24 * 3600.0
 # Distinct oddities logged (once each) before the rest are only counted.
 MAX_LOGGED_ODDITIES = 1000
 # A heartbeat is small: anything larger is not one.
-MAX_HEARTBEAT_URL = 512
 MAX_HEARTBEAT_BYTES = 8 * 1024
 
-
-def _ascii_name(text: str) -> str:
-    """Injective ASCII form of ``text`` for AMQP names (shortstr must be ASCII)."""
-    return quote(text, safe="")
+# Runs an operation a peer asked for: (op, args) -> result or Deferred.
+Handler = Callable[[str, dict[str, Any]], Any]
 
 
-def exchange_names(cluster: str) -> tuple[str, str]:
-    """(direct, fanout) exchange names of a cluster; two clusters never share one."""
-    name = _ascii_name(cluster)
-    return f"scs.{name}.direct", f"scs.{name}.fanout"
-
-
-def routing_key(agent_id: str) -> str:
-    """The direct-exchange routing key of an agent (ASCII even for non-ASCII ids)."""
-    return _ascii_name(agent_id)
-
-
-def private_queue_name(cluster: str, agent_id: str, nonce: str) -> str:
-    """Name of an agent's private queue; the nonce keeps a restarted agent's
-    queue distinct from the old one the broker may not have dropped yet."""
-    return f"scs.{_ascii_name(cluster)}.agent.{routing_key(agent_id)}.{nonce}"
-
-
-def encode_message(message: dict[str, Any]) -> bytes:
-    """Bytes of ASCII-only JSON, the only body txAMQP 0.8.2 carries intact."""
-    return json.dumps(message, ensure_ascii=True, separators=(",", ":")).encode("ascii")
-
-
-class ITransportReceiver(Interface):
-    """What a transport calls back (SRS implements it)."""
-
-    def transport_connected(reply_queue: str) -> None:
-        """Connected, queue bound and consuming; ``reply_queue`` is our private queue."""
-
-    def transport_disconnected(reason: Optional[Failure]) -> None:
-        """The connection is gone; the transport reconnects by itself."""
-
-    def message_received(body: bytes, properties: dict[str, str]) -> None:
-        """One message from the private queue; properties use hyphenated names."""
-
-    def message_returned(body: bytes, properties: dict[str, str]) -> None:
-        """A mandatory message we published could not be routed to any queue."""
-
-
-class ISRSTransport(IService):
-    """The wire under SRS: a service that keeps one broker connection."""
-
-    reply_queue = Attribute("Name of the private queue while connected, else None.")
-
-    def attach(agent_id: str, cluster: str, receiver: ITransportReceiver) -> None:
-        """Set identity and receiver; called once, before the service starts."""
-
-    def publish(kind: str, key: str, body: bytes, properties: dict[str, str], mandatory: bool = False) -> Deferred:
-        """Send ``body``; ``kind`` is DIRECT, FANOUT or REPLY. Fails with
-        ``scs.errors.Unavailable`` when not connected. A ``mandatory`` message
-        that reaches no queue comes back through ``message_returned``."""
-
-
-@attr.s(auto_attribs=True)
-class _Member:
-    id: str
-    url: str = ""
-    interval: float = 2.0
-    last_seen: Optional[float] = None
-    summary: dict[str, Any] = attr.Factory(dict)
-    left: bool = False
-    # When it last failed to answer one of our scatters; until we hear from
-    # it again, later scatters do not wait for it (it is reported missing at
-    # once), so a crashed peer costs one scatter timeout, not one per
-    # listing until it is declared dead.
-    silent_since: Optional[float] = None
-    # Last liveness we logged, so that transitions are logged once.
-    reported_alive: bool = False
-    # The run of the agent that sent the last heartbeat: a "bye" from any
-    # other run (an old one replayed, or a forgery) does not count.
-    incarnation: str = ""
-    # It requires a bearer token on its HTTP API (one trust domain).
-    requires_token: bool = False
-
-
-@attr.s(auto_attribs=True)
-class _PendingCall:
-    deferred: Deferred
-    agent_id: str
-    op: str
-    timer: Any
-
-
-@attr.s(auto_attribs=True)
-class _PendingScatter:
-    deferred: Deferred
-    op: str
-    expected: set[str]
-    timer: Any
-    results: dict[str, Any] = attr.Factory(dict)
-    # Peers not waited for (suspects), reported missing unless they answer.
-    skipped: list[str] = attr.Factory(list)
-
-
-def _default_handler(op: str, args: dict[str, Any]) -> Any:
-    raise Unavailable("this agent does not serve SRS requests yet", op=op)
+def _no_handler(op: str, args: dict[str, Any]) -> Any:
+    raise Unavailable("this agent serves no SRS requests", op=op)
 
 
 class SRS(MultiService):
@@ -210,14 +104,14 @@ class SRS(MultiService):
     def __init__(
         self,
         agent_id: str,
+        transport: ISRSTransport,
         *,
+        reactor: IReactorTime,
         cluster: str = "scs",
         url: str = "",
-        transport: Optional[ISRSTransport] = None,
-        broker_url: str = "amqp://guest:guest@127.0.0.1:5672//",
-        spec_path: Optional[str] = None,
+        handler: Handler = _no_handler,
+        on_connected: Sequence[Callable[[], Any]] = (),
         heartbeat_interval: float = 2.0,
-        reactor: Optional[IReactorTime] = None,
         summary: Callable[[], dict] = lambda: {},
         rng: Optional[random.Random] = None,
         discovery_delay: Optional[float] = None,
@@ -227,41 +121,30 @@ class SRS(MultiService):
         forget_after: float = DEFAULT_FORGET_AFTER,
     ) -> None:
         super().__init__()
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
         self.agent_id = agent_id
         self.cluster = cluster
         self.url = url
+        self.handler = handler
+        self.on_connected = list(on_connected)
         self.heartbeat_interval = heartbeat_interval
         self.discovery_delay = heartbeat_interval / 4 if discovery_delay is None else discovery_delay
         self.summary = summary
-        self.handler: Callable[[str, dict], Any] = _default_handler
-        self.connected_callbacks: list[Callable[[], Any]] = []
-        self._reactor = reactor
-        self._rng = rng if rng is not None else random.Random()
         self.codec = codec if codec is not None else MessageCodec(cluster, clock=reactor.seconds)
         self.requires_token = requires_token
-        self.max_peers = max_peers
-        self.forget_after = forget_after
-        if transport is None:
-            from scs.amqp import AMQPTransport
-
-            transport = AMQPTransport(broker_url, spec_path=spec_path, reactor=reactor, rng=self._rng)
+        self.membership = Membership(heartbeat_interval, max_peers, forget_after)
         self.transport = transport
         transport.attach(agent_id, cluster, self)
         self.addService(transport)
 
+        self._reactor = reactor
+        self._rng = rng if rng is not None else random.Random()
         self._incarnation = self._new_id()[:16]
         self._connected = False
         # Peers alive when the connection last dropped: who a scatter misses meanwhile.
         self._alive_when_lost: list[str] = []
         self._reply_queue: Optional[str] = None
         self._last_connected: Optional[float] = None
-        self._members: dict[str, _Member] = {}
-        self._calls: dict[str, _PendingCall] = {}
-        self._scatters: dict[str, _PendingScatter] = {}
+        self._pending = PendingRequests(reactor, self._scatter_ended)
         self._ignored_logged: set[tuple[str, str, str]] = set()
         self._beat = LoopingCall(self._heartbeat_tick)
         self._beat.clock = reactor
@@ -278,7 +161,7 @@ class SRS(MultiService):
         if self._connected:
             d = self._send(FANOUT, "*", "bye", {})
             d.addErrback(lambda _: None)
-        self._fail_pending("this agent is stopping")
+        self._pending.fail_all("this agent is stopping")
         d.addCallback(lambda _: MultiService.stopService(self))
         return d
 
@@ -300,18 +183,18 @@ class SRS(MultiService):
                 "url": self.url,
                 "alive": self._connected,
                 "last_seen": now if self._connected else self._last_connected,
-                "instances": _instances(self._safe_summary()),
+                "instances": count(self._safe_summary().get("instances")),
                 "requires_token": self.requires_token,
             }
         ]
-        for m in self._members.values():
+        for m in self.membership:
             rows.append(
                 {
                     "id": m.id,
                     "url": m.url,
-                    "alive": self._alive(m, now),
+                    "alive": self._connected and m.heard_recently(now),
                     "last_seen": m.last_seen,
-                    "instances": _instances(m.summary),
+                    "instances": m.instances,
                     "requires_token": m.requires_token,
                 }
             )
@@ -321,8 +204,7 @@ class SRS(MultiService):
     def live_agents(self) -> list[str]:
         """Ids believed alive that accept our requests, self included (even
         while disconnected: the local agent can always serve its own)."""
-        now = self._reactor.seconds()
-        ids = [m.id for m in self._members.values() if self._alive(m, now) and self._accepts_us(m)]
+        ids = [m.id for m in self._live_peers()]
         ids.append(self.agent_id)
         return sorted(ids)
 
@@ -333,9 +215,7 @@ class SRS(MultiService):
         if not self._connected or self._reply_queue is None:
             return defer.fail(Unavailable("not connected to the cluster broker", agent=agent_id, op=op))
         correlation_id = self._new_id()
-        d = Deferred(lambda _: self._forget_call(correlation_id))
-        timer = self._reactor.callLater(timeout, self._call_timed_out, correlation_id)
-        self._calls[correlation_id] = _PendingCall(d, agent_id, op, timer)
+        d = self._pending.call(correlation_id, agent_id, op, timeout)
         # Mandatory: when the agent has no queue (crashed, not yet detected)
         # the broker returns the request at once and we fail fast instead of
         # waiting out the timeout.
@@ -348,7 +228,11 @@ class SRS(MultiService):
             reply_to=self._reply_queue,
             mandatory=True,
         )
-        sent.addErrback(self._call_send_failed, correlation_id)
+        sent.addErrback(
+            lambda _: self._pending.fail_call(
+                correlation_id, Unavailable(f"could not send to agent {agent_id}", agent=agent_id)
+            )
+        )
         return d
 
     def scatter(self, op: str, args: dict, timeout: float = 2.0) -> Deferred:
@@ -358,24 +242,20 @@ class SRS(MultiService):
         at ``timeout`` naming the silent ones. Answers from agents we did not
         wait for (just joined) are kept if they arrive in time.
         """
-        now = self._reactor.seconds()
         if not self._connected or self._reply_queue is None:
-            missing = list(self._alive_when_lost)
-            return defer.succeed(({}, missing))
-        live = [m for m in self._members.values() if self._alive(m, now) and self._accepts_us(m)]
-        suspects = sorted(m.id for m in live if self._suspect(m))
+            return defer.succeed(({}, list(self._alive_when_lost)))
+        live = self._live_peers()
+        suspects = sorted(m.id for m in live if m.suspect())
         expected = {m.id for m in live} - set(suspects)
         if not expected:
             return defer.succeed(({}, suspects))
         correlation_id = self._new_id()
-        d = Deferred(lambda _: self._forget_scatter(correlation_id))
-        timer = self._reactor.callLater(timeout, self._finish_scatter, correlation_id)
-        self._scatters[correlation_id] = _PendingScatter(d, op, expected, timer, skipped=suspects)
+        d = self._pending.scatter(correlation_id, op, expected, suspects, timeout)
         sent = self._send(
             FANOUT, "*", "request", {"op": op, "args": args}, cid=correlation_id, reply_to=self._reply_queue
         )
         # A failed publish means nobody will answer: give up now, not at the timeout.
-        sent.addErrback(lambda _: self._finish_scatter(correlation_id))
+        sent.addErrback(lambda _: self._pending.finish_scatter(correlation_id))
         return d
 
     def broadcast(self, op: str, args: dict) -> None:
@@ -384,6 +264,10 @@ class SRS(MultiService):
             self.log.warn("SRS broadcast {op} dropped: not connected", op=op, event="srs.broadcast.dropped")
             return
         self._send(FANOUT, "*", "request", {"op": op, "args": args})
+
+    def _live_peers(self) -> list[Member]:
+        now = self._reactor.seconds()
+        return [m for m in self.membership.alive(now, self._connected) if self._accepts_us(m)]
 
     # -- ITransportReceiver ------------------------------------------------
 
@@ -401,11 +285,11 @@ class SRS(MultiService):
         if not self._beat.running:
             self._beat.start(self.heartbeat_interval, now=False)
         self._cancel_discovery()
-        self._discovery = self._reactor.callLater(self.discovery_delay, self._run_connected_callbacks)
+        self._discovery = self._reactor.callLater(self.discovery_delay, self._run_on_connected)
 
-    def _run_connected_callbacks(self) -> None:
+    def _run_on_connected(self) -> None:
         self._discovery = None
-        for callback in list(self.connected_callbacks):
+        for callback in self.on_connected:
             d = defer.maybeDeferred(callback)
             d.addErrback(lambda f: self.log.failure("SRS connected callback failed", f))
 
@@ -431,7 +315,7 @@ class SRS(MultiService):
             reason=reason.getErrorMessage() if reason is not None else "closed",
             event="srs.disconnected",
         )
-        self._fail_pending("lost the connection to the cluster broker")
+        self._pending.fail_all("lost the connection to the cluster broker")
         self._log_transitions()
 
     def message_received(self, body: bytes, properties: dict[str, str]) -> None:
@@ -455,16 +339,36 @@ class SRS(MultiService):
         if message.type in ("heartbeat", "bye") and len(body) > MAX_HEARTBEAT_BYTES:
             self._rejected(Rejected("oversized", f"{message.type} of {len(body)} bytes", message.sender), counted=False)
             return
-        if message.type == "heartbeat":
-            self._on_heartbeat(message)
-        elif message.type == "bye":
-            self._on_bye(message)
-        elif message.type == "request":
-            self._on_request(message)
-        elif message.type == "reply":
-            self._on_reply(message)
-        else:
+        receive = {
+            "heartbeat": self._on_heartbeat,
+            "bye": self._on_bye,
+            "request": self._on_request,
+            "reply": self._on_reply,
+        }.get(message.type)
+        if receive is None:
             self._rejected(Rejected("malformed", "unknown type %r" % message.type[:32], message.sender))
+            return
+        receive(message)
+
+    def message_returned(self, body: bytes, properties: dict[str, str]) -> None:
+        pending = self._pending.take_call(properties.get("correlation-id", ""))
+        if pending is None:
+            return
+        self.log.info(
+            "SRS request {op} to {member} returned: no such agent connected",
+            op=pending.op,
+            member=pending.agent_id,
+            event="srs.call.unroutable",
+        )
+        # The broker just told us it has no queue: it is gone now, not in
+        # three periods (its next heartbeat, if any, brings it back).
+        self.membership.left(pending.agent_id)
+        self._log_transitions()
+        pending.deferred.errback(
+            Unavailable(f"agent {pending.agent_id} is not connected to the cluster", agent=pending.agent_id)
+        )
+
+    # -- receiving ---------------------------------------------------------
 
     def _rejected(self, rejection: Rejected, counted: bool = True) -> None:
         """Drop a message: counted by reason, logged once per reason and sender."""
@@ -479,90 +383,37 @@ class SRS(MultiService):
             log_event="srs.rejected",
         )
 
-    def message_returned(self, body: bytes, properties: dict[str, str]) -> None:
-        pending = self._calls.pop(properties.get("correlation-id", ""), None)
-        if pending is None:
-            return
-        if pending.timer.active():
-            pending.timer.cancel()
-        self.log.info(
-            "SRS request {op} to {member} returned: no such agent connected",
-            op=pending.op,
-            member=pending.agent_id,
-            event="srs.call.unroutable",
-        )
-        # The broker just told us it has no queue: it is gone now, not in
-        # three periods (its next heartbeat, if any, brings it back).
-        self._peer_left(pending.agent_id)
-        pending.deferred.errback(Unavailable("agent %s is not connected to the cluster" % pending.agent_id, agent=pending.agent_id))
-
-    # -- receiving ---------------------------------------------------------
-
     def _on_heartbeat(self, message: Message) -> None:
-        payload = message.payload
-        url, interval, summary = payload.get("url"), payload.get("interval"), payload.get("summary")
-        if (
-            not isinstance(url, str)
-            or len(url) > MAX_HEARTBEAT_URL
-            or not (url == "" or url.startswith(("http://", "https://")))
-            or not url.isprintable()
-            or isinstance(interval, bool)
-            or not isinstance(interval, (int, float))
-            or interval != interval
-            or not isinstance(summary, dict)
-        ):
+        now = self._reactor.seconds()
+        try:
+            member = self.membership.heartbeat(message.sender, message.incarnation, message.payload, now)
+        except BadHeartbeat:
             self._rejected(Rejected("malformed", "bad heartbeat", message.sender), counted=False)
             return
-        member = self._members.get(message.sender)
-        if member is None:
-            member = self._admit(message.sender)
-            if member is None:
-                return
-        member.last_seen = self._reactor.seconds()
-        member.left = False
-        member.incarnation = message.incarnation
-        member.url = url
-        member.interval = min(max(float(interval), MIN_PERIOD), MAX_PERIOD)
-        # Only the fields we use, type-checked: a peer cannot park data here.
-        member.summary = {"instances": _instances(summary)}
-        member.requires_token = payload.get("token") is True
+        except TableFull:
+            self._rejected(Rejected("not-a-member", "membership table is full", message.sender), counted=False)
+            return
         self._log_transitions()
-        if payload.get("hello") is True:
+        if message.payload.get("hello") is True:
             # A newcomer should not wait a whole period to learn about us.
             self._send_heartbeat(to=member.id)
 
-    def _admit(self, sender: str) -> Optional[_Member]:
-        """A new member, unless the table is full of live ones."""
-        if len(self._members) >= self.max_peers:
-            now = self._reactor.seconds()
-            dead = [m for m in self._members.values() if not self._heard_recently(m, now)]
-            if not dead:
-                self._rejected(Rejected("not-a-member", "membership table is full", sender), counted=False)
-                return None
-            oldest = min(dead, key=lambda m: m.last_seen or 0.0)
-            del self._members[oldest.id]
-        member = self._members[sender] = _Member(sender, interval=self.heartbeat_interval)
-        return member
-
     def _on_bye(self, message: Message) -> None:
-        member = self._members.get(message.sender)
-        if member is None or member.incarnation != message.incarnation:
+        if not self.membership.bye(message.sender, message.incarnation):
             # A replayed bye of an earlier run, or one from a stranger.
             self._rejected(Rejected("not-a-member", "bye from another incarnation", message.sender), counted=False)
             return
-        self._peer_left(message.sender)
+        self._log_transitions()
 
     def _on_request(self, message: Message) -> None:
         payload = message.payload
         op, args = payload.get("op"), payload.get("args")
         reply_to, correlation_id = message.reply_to, message.cid
-        if reply_to is not None and not reply_to.startswith(
-            private_queue_name(self.cluster, message.sender, "")
-        ):
+        if reply_to is not None and not reply_to.startswith(private_queue_name(self.cluster, message.sender, "")):
             # Replies go only to the asker's own private queue.
             self._rejected(Rejected("misrouted", "reply-to is not the sender's queue", message.sender), counted=False)
             return
-        self._touch(message.sender)
+        self.membership.touch(message.sender, self._reactor.seconds())
         if not self._trusts(message.sender):
             self._log_once(
                 ("untrusted", message.sender, ""),
@@ -571,7 +422,7 @@ class SRS(MultiService):
             )
             self.codec.count("untrusted-peer")
             d: Deferred = defer.fail(
-                Unauthorized("agent %s accepts cluster operations only from agents that require a token" % self.agent_id)
+                Unauthorized(f"agent {self.agent_id} accepts cluster operations only from agents that require a token")
             )
         elif not isinstance(op, str) or not isinstance(args, dict):
             d = defer.fail(BadParameter("malformed SRS request"))
@@ -588,10 +439,10 @@ class SRS(MultiService):
         """Whether we run requests from ``sender`` (one trust domain)."""
         if not self.requires_token:
             return True
-        member = self._members.get(sender)
+        member = self.membership.get(sender)
         return member is not None and member.requires_token
 
-    def _accepts_us(self, member: _Member) -> bool:
+    def _accepts_us(self, member: Member) -> bool:
         """Whether ``member`` runs our requests (the mirror of ``_trusts``)."""
         return self.requires_token or not member.requires_token
 
@@ -611,7 +462,7 @@ class SRS(MultiService):
             code = error.code
         else:
             self.log.failure("SRS handler failed on {op}", failure, op=op)
-            code, body = SCSError.code, {"error": "internal error on agent %s" % self.agent_id}
+            code, body = SCSError.code, {"error": f"internal error on agent {self.agent_id}"}
         payload = {"ok": False, "error": {"code": code, "body": body}}
         try:
             encode_message(payload)
@@ -629,7 +480,7 @@ class SRS(MultiService):
             self.log.failure("SRS broadcast {op} failed", failure, op=op)
 
     def _on_reply(self, message: Message) -> None:
-        sender, payload, correlation_id = message.sender, message.payload, message.re or ""
+        payload = message.payload
         if payload.get("ok") is True:
             outcome: Any = payload.get("result")
         else:
@@ -638,78 +489,36 @@ class SRS(MultiService):
                 error = {}
             body = error.get("body")
             outcome = error_from_json(str(error.get("code", SCSError.code)), body if isinstance(body, dict) else {})
-        pending_call = self._calls.get(correlation_id)
-        if pending_call is not None and pending_call.agent_id == sender:
-            del self._calls[correlation_id]
-            self._touch(sender)
-            if pending_call.timer.active():
-                pending_call.timer.cancel()
-            if isinstance(outcome, SCSError):
-                pending_call.deferred.errback(outcome)
-            else:
-                pending_call.deferred.callback(outcome)
-            return
-        scatter = self._scatters.get(correlation_id)
-        if scatter is not None and sender not in scatter.results:
-            self._touch(sender)
-            scatter.results[sender] = outcome
-            if scatter.expected <= scatter.results.keys():
-                self._finish_scatter(correlation_id)
-            return
-        # Late, duplicated, or from an agent that was not asked.
-        self._rejected(Rejected("unexpected-reply", "", sender), counted=False)
+        if self._pending.reply(message.sender, message.re or "", outcome):
+            self.membership.touch(message.sender, self._reactor.seconds())
+        else:
+            # Late, duplicated, or from an agent that was not asked.
+            self._rejected(Rejected("unexpected-reply", "", message.sender), counted=False)
 
     # -- membership --------------------------------------------------------
 
-    @staticmethod
-    def _suspect(member: _Member) -> bool:
-        """Missed a scatter and has not been heard from since."""
-        return member.silent_since is not None and (
-            member.last_seen is None or member.last_seen <= member.silent_since
-        )
-
-    def _touch(self, sender: str) -> None:
-        """A member was heard from (only heartbeats make new members)."""
-        member = self._members.get(sender)
-        if member is not None and not member.left:
-            member.last_seen = self._reactor.seconds()
-
-    def _peer_left(self, sender: str) -> None:
-        member = self._members.get(sender)
-        if member is not None:
-            member.left = True
-            self._log_transitions()
-
-    def _heard_recently(self, member: _Member, now: float) -> bool:
-        if member.last_seen is None or member.left:
-            return False
-        return now - member.last_seen <= DEAD_AFTER_PERIODS * member.interval
-
-    def _alive(self, member: _Member, now: float) -> bool:
-        return self._connected and self._heard_recently(member, now)
+    def _scatter_ended(self, op: str, silent: set[str], missing: list[str]) -> None:
+        self.membership.missed(silent, self._reactor.seconds())
+        if missing:
+            self.log.info("SRS scatter {op}: no answer from {missing}", op=op, missing=missing, event="srs.scatter.missing")
 
     def _log_transitions(self) -> None:
-        now = self._reactor.seconds()
-        for m in sorted(self._members.values(), key=lambda m: m.id):
-            alive = self._alive(m, now)
-            if alive == m.reported_alive:
-                continue
-            m.reported_alive = alive
+        for member, alive in self.membership.transitions(self._reactor.seconds(), self._connected):
             if alive:
                 self.log.info(
                     "SRS member {member} is alive ({url})",
-                    member=m.id,
-                    url=m.url,
+                    member=member.id,
+                    url=member.url,
                     agent_id=self.agent_id,
                     event="srs.member.alive",
                 )
             else:
-                why = "gone" if m.left else ("disconnected" if not self._connected else "silent")
+                why = "gone" if member.left else ("disconnected" if not self._connected else "silent")
                 self.log.warn(
                     "SRS member {member} is dead ({why})",
-                    member=m.id,
+                    member=member.id,
                     why=why,
-                    last_seen=m.last_seen,
+                    last_seen=member.last_seen,
                     agent_id=self.agent_id,
                     event="srs.member.dead",
                 )
@@ -717,14 +526,13 @@ class SRS(MultiService):
     def _heartbeat_tick(self) -> None:
         self._send_heartbeat()
         self._log_transitions()
-        self._forget_long_dead()
-
-    def _forget_long_dead(self) -> None:
-        now = self._reactor.seconds()
-        for m in list(self._members.values()):
-            if now - (m.last_seen or 0.0) > self.forget_after:
-                del self._members[m.id]
-                self.log.info("SRS forgot member {member}, silent since {last_seen}", member=m.id, last_seen=m.last_seen, event="srs.member.forgotten")
+        for member in self.membership.forget_long_dead(self._reactor.seconds()):
+            self.log.info(
+                "SRS forgot member {member}, silent since {last_seen}",
+                member=member.id,
+                last_seen=member.last_seen,
+                event="srs.member.forgotten",
+            )
 
     def _send_heartbeat(self, hello: bool = False, to: Optional[str] = None) -> None:
         payload = {
@@ -747,7 +555,7 @@ class SRS(MultiService):
             return {}
         return summary if isinstance(summary, dict) else {}
 
-    # -- sending and pending requests --------------------------------------
+    # -- sending -----------------------------------------------------------
 
     def _send(
         self,
@@ -808,60 +616,10 @@ class SRS(MultiService):
             if f.check(SCSError):
                 return f
             self.log.failure("SRS handler failed on {op}", f, op=op)
-            return Failure(SCSError("internal error on agent %s" % self.agent_id))
+            return Failure(SCSError(f"internal error on agent {self.agent_id}"))
 
         d.addCallbacks(same_as_remote, wrap_unexpected)
         return d
-
-    def _call_timed_out(self, correlation_id: str) -> None:
-        pending = self._calls.pop(correlation_id, None)
-        if pending is not None:
-            pending.deferred.errback(
-                GatewayTimeout("agent %s did not answer %s in time" % (pending.agent_id, pending.op), agent=pending.agent_id)
-            )
-
-    def _call_send_failed(self, failure: Failure, correlation_id: str) -> None:
-        pending = self._calls.pop(correlation_id, None)
-        if pending is not None:
-            if pending.timer.active():
-                pending.timer.cancel()
-            pending.deferred.errback(Unavailable("could not send to agent %s" % pending.agent_id, agent=pending.agent_id))
-
-    def _forget_call(self, correlation_id: str) -> None:
-        pending = self._calls.pop(correlation_id, None)
-        if pending is not None and pending.timer.active():
-            pending.timer.cancel()
-
-    def _forget_scatter(self, correlation_id: str) -> None:
-        pending = self._scatters.pop(correlation_id, None)
-        if pending is not None and pending.timer.active():
-            pending.timer.cancel()
-
-    def _finish_scatter(self, correlation_id: str) -> None:
-        pending = self._scatters.pop(correlation_id, None)
-        if pending is None:
-            return
-        if pending.timer.active():
-            pending.timer.cancel()
-        silent = pending.expected - pending.results.keys()
-        now = self._reactor.seconds()
-        for agent_id in silent:
-            member = self._members.get(agent_id)
-            if member is not None:
-                member.silent_since = now
-        missing = sorted(silent | (set(pending.skipped) - pending.results.keys()))
-        if missing:
-            self.log.info("SRS scatter {op}: no answer from {missing}", op=pending.op, missing=missing, event="srs.scatter.missing")
-        pending.deferred.callback((pending.results, missing))
-
-    def _fail_pending(self, why: str) -> None:
-        for correlation_id in list(self._calls):
-            pending = self._calls.pop(correlation_id)
-            if pending.timer.active():
-                pending.timer.cancel()
-            pending.deferred.errback(Unavailable(why, agent=pending.agent_id))
-        for correlation_id in list(self._scatters):
-            self._finish_scatter(correlation_id)
 
     def _log_once(self, key: tuple[str, str, str], format: str, log_event: str = "srs.ignored", **fields: Any) -> None:
         # Peers send every period: one line per distinct oddity, not one per
@@ -870,8 +628,3 @@ class SRS(MultiService):
             return
         self._ignored_logged.add(key)
         self.log.warn(format, event=log_event, **fields)
-
-
-def _instances(summary: dict[str, Any]) -> int:
-    count = summary.get("instances", 0)
-    return count if isinstance(count, int) and not isinstance(count, bool) else 0

@@ -16,7 +16,7 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
-from scs import errors, srs
+from scs import errors, membership, srs
 from scs.testing import FakeAMQPNetwork
 
 INTERVAL = 2.0
@@ -120,7 +120,7 @@ class MembershipTests(SynchronousTestCase):
         c.agents["agent2"].heartbeat_interval = 1e9
         c.settle()
         c.agents["agent2"].transport.crash()
-        c.clock.advance(3 * srs.MAX_PERIOD + 1)
+        c.clock.advance(3 * membership.MAX_PERIOD + 1)
         self.assertEqual(c.agents["agent1"].live_agents(), ["agent1"])
 
     def test_membership_changes_are_logged_once(self) -> None:
@@ -277,7 +277,7 @@ class CallTests(SynchronousTestCase):
         d = self.a1.call("agent2", "get", {})
         d.cancel()
         self.failureResultOf(d, defer.CancelledError)
-        timers = [c for c in self.c.clock.getDelayedCalls() if c.func == self.a1._call_timed_out]
+        timers = [c for c in self.c.clock.getDelayedCalls() if c.func == self.a1._pending._call_timed_out]
         self.assertEqual(timers, [])
         self.c.clock.advance(10)  # the reply arrives or not: nothing fires twice
 
@@ -400,7 +400,7 @@ class ScatterTests(SynchronousTestCase):
         late = self.c.add(self, "agent4")
         self.c.settle()
         # As if agent4's first heartbeat had not reached agent1 yet.
-        del self.a1._members["agent4"]
+        del self.a1.membership.members["agent4"]
         d = self.a1.scatter("list", {}, timeout=1)
         self.c.settle()
         self.c.clock.advance(1)
@@ -546,7 +546,7 @@ class ReconnectionTests(SynchronousTestCase):
     def test_broker_restart(self) -> None:
         c = Cluster(self, "agent1", "agent2")
         connected: list[str] = []
-        c.agents["agent1"].connected_callbacks.append(lambda: connected.append("up"))
+        c.agents["agent1"].on_connected.append(lambda: connected.append("up"))
         c.settle()
         self.assertEqual(connected, [])  # peers get a moment to answer our hello
         c.clock.advance(INTERVAL / 4)
@@ -580,7 +580,7 @@ class ReconnectionTests(SynchronousTestCase):
         c.settle()
         late = c.add(self, "agent3", start=False)
         gathered: list[Any] = []
-        late.connected_callbacks.append(lambda: late.scatter("app_export", {}).addCallback(gathered.append))
+        late.on_connected.append(lambda: late.scatter("app_export", {}).addCallback(gathered.append))
         late.startService()
         c.settle()
         self.assertEqual(gathered, [])
@@ -592,7 +592,7 @@ class ReconnectionTests(SynchronousTestCase):
         c = Cluster(self)
         agent = c.add(self, "agent1", start=False)
         called: list[int] = []
-        agent.connected_callbacks.append(lambda: called.append(1))
+        agent.on_connected.append(lambda: called.append(1))
         agent.startService()
         c.settle()
         c.network.stop_broker()
@@ -602,7 +602,7 @@ class ReconnectionTests(SynchronousTestCase):
     def test_failing_connected_callback_is_logged(self) -> None:
         c = Cluster(self)
         agent = c.add(self, "agent1", start=False)
-        agent.connected_callbacks.append(lambda: 1 / 0)
+        agent.on_connected.append(lambda: 1 / 0)
         agent.startService()
         c.settle()
         c.clock.advance(INTERVAL)

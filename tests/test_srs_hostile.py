@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
 from scs import errors, srs
-from scs.agent import Agent, LocalAgent
+from scs.agent import Agent, ClusterQueues, LocalAgent
 from scs.srs_trust import MAX_MESSAGE_BYTES, MessageCodec, Rejected
 from scs.store import Store
 from scs.testing import FakeAMQPNetwork
@@ -45,22 +45,27 @@ class Bus:
         self.settle()
 
     def add(self, agent_id: str, secret: bytes | None = SECRET, **srs_options: Any) -> Agent:
+        """An agent wired as makeService wires one."""
         store = Store.in_memory()
         self.test.addCleanup(store.close)
-        local = LocalAgent(store, agent_id, BROKER, FakeSupervisor(), clock=self.clock)
+        agent: Any = None
         node = srs.SRS(
             agent_id,
-            transport=self.network.transport(),
-            heartbeat_interval=INTERVAL,
+            self.network.transport(),
             reactor=self.clock,
+            heartbeat_interval=INTERVAL,
             rng=random.Random(agent_id),
-            summary=local.summary,
+            handler=lambda op, args: agent.handle_remote(op, args),
+            on_connected=[lambda: agent.sync_apps_from_peers()],
+            summary=lambda: agent.local.summary(),
             codec=MessageCodec("scs", secret, clock=self.clock.seconds),
             **srs_options,
         )
         node.log = Logger(namespace="srs." + agent_id, observer=self.events.append)
+        local = LocalAgent(
+            store, agent_id, BROKER, FakeSupervisor(), clock=self.clock, resolve_queue=ClusterQueues(store, node)
+        )
         agent = Agent(local, node, random=random.Random(1), call_timeout=2.0, create_timeout=2.0)
-        node.connected_callbacks.append(agent.sync_apps_from_peers)
         node.startService()
         self.test.addCleanup(lambda: node.running and node.stopService())
         self.agents[agent_id] = agent
@@ -327,8 +332,8 @@ class UnsignedClusterTests(SynchronousTestCase):
         for i in range(500):
             bus.inject(forged("heartbeat", f"phantom{i}", {"url": "", "interval": 2, "summary": {"instances": 1, "junk": "x" * 1000}}, clock=bus.clock))
         node = bus.agents["agent1"].srs
-        self.assertEqual(len(node._members), 20)
-        self.assertTrue(all(m.summary == {"instances": 1} for m in node._members.values()))
+        self.assertEqual(len(node.membership.members), 20)
+        self.assertTrue(all(m.instances == 1 for m in node.membership.members.values()))
         # they stop: dead after 3 periods, then evicted as real agents arrive
         bus.clock.advance(4 * INTERVAL)
         real = bus.add("agent2", secret=None)
@@ -337,9 +342,9 @@ class UnsignedClusterTests(SynchronousTestCase):
         self.assertIn("agent1", real.srs.live_agents())
         # and forgotten after the retention period
         bus.clock.pump([INTERVAL] * 10)
-        node.forget_after = 10.0
+        node.membership.forget_after = 10.0
         bus.clock.pump([INTERVAL] * 10)
-        self.assertEqual(sorted(node._members), ["agent2"])
+        self.assertEqual(sorted(node.membership.members), ["agent2"])
 
     def test_oversized_heartbeat_is_dropped(self) -> None:
         bus = Bus(self, "agent1", secret=None)

@@ -53,10 +53,9 @@ class SRSBrokerTestCase(TestCase):
     def agent(self, agent_id: str, broker_url: str = BROKER_URL, transport: Any = None, instances: int = 0) -> SRS:
         srs = SRS(
             agent_id,
+            transport or AMQPTransport(broker_url, reactor=reactor),
             cluster=self.cluster,
             url="http://127.0.0.1:80%02d/" % (len(agent_id) % 100),
-            broker_url=broker_url,
-            transport=transport,
             heartbeat_interval=INTERVAL,
             reactor=reactor,
             summary=lambda: {"instances": instances},

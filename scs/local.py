@@ -1,0 +1,325 @@
+"""Operations on this agent's own store and supervisor: ``LocalAgent``.
+
+Every public method takes and returns JSON-able values, so that SRS can run
+it for a peer by name (``scs.operation_args`` checks the arguments first);
+the cluster façade (``scs.agent.Agent``) calls it for what this agent owns.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+
+from scs.errors import NotFound, Unavailable, WorkerFailed
+from scs.records import UNSET, AppRecord, InstanceSpec, QueueBinding, WorkerStatus
+from scs.store import Store
+from scs.validation import check_concurrency_range
+
+log = Logger(namespace="scs.agent")
+
+# (app, queue) -> Deferred firing with its QueueBinding, or None.
+QueueResolver = Callable[[str, str], Deferred]
+
+# How long instance creation waits for the new worker's first ping.
+DEFAULT_READY_TIMEOUT = 15.0
+# How long a DELETE waits for the supervisor to stop the worker.
+DEFAULT_STOP_TIMEOUT = 20.0
+
+
+def instance_json(spec: InstanceSpec, status: WorkerStatus, agent_id: str) -> dict[str, Any]:
+    """The instance object of DESIGN §5 (the seed's fields first)."""
+    return {
+        "name": spec.name,
+        "is_enabled": spec.is_enabled,
+        "queues": list(spec.queue_names),
+        "broker": spec.broker.to_json(masked=True),
+        "max_concurrency": spec.max_concurrency,
+        "min_concurrency": spec.min_concurrency,
+        "app": spec.app,
+        "agent": agent_id,
+        "state": status.state,
+        "pid": status.pid,
+        "restarts": status.restarts,
+        "arguments": list(spec.node_arguments),
+    }
+
+
+def queue_json(binding: QueueBinding) -> dict[str, Any]:
+    return binding.to_json()
+
+
+class LocalAgent:
+    """Operations on this agent's own store and supervisor.
+
+    Every public method takes and returns JSON-able values, so that SRS can
+    run it for a peer by name (see ``REMOTE_OPERATIONS``).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        agent_id: str,
+        default_broker: str,
+        supervisor: Any = None,
+        ready_timeout: float = DEFAULT_READY_TIMEOUT,
+        stop_timeout: float = DEFAULT_STOP_TIMEOUT,
+        clock: Any = None,
+        resolve_queue: QueueResolver | None = None,
+    ) -> None:
+        self.store = store
+        self.agent_id = agent_id
+        self.default_broker = default_broker
+        self.supervisor = supervisor
+        # Bounds the waits for the supervisor; by default the supervisor's own.
+        self.clock = clock if clock is not None else getattr(supervisor, "clock", None)
+        self.ready_timeout = ready_timeout
+        self.stop_timeout = stop_timeout
+        # Finds a queue's declaration: here alone, or anywhere in the
+        # cluster (``scs.agent.ClusterQueues``).
+        self.resolve_queue: QueueResolver = resolve_queue or self._resolve_queue_here
+
+    # -- helpers ---------------------------------------------------------
+
+    def status(self, name: str) -> WorkerStatus:
+        if self.supervisor is None:
+            return WorkerStatus(state="stopped")
+        return self.supervisor.status(name)
+
+    def _json(self, spec: InstanceSpec) -> dict[str, Any]:
+        return instance_json(spec, self.status(spec.name), self.agent_id)
+
+    def _changed(self) -> Deferred:
+        """Tell the supervisor that desired state changed; fires when it acted."""
+        if self.supervisor is None:
+            return succeed(None)
+        return self.supervisor.wake()
+
+    def _resolve_queue_here(self, app: str, queue: str) -> Deferred:
+        return succeed(self.store.find_queue(app, queue))
+
+    def instances(self) -> list[tuple[InstanceSpec, WorkerStatus]]:
+        """This agent's instances with their workers' status (metrics)."""
+        return [(spec, self.status(spec.name)) for spec in self.store.list_nodes()]
+
+    def app_records(self) -> list[AppRecord]:
+        return self.store.list_apps()
+
+    def queue_records(self, app: str) -> list[QueueBinding]:
+        return self.store.list_queues(app)
+
+    def summary(self) -> dict[str, Any]:
+        # Sent with every SRS heartbeat: a count query, not the records.
+        return {"instances": self.store.count_nodes()}
+
+    # -- apps ------------------------------------------------------------
+
+    def app_put(
+        self,
+        app: str,
+        broker: str | None = None,
+        celery_app: Any = UNSET,
+        arguments: list[str] | None = None,
+    ) -> dict[str, Any]:
+        record, created = self.store.put_app(
+            app, self.default_broker, broker=broker, celery_app=celery_app, arguments=arguments
+        )
+        if not created:
+            # The workers of this app must run with its new settings.
+            self._changed()
+        return {"app": record.to_json(), "created": created}
+
+    def app_get(self, app: str) -> dict[str, Any]:
+        return self.store.get_app(app).to_json()
+
+    def app_export(self) -> list[dict[str, Any]]:
+        """Every app with its real broker URL, for a peer copying them.
+
+        Only peers of the same cluster on the same broker can ask for this;
+        the API never shows it.
+        """
+        return [
+            {
+                "app": a.name,
+                "broker": a.broker.url,
+                "celery_app": a.celery_app,
+                "arguments": list(a.arguments),
+            }
+            for a in self.store.list_apps()
+        ]
+
+    def app_delete(self, app: str) -> dict[str, Any]:
+        """Delete an app here.  Its workers are stopped by the supervisor's
+        next wake-up, not awaited: an app may have many, and every agent of
+        the cluster answers this at once."""
+        try:
+            names = self.store.delete_app(app)
+        except NotFound:
+            return {"deleted": False, "instances": []}
+        self._changed()
+        return {"deleted": True, "instances": names}
+
+    # -- instances ---------------------------------------------------------
+
+    def instance_owned(self, name: str) -> bool:
+        return self.store.has_node(name)
+
+    async def instance_create(
+        self,
+        app: str,
+        name: str | None = None,
+        max_concurrency: int = 1,
+        min_concurrency: int = 1,
+        queues: list[str] | None = None,
+        broker: str | None = None,
+        arguments: list[str] | None = None,
+        nowait: bool = False,
+    ) -> dict[str, Any]:
+        check_concurrency_range(max_concurrency, min_concurrency)
+        if name is None:
+            name = str(uuid.uuid4())
+        bindings = []
+        for queue in queues or ():
+            bindings.append(await self.resolve_queue(app, queue) or default_binding(queue))
+        spec, created = self.store.add_node(
+            app,
+            name,
+            self.default_broker,
+            max_concurrency=max_concurrency,
+            min_concurrency=min_concurrency,
+            broker=broker,
+            arguments=arguments or (),
+            queues=bindings,
+        )
+        for binding in bindings:
+            if binding.name not in spec.queue_names:
+                spec = self.store.add_consumption(name, binding)
+        started = self._changed()
+        if not nowait and self.supervisor is not None:
+            await started
+            ready = await self.supervisor.wait_ready(name, self.ready_timeout)
+            if not ready and self.status(name).state in ("restarting", "failed"):
+                # Kept, so that it can be fixed and restarted; but not a 201.
+                raise WorkerFailed(
+                    f"instance {name!r} was created but its worker cannot start: it exits "
+                    "before answering (see its worker.log); fix the app and restart it",
+                    instance=self._json(self.store.get_node(name)),
+                )
+        return {"instance": self._json(self.store.get_node(name)), "created": created}
+
+    def instance_list(self, app: str | None = None) -> list[str]:
+        return self.store.node_names(app)
+
+    def instance_details(self, app: str | None = None) -> list[dict[str, Any]]:
+        return [self._json(spec) for spec in self.store.list_nodes(app)]
+
+    def instance_get(self, name: str, app: str | None = None) -> dict[str, Any]:
+        return self._json(self.store.get_node(name, app))
+
+    async def instance_delete(self, name: str, app: str | None = None) -> dict[str, Any]:
+        spec = self.store.delete_node(name, app)
+        await self._settle()
+        body = instance_json(spec, self.status(name), self.agent_id)
+        body["is_enabled"] = False
+        return body
+
+    async def instance_enable(self, name: str, app: str | None = None) -> dict[str, Any]:
+        self.store.set_enabled(name, True, app)
+        if self.supervisor is not None:
+            self.supervisor.reset(name)
+        await self._changed()
+        return self.instance_get(name, app)
+
+    async def instance_disable(self, name: str, app: str | None = None) -> dict[str, Any]:
+        self.store.set_enabled(name, False, app)
+        await self._settle()
+        return self.instance_get(name, app)
+
+    async def instance_restart(self, name: str, app: str | None = None) -> dict[str, Any]:
+        self.store.get_node(name, app)
+        if self.supervisor is not None:
+            await self.supervisor.restart(name)
+        return self.instance_get(name, app)
+
+    def autoscale_get(self, name: str, app: str | None = None) -> dict[str, Any]:
+        spec = self.store.get_node(name, app)
+        return {"max": spec.max_concurrency, "min": spec.min_concurrency}
+
+    async def autoscale_set(
+        self,
+        name: str,
+        app: str | None = None,
+        max: int | None = None,
+        min: int | None = None,
+    ) -> dict[str, Any]:
+        spec = self.store.set_autoscale(name, max, min, app)
+        self._changed()
+        return {"max": spec.max_concurrency, "min": spec.min_concurrency}
+
+    async def queues_of(self, name: str, app: str | None = None) -> dict[str, Any]:
+        spec = self.store.get_node(name, app)
+        active = None
+        if self.supervisor is not None and self.status(name).state == "running":
+            active = await self.supervisor.active_queues(name)
+        return {
+            "queues": list(spec.queue_names),
+            "declared": [b.to_json() for b in spec.queues],
+            "active": active,
+        }
+
+    async def consume(self, name: str, queue: str, app: str | None = None) -> dict[str, Any]:
+        spec = self.store.get_node(name, app)
+        binding = await self.resolve_queue(spec.app, queue) or default_binding(queue)
+        self.store.add_consumption(name, binding, app)
+        log.info("{instance}: node.consume_from: {queue}", instance=name, queue=queue)
+        self._changed()
+        return {"ok": "ok"}
+
+    async def cancel(self, name: str, queue: str, app: str | None = None) -> dict[str, Any]:
+        self.store.remove_consumption(name, queue, app)
+        log.info("{instance}: node.cancel_consume: {queue}", instance=name, queue=queue)
+        self._changed()
+        return {"ok": "ok"}
+
+    async def stats(self, name: str, app: str | None = None) -> dict[str, Any]:
+        self.store.get_node(name, app)
+        if self.supervisor is None:
+            raise Unavailable("this agent runs no supervisor", instance=name)
+        return await self.supervisor.stats(name)
+
+    # -- queues ----------------------------------------------------------
+
+    def queue_declare(self, app: str, binding: dict[str, Any]) -> dict[str, Any]:
+        record, created = self.store.declare_queue(
+            app, QueueBinding(**binding), self.default_broker
+        )
+        return {"queue": queue_json(record), "created": created}
+
+    def queue_get(self, app: str, name: str) -> dict[str, Any]:
+        return queue_json(self.store.get_queue(app, name))
+
+    def queue_list(self, app: str) -> list[str]:
+        return self.store.queue_names(app)
+
+    def queue_delete(self, app: str, name: str) -> dict[str, Any]:
+        return queue_json(self.store.delete_queue(app, name))
+
+    async def _settle(self) -> None:
+        """Wait (bounded) for the supervisor to act on a stop or delete."""
+        if self.supervisor is None:
+            return
+        done = self._changed()
+        if self.clock is not None:
+            done.addTimeout(self.stop_timeout, self.clock)
+        try:
+            await done
+        except Exception as e:  # noqa: BLE001 - a slow stop is logged, not fatal
+            log.warn("supervisor did not settle in time: {error}", error=repr(e))
+
+
+def default_binding(queue: str) -> QueueBinding:
+    """What ``-Q queue`` declares: exchange and routing key named as the queue."""
+    return QueueBinding(name=queue, exchange=queue, routing_key=queue)

@@ -1,0 +1,176 @@
+"""The cluster's membership table, as one agent sees it.
+
+Members are made only by heartbeats (``heartbeat``), whose fields are
+checked and of which only what is used is kept; the table holds at most
+``max_peers`` members, a new one taking the place of the longest-dead when
+it is full; a ``bye`` counts only from the member's current run; members
+silent for ``forget_after`` seconds are forgotten.
+
+Liveness: a member is alive while we are connected, it has not said bye and
+it was heard from (any accepted message) within ``DEAD_AFTER_PERIODS`` of
+its own heartbeat periods.  A member that missed one of our scatters is a
+*suspect* until heard from again: later scatters do not wait for it, so a
+crashed peer costs one scatter timeout, not one per listing until it is
+declared dead.
+
+The table does no I/O and no logging: it answers, and ``scs.srs.SRS``
+logs what changed (``transitions``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Optional
+
+import attr
+
+# A peer silent for this many of its heartbeat periods is dead.
+DEAD_AFTER_PERIODS = 3
+# Bounds on the period a peer announces, so that one misconfigured (or
+# hostile) peer cannot make itself immortal or flap.
+MIN_PERIOD, MAX_PERIOD = 0.05, 60.0
+DEFAULT_MAX_PEERS = 256
+DEFAULT_FORGET_AFTER = 24 * 3600.0
+MAX_URL_LENGTH = 512
+
+
+class BadHeartbeat(ValueError):
+    """A heartbeat whose fields are not what a heartbeat holds."""
+
+
+class TableFull(Exception):
+    """Every member is alive and the table is at ``max_peers``."""
+
+
+@attr.s(auto_attribs=True)
+class Member:
+    id: str
+    url: str = ""
+    interval: float = 2.0
+    last_seen: Optional[float] = None
+    instances: int = 0
+    left: bool = False
+    # When it last failed to answer one of our scatters.
+    silent_since: Optional[float] = None
+    # Last liveness reported by ``transitions``.
+    reported_alive: bool = False
+    # The run of the agent that sent the last heartbeat.
+    incarnation: str = ""
+    # It requires a bearer token on its HTTP API (one trust domain).
+    requires_token: bool = False
+
+    def heard_recently(self, now: float) -> bool:
+        if self.last_seen is None or self.left:
+            return False
+        return now - self.last_seen <= DEAD_AFTER_PERIODS * self.interval
+
+    def suspect(self) -> bool:
+        """Missed a scatter and has not been heard from since."""
+        return self.silent_since is not None and (self.last_seen is None or self.last_seen <= self.silent_since)
+
+
+def count(value: Any) -> int:
+    """A non-negative integer from a peer, or 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+class Membership:
+    """The other agents of the cluster; see the module docstring."""
+
+    def __init__(
+        self,
+        default_interval: float,
+        max_peers: int = DEFAULT_MAX_PEERS,
+        forget_after: float = DEFAULT_FORGET_AFTER,
+    ) -> None:
+        self.default_interval = default_interval
+        self.max_peers = max_peers
+        self.forget_after = forget_after
+        self.members: dict[str, Member] = {}
+
+    def __iter__(self) -> Iterator[Member]:
+        return iter(sorted(self.members.values(), key=lambda m: m.id))
+
+    def get(self, agent_id: str) -> Optional[Member]:
+        return self.members.get(agent_id)
+
+    def heartbeat(self, sender: str, incarnation: str, payload: dict[str, Any], now: float) -> Member:
+        """Record a heartbeat; BadHeartbeat or TableFull when it is refused."""
+        url, interval, summary = payload.get("url"), payload.get("interval"), payload.get("summary")
+        if (
+            not isinstance(url, str)
+            or len(url) > MAX_URL_LENGTH
+            or not (url == "" or url.startswith(("http://", "https://")))
+            or not url.isprintable()
+            or isinstance(interval, bool)
+            or not isinstance(interval, (int, float))
+            or interval != interval
+            or not isinstance(summary, dict)
+        ):
+            raise BadHeartbeat("bad heartbeat")
+        member = self.members.get(sender) or self._admit(sender, now)
+        member.last_seen = now
+        member.left = False
+        member.incarnation = incarnation
+        member.url = url
+        member.interval = min(max(float(interval), MIN_PERIOD), MAX_PERIOD)
+        # Only the fields we use, type-checked: a peer cannot park data here.
+        member.instances = count(summary.get("instances"))
+        member.requires_token = payload.get("token") is True
+        return member
+
+    def _admit(self, sender: str, now: float) -> Member:
+        if len(self.members) >= self.max_peers:
+            dead = [m for m in self.members.values() if not m.heard_recently(now)]
+            if not dead:
+                raise TableFull(sender)
+            oldest = min(dead, key=lambda m: m.last_seen or 0.0)
+            del self.members[oldest.id]
+        member = self.members[sender] = Member(sender, interval=self.default_interval)
+        return member
+
+    def bye(self, sender: str, incarnation: str) -> bool:
+        """Mark a member gone; False when the bye is not from its current run."""
+        member = self.members.get(sender)
+        if member is None or member.incarnation != incarnation:
+            return False
+        member.left = True
+        return True
+
+    def left(self, sender: str) -> None:
+        """The broker says the member has no queue: gone now."""
+        member = self.members.get(sender)
+        if member is not None:
+            member.left = True
+
+    def touch(self, sender: str, now: float) -> None:
+        """A member was heard from (only heartbeats make new members)."""
+        member = self.members.get(sender)
+        if member is not None and not member.left:
+            member.last_seen = now
+
+    def missed(self, agent_ids: set[str], now: float) -> None:
+        """These members did not answer a scatter in time."""
+        for agent_id in agent_ids:
+            member = self.members.get(agent_id)
+            if member is not None:
+                member.silent_since = now
+
+    def alive(self, now: float, connected: bool) -> list[Member]:
+        return [m for m in self if connected and m.heard_recently(now)]
+
+    def transitions(self, now: float, connected: bool) -> list[tuple[Member, bool]]:
+        """Members whose liveness changed since last asked, with it."""
+        changed = []
+        for member in self:
+            alive = connected and member.heard_recently(now)
+            if alive != member.reported_alive:
+                member.reported_alive = alive
+                changed.append((member, alive))
+        return changed
+
+    def forget_long_dead(self, now: float) -> list[Member]:
+        gone = [m for m in self.members.values() if now - (m.last_seen or 0.0) > self.forget_after]
+        for member in gone:
+            del self.members[member.id]
+        return gone

@@ -20,12 +20,12 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from scs import __version__
+from scs.amqp import DEFAULT_SPEC_PATH
+from scs.records import DEFAULT_BROKER
 
 log = Logger(namespace="scs.tap")
 
 DEFAULT_ADDR = "127.0.0.1:8000"
-DEFAULT_BROKER = "amqp://guest:guest@127.0.0.1:5672//"
-DEFAULT_AMQP_SPEC = "/usr/share/amqp/specs/0-9-1-rabbit/amqp0-9-1.stripped.extended.xml"
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 
 
@@ -139,7 +139,7 @@ class Options(usage.Options):
         ["manhole-passwd", None, None, "user:password file for the manhole."],
         ["loglevel", "l", "info", f"Log level: {', '.join(LOG_LEVELS)}."],
         ["logfile", "f", None, "Log to this file instead of stdout."],
-        ["amqp-spec", None, DEFAULT_AMQP_SPEC, "AMQP 0-9-1 spec XML for txamqp."],
+        ["amqp-spec", None, DEFAULT_SPEC_PATH, "AMQP 0-9-1 spec XML for txamqp."],
         ["cluster", None, "scs", "Answer only peers of this cluster name."],
         ["auth-token-file", None, None, "Require this bearer token on the API."],
         [
@@ -405,13 +405,22 @@ def open_store(instance_dir: str, reset: bool = False) -> Any:
         raise SystemExit(1) from None
 
 
+class AgentService(MultiService):
+    """The running agent: its services, and ``agent``, the façade the
+    manhole and tests reach."""
+
+    def __init__(self, agent: Any) -> None:
+        super().__init__()
+        self.agent = agent
+
+
 def makeService(options: Options, reactor: Any = None) -> IService:
+    """The one place that builds the agent's parts and wires them."""
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
-    from scs.agent import Agent, LocalAgent
-    from scs.supervisor import Supervisor
+    from scs.agent import Agent, ClusterQueues, LocalAgent
 
     if options["logfile"] and not options.get("console-logging"):
         # Under plain twistd, -f adds a log file of its own at -l's level.
@@ -419,84 +428,47 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
         globalLogPublisher.addObserver(_file_observer(options))
 
-    top = MultiService()
     instance_dir = os.path.abspath(options["instance-dir"])
     store = open_store(instance_dir, reset=options["reset-store"])
-    # First in, last out: MultiService stops its children in reverse order.
-    _ClosingStore(store).setServiceParent(top)
-
-    supervisor = Supervisor(
-        store.list_nodes, instance_dir, interval=options["interval"], reactor=reactor
-    )
-    supervisor.setServiceParent(top)
-    local = LocalAgent(store, options["id"], options["broker"], supervisor, clock=reactor)
+    supervisor = _build_supervisor(options, store, instance_dir, reactor)
     url = "" if options["without-http"] else http_url(options["http-endpoint"], options["allowed-host"])
-
+    # The agent both answers its peers and asks them: the cluster is built
+    # first and hands peers' requests to the façade built next.
+    agent: Any = None
     srs = None
     if not options["without-srs"]:
-        from scs.srs import SRS
-
-        srs = SRS(
-            options["id"],
-            cluster=options["cluster"],
-            url=url,
-            broker_url=options["broker"],
-            spec_path=options["amqp-spec"],
-            reactor=reactor,
-            summary=local.summary,
-            codec=_message_codec(options, reactor),
-            requires_token=bool(options["auth-token-file"]),
-            max_peers=options["max-peers"],
-            forget_after=options["forget-dead-after"],
+        srs = _build_cluster(
+            options,
+            url,
+            reactor,
+            handler=lambda op, args: agent.handle_remote(op, args),
+            on_connected=[lambda: agent.sync_apps_from_peers()],
+            summary=lambda: agent.local.summary(),
         )
-        _log_cluster_trust(options)
-        srs.setServiceParent(top)
+    local = LocalAgent(
+        store,
+        options["id"],
+        options["broker"],
+        supervisor,
+        clock=reactor,
+        resolve_queue=None if srs is None else ClusterQueues(store, srs),
+    )
     agent = Agent(local, srs, url=url)
-    if srs is not None:
-        srs.connected_callbacks.append(agent.sync_apps_from_peers)
 
     from scs.metrics import AgentMetrics, MetricsService
 
     metrics = AgentMetrics(agent)
+    top = AgentService(agent)
+    # First in, last out: MultiService stops its children in reverse order.
+    _ClosingStore(store).setServiceParent(top)
+    supervisor.setServiceParent(top)
+    if srs is not None:
+        srs.setServiceParent(top)
     MetricsService(metrics).setServiceParent(top)
     if not options["without-http"]:
-        from scs.http.auth import TokenAuth
-
-        auth = TokenAuth.from_file(options["auth-token-file"]) if options["auth-token-file"] else None
-        from scs.http.params import APIRequest
-
-        from twisted.internet.endpoints import serverFromString
-
-        from scs.http.guard import HTTPServerService, LimitedSite
-
-        site = LimitedSite(
-            http_resource(agent, metrics, auth, allowed_hosts=options["allowed-host"]),
-            requestFactory=APIRequest,
-            header_timeout=options["http-header-timeout"],
-            idle_timeout=options["http-idle-timeout"],
-            reactor=reactor,
-        )
-        HTTPServerService(
-            serverFromString(reactor, options["http-endpoint"]),
-            site,
-            max_connections=options["max-connections"],
-            allow_public=bool(options["auth-token-file"] or options["allow-remote"]),
-        ).setServiceParent(top)
-        _log_access_decision(options)
+        _http_service(options, agent, metrics, reactor).setServiceParent(top)
     if options["manhole"]:
-        from scs.manhole import manhole_service
-
-        manhole_service(
-            options["manhole"], options["manhole-passwd"], agent, reactor=reactor, metrics=metrics
-        ).setServiceParent(top)
-        log.info(
-            "manhole on {endpoint}: {scope}, password file {passwd}",
-            endpoint=options["manhole"],
-            scope="loopback only"
-            if endpoint_is_loopback(options["manhole"])
-            else "NOT loopback (--manhole-allow-remote): telnet sends passwords in clear",
-            passwd=options["manhole-passwd"],
-        )
+        _manhole_service(options, agent, metrics, reactor).setServiceParent(top)
     log.info(
         "agent {agent_id} in {instance_dir}: http={http} srs={srs}",
         agent_id=options["id"],
@@ -504,8 +476,74 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         http=None if options["without-http"] else options["http-endpoint"],
         srs=srs is not None,
     )
-    top.agent = agent  # for the manhole and for tests
     return top
+
+
+def _build_supervisor(options: Options, store: Any, instance_dir: str, reactor: Any) -> Any:
+    from scs.supervisor import Supervisor
+
+    supervisor = Supervisor(
+        store.list_nodes, instance_dir, interval=options["interval"], reactor=reactor
+    )
+    return supervisor
+
+
+def _build_cluster(options: Options, url: str, reactor: Any, **wiring: Any) -> Any:
+    from scs.amqp import AMQPTransport
+    from scs.srs import SRS
+
+    srs = SRS(
+        options["id"],
+        AMQPTransport(options["broker"], spec_path=options["amqp-spec"], reactor=reactor),
+        reactor=reactor,
+        cluster=options["cluster"],
+        url=url,
+        codec=_message_codec(options, reactor),
+        requires_token=bool(options["auth-token-file"]),
+        max_peers=options["max-peers"],
+        forget_after=options["forget-dead-after"],
+        **wiring,
+    )
+    _log_cluster_trust(options)
+    return srs
+
+
+def _http_service(options: Options, agent: Any, metrics: Any, reactor: Any) -> Any:
+    from twisted.internet.endpoints import serverFromString
+
+    from scs.http.auth import TokenAuth
+    from scs.http.guard import HTTPServerService, LimitedSite
+    from scs.http.params import APIRequest
+
+    auth = TokenAuth.from_file(options["auth-token-file"]) if options["auth-token-file"] else None
+    site = LimitedSite(
+        http_resource(agent, metrics, auth, allowed_hosts=options["allowed-host"]),
+        requestFactory=APIRequest,
+        header_timeout=options["http-header-timeout"],
+        idle_timeout=options["http-idle-timeout"],
+        reactor=reactor,
+    )
+    _log_access_decision(options)
+    return HTTPServerService(
+        serverFromString(reactor, options["http-endpoint"]),
+        site,
+        max_connections=options["max-connections"],
+        allow_public=bool(options["auth-token-file"] or options["allow-remote"]),
+    )
+
+
+def _manhole_service(options: Options, agent: Any, metrics: Any, reactor: Any) -> Any:
+    from scs.manhole import manhole_service
+
+    log.info(
+        "manhole on {endpoint}: {scope}, password file {passwd}",
+        endpoint=options["manhole"],
+        scope="loopback only"
+        if endpoint_is_loopback(options["manhole"])
+        else "NOT loopback (--manhole-allow-remote): telnet sends passwords in clear",
+        passwd=options["manhole-passwd"],
+    )
+    return manhole_service(options["manhole"], options["manhole-passwd"], agent, reactor=reactor, metrics=metrics)
 
 
 def http_resource(

@@ -13,8 +13,12 @@ its own heartbeat periods.  A member that missed one of our scatters is a
 crashed peer costs one scatter timeout, not one per listing until it is
 declared dead.
 
-The table does no I/O and no logging: it answers, and ``scs.srs.SRS``
-logs what changed (``transitions``).
+The table does no I/O: it answers, and ``scs.srs.SRS`` logs what changed
+(``transitions``, through ``log_liveness``).
+
+One trust domain: an agent that requires an HTTP token runs requests only
+from members that require one too (``trusts``), and so a token-less agent
+sends none to those (``accepts_us``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from collections.abc import Iterator
 from typing import Any, Optional
 
 import attr
+from twisted.logger import Logger
 
 # A peer silent for this many of its heartbeat periods is dead.
 DEAD_AFTER_PERIODS = 3
@@ -169,8 +174,53 @@ class Membership:
                 changed.append((member, alive))
         return changed
 
+    def rows(self, now: float, connected: bool) -> list[dict[str, Any]]:
+        """The members as ``GET /agents/`` lists them."""
+        return [
+            {
+                "id": m.id,
+                "url": m.url,
+                "alive": connected and m.heard_recently(now),
+                "last_seen": m.last_seen,
+                "instances": m.instances,
+                "requires_token": m.requires_token,
+            }
+            for m in self
+        ]
+
     def forget_long_dead(self, now: float) -> list[Member]:
         gone = [m for m in self.members.values() if now - (m.last_seen or 0.0) > self.forget_after]
         for member in gone:
             del self.members[member.id]
         return gone
+
+
+def trusts(requires_token: bool, member: Optional[Member]) -> bool:
+    """Whether an agent (requiring a token or not) runs ``member``'s requests."""
+    return not requires_token or (member is not None and member.requires_token)
+
+
+def accepts_us(requires_token: bool, member: Member) -> bool:
+    """Whether ``member`` runs the requests of an agent (the mirror of ``trusts``)."""
+    return requires_token or not member.requires_token
+
+
+def log_liveness(log: Logger, agent_id: str, member: Member, alive: bool, connected: bool) -> None:
+    if alive:
+        log.info(
+            "SRS member {member} is alive ({url})",
+            member=member.id,
+            url=member.url,
+            agent_id=agent_id,
+            event="srs.member.alive",
+        )
+        return
+    why = "gone" if member.left else ("disconnected" if not connected else "silent")
+    log.warn(
+        "SRS member {member} is dead ({why})",
+        member=member.id,
+        why=why,
+        last_seen=member.last_seen,
+        agent_id=agent_id,
+        event="srs.member.dead",
+    )

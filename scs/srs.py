@@ -53,7 +53,6 @@ Choices the contract left open:
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
@@ -66,9 +65,22 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from scs.errors import BadParameter, SCSError, Unauthorized, Unavailable, error_from_json
-from scs.membership import DEFAULT_FORGET_AFTER, DEFAULT_MAX_PEERS, BadHeartbeat, Member, Membership, TableFull, count
+from scs.errors import BadParameter, SCSError, Unauthorized, Unavailable
+from scs.membership import (
+    DEFAULT_FORGET_AFTER,
+    DEFAULT_MAX_PEERS,
+    BadHeartbeat,
+    Member,
+    Membership,
+    TableFull,
+    accepts_us,
+    count,
+    log_liveness,
+    trusts,
+)
+from scs.srs_outbox import Outbox
 from scs.srs_requests import PendingRequests
+from scs.srs_serving import error_payload, ok_payload, outcome, run_here
 from scs.srs_trust import Message, MessageCodec, Rejected
 from scs.srs_wire import (  # noqa: F401 - the wire's names are part of this module's API
     DIRECT,
@@ -139,13 +151,14 @@ class SRS(MultiService):
         self._reactor = reactor
         self._rng = rng if rng is not None else random.Random()
         self._incarnation = self._new_id()[:16]
+        self._outbox = Outbox(agent_id, self._incarnation, self.codec, transport)
         self._connected = False
         # Peers alive when the connection last dropped: who a scatter misses meanwhile.
         self._alive_when_lost: list[str] = []
         self._reply_queue: Optional[str] = None
         self._last_connected: Optional[float] = None
         self._pending = PendingRequests(reactor, self._scatter_ended)
-        self._ignored_logged: set[tuple[str, str, str]] = set()
+        self._oddities = FirstSeen(MAX_LOGGED_ODDITIES)
         self._beat = LoopingCall(self._heartbeat_tick)
         self._beat.clock = reactor
         self._discovery: Any = None
@@ -159,7 +172,7 @@ class SRS(MultiService):
         self._cancel_discovery()
         d: Deferred = defer.succeed(None)
         if self._connected:
-            d = self._send(FANOUT, "*", "bye", {})
+            d = self._outbox.send(FANOUT, "*", "bye", {})
             d.addErrback(lambda _: None)
         self._pending.fail_all("this agent is stopping")
         d.addCallback(lambda _: MultiService.stopService(self))
@@ -183,21 +196,11 @@ class SRS(MultiService):
                 "url": self.url,
                 "alive": self._connected,
                 "last_seen": now if self._connected else self._last_connected,
-                "instances": count(self._safe_summary().get("instances")),
+                "instances": count(_summary_of(self.summary, self.log).get("instances")),
                 "requires_token": self.requires_token,
             }
         ]
-        for m in self.membership:
-            rows.append(
-                {
-                    "id": m.id,
-                    "url": m.url,
-                    "alive": self._connected and m.heard_recently(now),
-                    "last_seen": m.last_seen,
-                    "instances": m.instances,
-                    "requires_token": m.requires_token,
-                }
-            )
+        rows.extend(self.membership.rows(now, self._connected))
         rows.sort(key=lambda row: row["id"])
         return rows
 
@@ -219,7 +222,7 @@ class SRS(MultiService):
         # Mandatory: when the agent has no queue (crashed, not yet detected)
         # the broker returns the request at once and we fail fast instead of
         # waiting out the timeout.
-        sent = self._send(
+        sent = self._outbox.send(
             DIRECT,
             agent_id,
             "request",
@@ -251,7 +254,7 @@ class SRS(MultiService):
             return defer.succeed(({}, suspects))
         correlation_id = self._new_id()
         d = self._pending.scatter(correlation_id, op, expected, suspects, timeout)
-        sent = self._send(
+        sent = self._outbox.send(
             FANOUT, "*", "request", {"op": op, "args": args}, cid=correlation_id, reply_to=self._reply_queue
         )
         # A failed publish means nobody will answer: give up now, not at the timeout.
@@ -263,11 +266,11 @@ class SRS(MultiService):
         if not self._connected:
             self.log.warn("SRS broadcast {op} dropped: not connected", op=op, event="srs.broadcast.dropped")
             return
-        self._send(FANOUT, "*", "request", {"op": op, "args": args})
+        self._outbox.send(FANOUT, "*", "request", {"op": op, "args": args})
 
     def _live_peers(self) -> list[Member]:
         now = self._reactor.seconds()
-        return [m for m in self.membership.alive(now, self._connected) if self._accepts_us(m)]
+        return [m for m in self.membership.alive(now, self._connected) if accepts_us(self.requires_token, m)]
 
     # -- ITransportReceiver ------------------------------------------------
 
@@ -414,7 +417,7 @@ class SRS(MultiService):
             self._rejected(Rejected("misrouted", "reply-to is not the sender's queue", message.sender), counted=False)
             return
         self.membership.touch(message.sender, self._reactor.seconds())
-        if not self._trusts(message.sender):
+        if not trusts(self.requires_token, self.membership.get(message.sender)):
             self._log_once(
                 ("untrusted", message.sender, ""),
                 "SRS refuses requests from {sender}: this agent requires a token and {sender} does not",
@@ -429,49 +432,18 @@ class SRS(MultiService):
         else:
             d = defer.maybeDeferred(self.handler, op, args)
         if reply_to and correlation_id:
-            d.addCallbacks(self._ok_reply, self._error_reply, errbackArgs=(op,))
-            d.addCallback(self._send_reply, message.sender, reply_to, correlation_id)
+            d.addCallbacks(
+                ok_payload,
+                error_payload,
+                callbackArgs=(self.log,),
+                errbackArgs=(op, self.agent_id, self.log),
+            )
+            d.addCallback(
+                lambda reply: self._outbox.send(REPLY, reply_to, "reply", reply, to=message.sender, re=correlation_id)
+            )
             d.addErrback(lambda f: self.log.failure("SRS could not reply to {op}", f, op=op))
         else:
             d.addErrback(self._log_broadcast_failure, op)
-
-    def _trusts(self, sender: str) -> bool:
-        """Whether we run requests from ``sender`` (one trust domain)."""
-        if not self.requires_token:
-            return True
-        member = self.membership.get(sender)
-        return member is not None and member.requires_token
-
-    def _accepts_us(self, member: Member) -> bool:
-        """Whether ``member`` runs our requests (the mirror of ``_trusts``)."""
-        return self.requires_token or not member.requires_token
-
-    def _ok_reply(self, result: Any) -> dict[str, Any]:
-        payload = {"ok": True, "result": result}
-        try:
-            encode_message(payload)
-        except (TypeError, ValueError) as e:
-            self.log.error("SRS handler result is not JSON: {error}", error=str(e))
-            return {"ok": False, "error": {"code": SCSError.code, "body": {"error": "result is not JSON"}}}
-        return payload
-
-    def _error_reply(self, failure: Failure, op: Any) -> dict[str, Any]:
-        if failure.check(SCSError):
-            error: SCSError = failure.value
-            body = error.to_json()
-            code = error.code
-        else:
-            self.log.failure("SRS handler failed on {op}", failure, op=op)
-            code, body = SCSError.code, {"error": f"internal error on agent {self.agent_id}"}
-        payload = {"ok": False, "error": {"code": code, "body": body}}
-        try:
-            encode_message(payload)
-        except (TypeError, ValueError):
-            payload["error"]["body"] = {"error": str(body.get("error"))}
-        return payload
-
-    def _send_reply(self, payload: dict[str, Any], asker: str, reply_to: str, correlation_id: str) -> Deferred:
-        return self._send(REPLY, reply_to, "reply", payload, to=asker, re=correlation_id)
 
     def _log_broadcast_failure(self, failure: Failure, op: Any) -> None:
         if failure.check(SCSError):
@@ -480,16 +452,7 @@ class SRS(MultiService):
             self.log.failure("SRS broadcast {op} failed", failure, op=op)
 
     def _on_reply(self, message: Message) -> None:
-        payload = message.payload
-        if payload.get("ok") is True:
-            outcome: Any = payload.get("result")
-        else:
-            error = payload.get("error")
-            if not isinstance(error, dict):
-                error = {}
-            body = error.get("body")
-            outcome = error_from_json(str(error.get("code", SCSError.code)), body if isinstance(body, dict) else {})
-        if self._pending.reply(message.sender, message.re or "", outcome):
+        if self._pending.reply(message.sender, message.re or "", outcome(message.payload)):
             self.membership.touch(message.sender, self._reactor.seconds())
         else:
             # Late, duplicated, or from an agent that was not asked.
@@ -504,24 +467,7 @@ class SRS(MultiService):
 
     def _log_transitions(self) -> None:
         for member, alive in self.membership.transitions(self._reactor.seconds(), self._connected):
-            if alive:
-                self.log.info(
-                    "SRS member {member} is alive ({url})",
-                    member=member.id,
-                    url=member.url,
-                    agent_id=self.agent_id,
-                    event="srs.member.alive",
-                )
-            else:
-                why = "gone" if member.left else ("disconnected" if not self._connected else "silent")
-                self.log.warn(
-                    "SRS member {member} is dead ({why})",
-                    member=member.id,
-                    why=why,
-                    last_seen=member.last_seen,
-                    agent_id=self.agent_id,
-                    event="srs.member.dead",
-                )
+            log_liveness(self.log, self.agent_id, member, alive, self._connected)
 
     def _heartbeat_tick(self) -> None:
         self._send_heartbeat()
@@ -538,93 +484,50 @@ class SRS(MultiService):
         payload = {
             "url": self.url,
             "interval": self.heartbeat_interval,
-            "summary": self._safe_summary(),
+            "summary": _summary_of(self.summary, self.log),
             "hello": hello,
             "token": self.requires_token,
         }
         if to is None:
-            self._send(FANOUT, "*", "heartbeat", payload)
+            self._outbox.send(FANOUT, "*", "heartbeat", payload)
         else:
-            self._send(DIRECT, to, "heartbeat", payload)
-
-    def _safe_summary(self) -> dict[str, Any]:
-        try:
-            summary = self.summary()
-        except Exception:
-            self.log.failure("SRS summary() failed")
-            return {}
-        return summary if isinstance(summary, dict) else {}
+            self._outbox.send(DIRECT, to, "heartbeat", payload)
 
     # -- sending -----------------------------------------------------------
-
-    def _send(
-        self,
-        kind: str,
-        key: str,
-        message_type: str,
-        payload: dict[str, Any],
-        *,
-        to: Optional[str] = None,
-        cid: Optional[str] = None,
-        reply_to: Optional[str] = None,
-        re: Optional[str] = None,
-        mandatory: bool = False,
-    ) -> Deferred:
-        """Seal and publish one message. ``to`` (the agent it is for, signed
-        into it) defaults to ``key`` for DIRECT and everyone for FANOUT."""
-        if to is None:
-            to = key if kind == DIRECT else "*"
-        properties = {}
-        if reply_to is not None:
-            properties["reply-to"] = reply_to
-        if (cid or re) is not None:
-            properties["correlation-id"] = cid or re
-        try:
-            body = self.codec.encode(
-                message_type, self.agent_id, self._incarnation, to, payload, cid=cid, reply_to=reply_to, re=re
-            )
-            if mandatory:
-                d = self.transport.publish(kind, key, body, properties, mandatory=True)
-            else:
-                d = self.transport.publish(kind, key, body, properties)
-        except Exception:
-            d = defer.fail()
-
-        def failed(f: Failure) -> Failure:
-            self.log.warn(
-                "SRS could not send {type} ({kind}): {error}",
-                type=message_type,
-                kind=kind,
-                error=f.getErrorMessage(),
-                event="srs.send.failed",
-            )
-            return f
-
-        d.addErrback(failed)
-        return d
 
     def _new_id(self) -> str:
         return "%032x" % self._rng.getrandbits(128)
 
     def _run_local(self, op: str, args: dict) -> Deferred:
-        d = defer.maybeDeferred(self.handler, op, args)
-
-        def same_as_remote(result: Any) -> Any:
-            return json.loads(encode_message({"r": result}))["r"]
-
-        def wrap_unexpected(f: Failure) -> Failure:
-            if f.check(SCSError):
-                return f
-            self.log.failure("SRS handler failed on {op}", f, op=op)
-            return Failure(SCSError(f"internal error on agent {self.agent_id}"))
-
-        d.addCallbacks(same_as_remote, wrap_unexpected)
-        return d
+        return run_here(self.handler, op, args, self.agent_id, self.log)
 
     def _log_once(self, key: tuple[str, str, str], format: str, log_event: str = "srs.ignored", **fields: Any) -> None:
         # Peers send every period: one line per distinct oddity, not one per
         # heartbeat; and a flood of distinct oddities is not a flood of lines.
-        if key in self._ignored_logged or len(self._ignored_logged) >= MAX_LOGGED_ODDITIES:
-            return
-        self._ignored_logged.add(key)
-        self.log.warn(format, event=log_event, **fields)
+        if self._oddities.first(key):
+            self.log.warn(format, event=log_event, **fields)
+
+
+class FirstSeen:
+    """Remembers up to ``limit`` keys; ``first`` is True once per key (and
+    False for everything once full)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._seen: set[Any] = set()
+
+    def first(self, key: Any) -> bool:
+        if key in self._seen or len(self._seen) >= self.limit:
+            return False
+        self._seen.add(key)
+        return True
+
+
+def _summary_of(summary: Callable[[], Any], log: Logger) -> dict[str, Any]:
+    """The agent's summary for heartbeats; {} when it fails."""
+    try:
+        value = summary()
+    except Exception:
+        log.failure("SRS summary() failed")
+        return {}
+    return value if isinstance(value, dict) else {}

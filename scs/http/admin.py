@@ -231,82 +231,77 @@ class AdminPage(Element):
     def local_instances(self, request: IRequest, tag: Tag) -> Any:
         if not self.data.local:
             return tag(tags.tr(tags.td("No instances on this agent.", colspan="9")))
-        rows = []
-        for inst in self.data.local:
-            queues = []
-            for q in inst["queues"]:
-                queues.append(
-                    tags.li(
-                        tags.span(q, **{"class": "queue"}),
-                        " ",
-                        self.instance_form(
-                            inst,
-                            "cancel",
-                            tags.input(type="hidden", name="queue", value=q),
-                            tags.button("remove", type="submit", title=f"stop consuming {q}"),
-                        ),
-                    )
-                )
-            toggle = (
-                self.instance_form(inst, "disable", tags.button("Disable", type="submit"))
-                if inst["is_enabled"]
-                else self.instance_form(inst, "enable", tags.button("Enable", type="submit"))
+        return tag(*[self._instance_row(inst) for inst in self.data.local])
+
+    def _instance_row(self, inst: dict[str, Any]) -> Tag:
+        """One row of this agent's instances: its state, and its forms."""
+        return tags.tr(
+            tags.td(tags.code(inst["name"]), **{"class": "name"}),
+            tags.td(inst["app"]),
+            tags.td(inst["state"], **{"class": "state state-" + str(inst["state"])}),
+            tags.td("yes" if inst["is_enabled"] else "no", **{"class": "enabled"}),
+            tags.td(_text(inst["pid"]), **{"class": "pid"}),
+            tags.td(str(inst["restarts"]), **{"class": "restarts"}),
+            tags.td(
+                f"{inst['min_concurrency']}–{inst['max_concurrency']}",
+                **{"class": "concurrency"},
+            ),
+            tags.td(*self._queue_cell(inst)),
+            tags.td(*self._settings_cell(inst)),
+            id="instance-" + inst["name"],
+            **{"class": "instance", "data-name": inst["name"]},
+        )
+
+    def _queue_cell(self, inst: dict[str, Any]) -> list[Any]:
+        queues = [
+            tags.li(
+                tags.span(q, **{"class": "queue"}),
+                " ",
+                self.instance_form(
+                    inst,
+                    "cancel",
+                    tags.input(type="hidden", name="queue", value=q),
+                    tags.button("remove", type="submit", title=f"stop consuming {q}"),
+                ),
             )
-            broker = inst["broker"]
-            rows.append(
-                tags.tr(
-                    tags.td(tags.code(inst["name"]), **{"class": "name"}),
-                    tags.td(inst["app"]),
-                    tags.td(inst["state"], **{"class": "state state-" + str(inst["state"])}),
-                    tags.td("yes" if inst["is_enabled"] else "no", **{"class": "enabled"}),
-                    tags.td(_text(inst["pid"]), **{"class": "pid"}),
-                    tags.td(str(inst["restarts"]), **{"class": "restarts"}),
-                    tags.td(
-                        f"{inst['min_concurrency']}–{inst['max_concurrency']}",
-                        **{"class": "concurrency"},
-                    ),
-                    tags.td(
-                        tags.ul(*queues, **{"class": "queues"}),
-                        self.instance_form(
-                            inst,
-                            "consume",
-                            tags.input(name="queue", size="12", placeholder="queue", required=""),
-                            tags.button("add queue", type="submit"),
-                        ),
-                    ),
-                    tags.td(
-                        tags.div(
-                            "broker ",
-                            tags.code(
-                                f"{broker['userid']}@{broker['hostname']}:{broker['port']}"
-                                f"/{broker['virtual_host']}"
-                            ),
-                        ),
-                        tags.div("arguments ", tags.code(" ".join(inst.get("arguments") or ())))
-                        if inst.get("arguments")
-                        else "",
-                        self.instance_form(
-                            inst,
-                            "autoscale",
-                            tags.label(
-                                "max ",
-                                tags.input(name="max", size="3", value=str(inst["max_concurrency"])),
-                            ),
-                            tags.label(
-                                " min ",
-                                tags.input(name="min", size="3", value=str(inst["min_concurrency"])),
-                            ),
-                            tags.button("set autoscale", type="submit"),
-                        ),
-                        toggle,
-                        self.instance_form(inst, "restart", tags.button("Restart", type="submit")),
-                        self.instance_form(inst, "delete", tags.button("Delete", type="submit")),
-                    ),
-                    id="instance-" + inst["name"],
-                    **{"class": "instance", "data-name": inst["name"]},
-                )
-            )
-        return tag(*rows)
+            for q in inst["queues"]
+        ]
+        return [
+            tags.ul(*queues, **{"class": "queues"}),
+            self.instance_form(
+                inst,
+                "consume",
+                tags.input(name="queue", size="12", placeholder="queue", required=""),
+                tags.button("add queue", type="submit"),
+            ),
+        ]
+
+    def _settings_cell(self, inst: dict[str, Any]) -> list[Any]:
+        broker = inst["broker"]
+        toggle = (
+            self.instance_form(inst, "disable", tags.button("Disable", type="submit"))
+            if inst["is_enabled"]
+            else self.instance_form(inst, "enable", tags.button("Enable", type="submit"))
+        )
+        return [
+            tags.div(
+                "broker ",
+                tags.code(f"{broker['userid']}@{broker['hostname']}:{broker['port']}/{broker['virtual_host']}"),
+            ),
+            tags.div("arguments ", tags.code(" ".join(inst.get("arguments") or ())))
+            if inst.get("arguments")
+            else "",
+            self.instance_form(
+                inst,
+                "autoscale",
+                tags.label("max ", tags.input(name="max", size="3", value=str(inst["max_concurrency"]))),
+                tags.label(" min ", tags.input(name="min", size="3", value=str(inst["min_concurrency"]))),
+                tags.button("set autoscale", type="submit"),
+            ),
+            toggle,
+            self.instance_form(inst, "restart", tags.button("Restart", type="submit")),
+            self.instance_form(inst, "delete", tags.button("Delete", type="submit")),
+        ]
 
     @renderer
     def create_form(self, request: IRequest, tag: Tag) -> Tag:

@@ -328,47 +328,57 @@ def check_worker_arguments(items: Iterable[str]) -> tuple[str, ...]:
             )
         if not arg.startswith("-") or arg == "-":
             _check_setting(arg)
-            continue
-        name, equals, explicit = arg.partition("=")
-        if name.startswith("--"):
-            # A long option (click tries "-x..." as a long option too, but
-            # the worker has no long option with a single dash).
-            option = _option(name)
-            if not option.takes_value:
-                if equals:
-                    raise RefusedArgument(f"argument {name!r} does not take a value", name)
-                continue
-            if equals:
-                value = explicit
-            elif i < len(args):
-                value, i = args[i], i + 1
-            else:
-                raise RefusedArgument(f"argument {name!r} needs a value", name)
-            _check_value(name, option, value)
-            continue
-        # Short options, bundled: each letter is an option until one takes
-        # a value, which is the rest of the word (with any "=") or the next
-        # word.
-        for j in range(1, len(arg)):
-            name = "-" + arg[j]
-            option = _option(name)
-            if not option.takes_value:
-                continue
-            if j + 1 < len(arg):
-                value = arg[j + 1 :]
-                attached = True
-            elif i < len(args):
-                value, i = args[i], i + 1
-                attached = False
-            else:
-                raise RefusedArgument(f"argument {name!r} needs a value", name)
-            _check_value(name, option, value)
-            if name == "-P" and (attached or j > 1) and value in _EARLY_PATCHED_POOLS:
-                raise RefusedArgument(
-                    f"argument '-P {value}' must be written as its own words "
-                    f"('-P', '{value}') or '--pool={value}': Celery patches for "
-                    f"{value} before it parses bundled options",
-                    name,
-                )
-            break
+        elif arg.startswith("--"):
+            i = _check_long(arg, args, i)
+        else:
+            i = _check_short_bundle(arg, args, i)
     return tuple(args)
+
+
+def _check_long(arg: str, args: Sequence[str], i: int) -> int:
+    """A long option (click tries "-x..." as a long option too, but the
+    worker has no long option with a single dash); returns the index of
+    the next word."""
+    name, equals, explicit = arg.partition("=")
+    option = _option(name)
+    if not option.takes_value:
+        if equals:
+            raise RefusedArgument(f"argument {name!r} does not take a value", name)
+        return i
+    if equals:
+        value = explicit
+    elif i < len(args):
+        value, i = args[i], i + 1
+    else:
+        raise RefusedArgument(f"argument {name!r} needs a value", name)
+    _check_value(name, option, value)
+    return i
+
+
+def _check_short_bundle(arg: str, args: Sequence[str], i: int) -> int:
+    """Short options, bundled: each letter is an option until one takes a
+    value, which is the rest of the word (with any "=") or the next word;
+    returns the index of the next word."""
+    for j in range(1, len(arg)):
+        name = "-" + arg[j]
+        option = _option(name)
+        if not option.takes_value:
+            continue
+        if j + 1 < len(arg):
+            value = arg[j + 1 :]
+            attached = True
+        elif i < len(args):
+            value, i = args[i], i + 1
+            attached = False
+        else:
+            raise RefusedArgument(f"argument {name!r} needs a value", name)
+        _check_value(name, option, value)
+        if name == "-P" and (attached or j > 1) and value in _EARLY_PATCHED_POOLS:
+            raise RefusedArgument(
+                f"argument '-P {value}' must be written as its own words "
+                f"('-P', '{value}') or '--pool={value}': Celery patches for "
+                f"{value} before it parses bundled options",
+                name,
+            )
+        break
+    return i

@@ -8,7 +8,7 @@ auto-delete private queue bound to both, and start consuming it. Only then is
 the receiver told ``transport_connected``; when the connection goes,
 ``transport_disconnected``.
 
-txAMQP 0.8.2 on Python 3 (DESIGN §2) shapes what goes on the wire: every
+txAMQP 0.8.2 on Python 3 shapes what goes on the wire: every
 ``str`` it encodes is counted in characters, so names, routing keys and
 properties are kept ASCII (checked before sending) and bodies are bytes of
 ASCII JSON made by ``scs.srs``; bodies may come back as ``str`` and are

@@ -31,7 +31,7 @@ DEFAULT_STOP_TIMEOUT = 20.0
 
 
 def instance_json(spec: InstanceSpec, status: WorkerStatus, agent_id: str) -> dict[str, Any]:
-    """The instance object of DESIGN §5 (the seed's fields first)."""
+    """The instance object the API answers (the first prototype's fields first)."""
     return {
         "name": spec.name,
         "is_enabled": spec.is_enabled,

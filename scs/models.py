@@ -1,8 +1,9 @@
 """The agent's object store schema: ``Broker``, ``App``, ``Node``, ``Queue``
 and the consumption relation between nodes and queues.
 
-It stands in for Axiom (see DESIGN §2): small synchronous transactions in the
-reactor thread, one SQLite file per agent.  Schema changes go through the
+It keeps the virtues of an Axiom store (the object database the design first
+named, which has no Python 3 release): small synchronous transactions in the
+reactor thread, one SQLite file per agent, named item classes.  Schema changes go through the
 Alembic revisions in ``scs/migrations``; this module is the current shape.
 """
 
@@ -97,8 +98,8 @@ class Consumption(Base):
     """A node consuming from a queue.
 
     It keeps a copy of the declaration it was told to use, because the
-    declaration may live on another agent of the cluster (DESIGN §7: queues
-    are owned by the agent they were declared on), and the worker must keep
+    declaration may live on another agent of the cluster (a queue is owned
+    by the agent it was declared on), and the worker must keep
     consuming with it across restarts of either agent.
     """
 

@@ -21,7 +21,7 @@ DEFAULT_PORTS = {"amqp": DEFAULT_AMQP_PORT, "amqps": DEFAULT_AMQPS_PORT}
 
 @attrs.frozen
 class BrokerInfo:
-    """Where a worker's broker is, as the seed's ``broker`` object shows it."""
+    """Where a worker's broker is, as the instance object's ``broker`` shows it."""
 
     hostname: str = "127.0.0.1"
     port: int = DEFAULT_AMQP_PORT
@@ -174,7 +174,7 @@ class WorkerStatus:
     restarts: int = 0
 
 
-# The states of DESIGN §5.
+# The states an instance's worker can be in, as the API shows them.
 STATES = (
     "starting",
     "running",

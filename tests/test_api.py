@@ -1,4 +1,4 @@
-"""The HTTP API contract of DESIGN §5 on one agent, through StubTreq."""
+"""The HTTP API contract (README "The HTTP API") on one agent, through StubTreq."""
 
 from __future__ import annotations
 

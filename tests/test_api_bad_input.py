@@ -1,4 +1,4 @@
-"""Bad input against every route of DESIGN §5 (issue 2, "Bad input").
+"""Bad input against every route of the HTTP API (issue 2, "Bad input").
 
 Every refusal must be a 4xx JSON error (``Content-Type: application/json``,
 an ``"error"`` that names the problem), never a 500, and must leave the store

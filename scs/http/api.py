@@ -1,4 +1,4 @@
-"""The REST API of DESIGN §5, as a Klein app on a class.
+"""The REST API (README "The HTTP API"), as a Klein app on a class.
 
 Each route reads its parameters (``scs.http.params``), validates them
 (``scs.validation``) and calls the ``Agent`` façade; domain errors become

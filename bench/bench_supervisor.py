@@ -253,7 +253,8 @@ def wake_rows(sizes: list[int], work: Path) -> list[tuple[int, float, float]]:
 
     from scs.control import CeleryControl
     from scs.records import BrokerInfo, InstanceSpec
-    from scs.supervisor import Supervisor
+    from scs.leftovers import ProcessTable
+    from scs.supervisor import SupervisionPolicy, Supervisor
 
     class Counting(CeleryControl):
         """Counts every Celery control call: each is one broker round trip
@@ -276,8 +277,9 @@ def wake_rows(sizes: list[int], work: Path) -> list[tuple[int, float, float]]:
         for n in sizes:
             specs = [InstanceSpec(name=f"wk{uuid.uuid4().hex[:6]}", app="bench", broker=broker)
                      for _ in range(n)]
-            sup = Supervisor(lambda: specs, str(work / f"wake{n}"), interval=3600.0,
-                             control=Counting(reactor))
+            sup = Supervisor(lambda: specs, str(work / f"wake{n}"), reactor=reactor,
+                             policy=SupervisionPolicy(interval=3600.0), control=Counting(reactor),
+                             spawner=reactor, process_table=ProcessTable())
             sup.startService()
             try:
                 for s in specs:

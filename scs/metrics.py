@@ -19,7 +19,6 @@ module a reader: nothing in the supervisor depends on metrics being on.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import unquote
@@ -35,14 +34,12 @@ from zope.interface import implementer
 
 from scs.records import STATES
 from scs.srs_trust import REASONS as REJECTION_REASONS
+from scs.supervisor import COUNTED_EVENTS
 
 log = Logger(namespace="scs.metrics")
 
 # Wake-ups and pings are short; the buckets cover 1 ms to 30 s.
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-# The agent's own request ids waiting for their "<--" line; bounded so that
-# a lost reply line cannot grow it forever.
-MAX_PENDING_OPERATIONS = 10_000
 
 
 class AgentCollector:
@@ -180,42 +177,21 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
-# The supervisor's ``scs_event`` values worth counting, as named in
-# scs/supervisor.py.  A fixed set keeps the label's cardinality bounded.
-SUPERVISOR_EVENTS = (
-    "wake-up",
-    "node.restart",
-    "successfully started",
-    "successfully restarted",
-    "unresponsive",
-    "unresponsive.kill",
-    "failed",
-    "backoff",
-    "reconfigure",
-    "broker.down",
-    "broker.up",
-    "node.consume_from",
-    "node.cancel_consume_from",
-    "node.autoscale",
-    "control.error",
-    "ping.error",
-)
-
-
 @implementer(ILogObserver)
 class MetricsObserver:
-    """Counts the structured log events that carry metrics.
+    """Counts the structured log events that carry metrics, by their
+    ``event`` key and fields alone (never the message text):
 
-    - the supervisor's ``scs_event`` values (``SUPERVISOR_EVENTS``), and its
-      ``wake-up.done``/``ping.done`` events with a ``duration``/``rtt`` in
-      seconds;
-    - the worker protocol's ``worker started``/``worker exited`` lines;
-    - the agent's ``-->``/``<--`` operation lines, paired by request id.
+    - the supervisor's countable events (``scs.supervisor.COUNTED_EVENTS``);
+    - ``wake-up.done`` (``duration``) and ``ping.done`` (``rtt``), in seconds;
+    - the worker protocol's ``worker.started`` and ``worker.exited`` (``how``:
+      ``code`` or ``signal``);
+    - the agent's ``operation`` (``operation``, ``status``), logged once
+      each operation has ended.
     """
 
     def __init__(self, metrics: AgentMetrics) -> None:
         self.metrics = metrics
-        self._operations: OrderedDict[str, str] = OrderedDict()
 
     def __call__(self, event: dict[str, Any]) -> None:
         try:
@@ -224,32 +200,30 @@ class MetricsObserver:
             pass
 
     def _observe(self, event: dict[str, Any]) -> None:
-        kind = event.get("scs_event")
-        fmt = event.get("log_format") or ""
-        if kind is not None:
-            if kind in SUPERVISOR_EVENTS:
-                self.metrics.supervisor_events.labels(kind).inc()
-            elif kind == "wake-up.done":
-                seconds = _number(event.get("duration"))
-                if seconds is not None:
-                    self.metrics.wakeup_seconds.observe(seconds)
-            elif kind == "ping.done":
-                seconds = _number(event.get("rtt"))
-                if seconds is not None:
-                    self.metrics.ping_seconds.observe(seconds)
-        elif fmt.startswith("{name} worker started"):
+        kind = event.get("event")
+        if not isinstance(kind, str):
+            return
+        if kind in COUNTED_EVENTS:
+            self.metrics.supervisor_events.labels(kind).inc()
+        elif kind == "wake-up.done":
+            self._time(self.metrics.wakeup_seconds, event.get("duration"))
+        elif kind == "ping.done":
+            self._time(self.metrics.ping_seconds, event.get("rtt"))
+        elif kind == "worker.started":
             self.metrics.worker_starts.inc()
-        elif fmt.startswith("{name} worker exited"):
-            how = "signal" if event.get("sig") is not None else "code"
+        elif kind == "worker.exited":
+            how = "signal" if event.get("how") == "signal" else "code"
             self.metrics.worker_exits.labels(how).inc()
-        elif fmt.startswith("{{{request}}} --> "):
-            self._operations[str(event.get("request"))] = str(event.get("operation"))
-            while len(self._operations) > MAX_PENDING_OPERATIONS:
-                self._operations.popitem(last=False)
-        elif fmt.startswith("{{{request}}} <-- "):
-            operation = self._operations.pop(str(event.get("request")), None)
-            if operation is not None:
-                self.metrics.operations.labels(operation, str(event.get("status", ""))).inc()
+        elif kind == "operation":
+            operation, status = event.get("operation"), event.get("status")
+            if isinstance(operation, str) and isinstance(status, int):
+                self.metrics.operations.labels(operation, str(status)).inc()
+
+    @staticmethod
+    def _time(histogram: Histogram, value: Any) -> None:
+        seconds = _number(value)
+        if seconds is not None:
+            histogram.observe(seconds)
 
 
 class MetricsService(Service):

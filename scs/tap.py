@@ -480,10 +480,18 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
 
 def _build_supervisor(options: Options, store: Any, instance_dir: str, reactor: Any) -> Any:
-    from scs.supervisor import Supervisor
+    from scs.control import CeleryControl
+    from scs.leftovers import ProcessTable
+    from scs.supervisor import SupervisionPolicy, Supervisor
 
     supervisor = Supervisor(
-        store.list_nodes, instance_dir, interval=options["interval"], reactor=reactor
+        store.list_nodes,
+        instance_dir,
+        policy=SupervisionPolicy(interval=options["interval"]),
+        reactor=reactor,
+        control=CeleryControl(reactor=reactor),
+        spawner=reactor,
+        process_table=ProcessTable(),
     )
     return supervisor
 

@@ -213,7 +213,7 @@ class FakeTransport(_Service):
 # FakeSpawner stands in for IReactorProcess.spawnProcess and lets the test
 # end processes; FakeControl has scs.control.CeleryControl's interface over
 # an in-memory set of Celery nodes; FakeProcessTable stands in for
-# scs.worker.ProcessTable (pid files of workers left by a crashed agent).
+# scs.leftovers.ProcessTable (pid files of workers left by a crashed agent).
 
 from twisted.internet.error import (
     ProcessDone as _ProcessDone,
@@ -438,7 +438,7 @@ class FakeControl:
 
 
 class FakeProcessTable:
-    """scs.worker.ProcessTable over a dict ``{pid: argv}``.  ``kill`` records
+    """scs.leftovers.ProcessTable over a dict ``{pid: argv}``.  ``kill`` records
     the signal; a process leaves the table on KILL, and on TERM unless its
     pid is in ``ignore_term``."""
 

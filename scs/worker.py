@@ -1,12 +1,11 @@
-"""One Celery worker process: its command line, its ProcessProtocol, and the
-few operating-system look-ups the supervisor needs about processes it did not
-spawn itself (workers left over from a previous agent run)."""
+"""One Celery worker process: its command line, the paths of its files and
+its ProcessProtocol.  (Workers left over from a previous agent run are
+:mod:`scs.leftovers`'s business.)"""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -198,7 +197,7 @@ class WorkerProcess(ProcessProtocol):
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
-        self.log.info("{name} worker started pid={pid}", name=self.name, pid=self.pid)
+        self.log.info("{name} worker started pid={pid}", name=self.name, pid=self.pid, event="worker.started")
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         # Only reached if a spawner hands us pipes anyway; the log file has it.
@@ -210,11 +209,13 @@ class WorkerProcess(ProcessProtocol):
         self.exit_code = getattr(value, "exitCode", None)
         self.exit_signal = getattr(value, "signal", None)
         self.log.info(
-            "{name} worker exited pid={pid} code={code} signal={sig}",
+            "{name} worker exited pid={pid} code={code} signal={signal}",
             name=self.name,
             pid=self.pid,
             code=self.exit_code,
-            sig=self.exit_signal,
+            signal=self.exit_signal,
+            how="signal" if self.exit_signal is not None else "code",
+            event="worker.exited",
         )
         self._on_ended(self, reason)
 
@@ -284,70 +285,3 @@ def spawn_worker(
         # The child has its own copies after fork; ours are not needed.
         os.close(logfd)
         os.close(nullfd)
-
-
-class ProcessTable:
-    """The OS look-ups needed to find and end a worker this agent did not
-    spawn (one left running by a previous, crashed agent).  Injected so that
-    unit tests can fake the process table."""
-
-    def cmdline(self, pid: int) -> list[str] | None:
-        """argv of a live process, or None if there is none (zombies count as none)."""
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read()
-            # The state follows the parenthesised command name.
-            if stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] in (b"Z", b"X"):
-                return None
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                raw = f.read()
-        except (OSError, ValueError):
-            return None
-        return [a.decode("utf-8", "surrogateescape") for a in raw.split(b"\0") if a]
-
-    def pids(self) -> list[int]:
-        """Every process id now in /proc (but this process's own)."""
-        me = os.getpid()
-        try:
-            return [int(e) for e in os.listdir("/proc") if e.isdigit() and int(e) != me]
-        except OSError:
-            return []
-
-    def kill(self, pid: int, sig: int) -> None:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-    def read_pidfile(self, path: str) -> int | None:
-        try:
-            with open(path, encoding="ascii") as f:
-                return int(f.read().strip())
-        except (OSError, ValueError):
-            return None
-
-
-def is_worker_for(cmdline: Sequence[str] | None, name: str) -> bool:
-    """Does this command line belong to a celery worker for instance ``name``?
-
-    Checked before killing a pid from a pid file: pids get reused, and only a
-    worker with this node name must be ended.
-    """
-    if not cmdline:
-        return False
-    # With setproctitle installed Celery renames itself "[celeryd: node:...]".
-    if f"celeryd: {name}@" in " ".join(cmdline):
-        return True
-    if not any("celery" in a for a in cmdline) or "worker" not in cmdline:
-        return False
-    prefix = f"{name}@"
-    for i, arg in enumerate(cmdline):
-        if arg in ("-n", "--hostname") and i + 1 < len(cmdline):
-            if cmdline[i + 1].startswith(prefix):
-                return True
-        elif arg.startswith("--hostname=") and arg[len("--hostname=") :].startswith(prefix):
-            return True
-    return False
-
-
-SIGNALS = {"TERM": signal.SIGTERM, "KILL": signal.SIGKILL}

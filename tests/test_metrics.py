@@ -16,7 +16,7 @@ from twisted.logger import LogPublisher, Logger
 from scs.agent import Agent, LocalAgent
 from scs.metrics import AgentMetrics, MetricsService
 from scs.store import Store
-from scs.supervisor import Supervisor
+from scs.supervisor import SupervisionPolicy, Supervisor
 from scs.testing import FakeControl, FakeProcessTable, FakeSpawner
 from surfaces_support import BROKER, Surfaces
 
@@ -55,8 +55,7 @@ class Machine:
             spawner=self.spawner,
             process_table=FakeProcessTable(),
             hostname="h",
-            interval=5.0,
-            min_uptime=10.0,
+            policy=SupervisionPolicy(interval=5.0, min_uptime=10.0),
         )
         # The supervisor logs to our publisher; the agent's operation lines
         # and the worker protocol's lines go to the global one, observed
@@ -82,7 +81,7 @@ class Machine:
 
     def answer(self, name: str) -> None:
         self.control.up(f"{name}@h", queues=[f"dq.{name}"])
-        self.clock.advance(self.supervisor.probe_interval)
+        self.clock.advance(self.supervisor.policy.probe_interval)
 
 
 @pytest.fixture
@@ -181,10 +180,10 @@ def test_wakeup_durations_and_ping_round_trips(machine: Machine) -> None:
 
 def test_supervisor_timing_events_feed_the_histograms() -> None:
     metrics = AgentMetrics()
-    metrics.observer({"scs_event": "wake-up.done", "duration": 0.5, "log_format": ""})
-    metrics.observer({"scs_event": "wake-up.done", "duration": 0.25, "log_format": ""})
-    metrics.observer({"scs_event": "ping.done", "rtt": 0.002, "log_format": ""})
-    metrics.observer({"scs_event": "ping.done", "log_format": ""})  # no figure: ignored
+    metrics.observer({"event": "wake-up.done", "duration": 0.5, "log_format": ""})
+    metrics.observer({"event": "wake-up.done", "duration": 0.25, "log_format": ""})
+    metrics.observer({"event": "ping.done", "rtt": 0.002, "log_format": ""})
+    metrics.observer({"event": "ping.done", "log_format": ""})  # no figure: ignored
     registry = metrics.registry
     assert registry.get_sample_value("scs_supervisor_wakeup_seconds_count") == 2
     assert registry.get_sample_value("scs_supervisor_wakeup_seconds_sum") == 0.75

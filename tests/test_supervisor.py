@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from scs.errors import GatewayTimeout, NotFound, Unavailable
 from scs.records import BrokerInfo, InstanceSpec, QueueBinding
+from scs.policy import SupervisionPolicy, backoff_delay
 from scs.supervisor import Supervisor
 from scs.testing import FakeControl, FakeProcessTable, FakeSpawner
 
@@ -61,9 +62,9 @@ class Harness:
             control=self.control,
             spawner=self.spawner,
             process_table=self.table,
+            policy=SupervisionPolicy(**kw),
             hostname="h",
             random=lambda: self.rand,
-            **kw,
         )
         self.sup.log = Logger(observer=self.events.append)
         if start:
@@ -84,7 +85,7 @@ class Harness:
         """Wake, spawn, answer: the worker is running."""
         self.wake()
         self.up(name)
-        self.clock.advance(self.sup.probe_interval)
+        self.clock.advance(self.sup.policy.probe_interval)
         self.tc.assertEqual(self.sup.status(name).state, "running")
 
     def proc(self):
@@ -92,7 +93,7 @@ class Harness:
         return p
 
     def named(self, event_name):
-        return [e for e in self.events if e.get("scs_event") == event_name]
+        return [e for e in self.events if e.get("event") == event_name]
 
 
 class SpawnTests(SynchronousTestCase):
@@ -126,24 +127,24 @@ class SpawnTests(SynchronousTestCase):
         h = Harness(self, [spec("a"), spec("b"), spec("c")])
         h.wake()
         h.control.calls.clear()
-        h.clock.advance(h.sup.probe_interval)
+        h.clock.advance(h.sup.policy.probe_interval)
         pings = [c for c in h.control.calls if c[0] == "ping"]
         self.assertEqual([c[2] for c in pings], [["a@h", "b@h", "c@h"]])
         h.up("b")
         h.control.calls.clear()
-        h.clock.advance(h.sup.probe_interval)
+        h.clock.advance(h.sup.policy.probe_interval)
         self.assertEqual(h.sup.status("b").state, "running")
         h.control.calls.clear()
-        h.clock.advance(h.sup.probe_interval)
+        h.clock.advance(h.sup.policy.probe_interval)
         # b answered: only the others are still probed.
         self.assertEqual([c[2] for c in h.control.calls if c[0] == "ping"], [["a@h", "c@h"]])
         h.up("a")
         h.up("c")
-        h.clock.advance(h.sup.probe_interval)
+        h.clock.advance(h.sup.policy.probe_interval)
         h.control.calls.clear()
         h.clock.advance(1)
         self.assertEqual(h.control.count("ping"), 0)  # the loop ended
-        self.assertEqual(h.sup._probes, {})
+        self.assertEqual(h.sup._health.probes, {})
 
     def test_wait_ready_times_out(self) -> None:
         h = Harness(self, [spec()])
@@ -208,12 +209,12 @@ class RestartPolicyTests(SynchronousTestCase):
         h = Harness(self, [], backoff_base=1.0, backoff_cap=60.0, backoff_jitter=0.5)
         for failures, full in ((2, 1.0), (3, 2.0), (4, 4.0), (10, 60.0)):
             h.rand = 0.0
-            self.assertEqual(h.sup.backoff_delay(failures), full)
+            self.assertEqual(backoff_delay(h.sup.policy, failures, h.rand), full)
             h.rand = 0.999999
-            low = h.sup.backoff_delay(failures)
+            low = backoff_delay(h.sup.policy, failures, h.rand)
             self.assertGreaterEqual(low, full * 0.5)
             self.assertLess(low, full * 0.5 + 1e-3)
-        self.assertEqual(h.sup.backoff_delay(1), 0.0)
+        self.assertEqual(backoff_delay(h.sup.policy, 1, h.rand), 0.0)
 
     def test_a_waiter_learns_at_the_first_backoff_that_it_keeps_dying(self) -> None:
         h = Harness(self, [spec()])
@@ -620,7 +621,7 @@ class WakeTests(SynchronousTestCase):
         self.assertEqual(a.signals, ["TERM"])
         self.assertEqual(h.sup.status("a").state, "stopped")
         self.assertEqual(h.sup.status("b").state, "stopped")
-        self.assertNotIn("b", h.sup._workers)
+        self.assertNotIn("b", h.sup._lifecycles)
         # A stopped worker is not restarted by its exit.
         self.assertEqual(len(h.spawner.processes), 2)
 
@@ -790,7 +791,7 @@ class PathSafetyTests(SynchronousTestCase):
         # Later wake-ups neither retry nor log them again; the good ones run.
         h.up("good1")
         h.up("good2")
-        h.clock.advance(h.sup.probe_interval)
+        h.clock.advance(h.sup.policy.probe_interval)
         h.wake()
         self.assertEqual(len(h.named("unsafe-path")), len(HOSTILE))
         self.assertEqual(h.sup.status("good1").state, "running")
@@ -825,16 +826,16 @@ class PathSafetyTests(SynchronousTestCase):
         def plant(*args, **kw):
             raise AssertionError("must not spawn")
 
-        import scs.supervisor as supervisor_module
+        import scs.lifecycle as lifecycle_module
 
-        original = supervisor_module.build_argv
+        original = lifecycle_module.build_argv
 
         def build_then_plant(*args, **kw):
             argv = original(*args, **kw)
             os.symlink(outside, os.path.join(h.dir, "w1"))
             return argv
 
-        self.patch(supervisor_module, "build_argv", build_then_plant)
+        self.patch(lifecycle_module, "build_argv", build_then_plant)
         h.spawner.spawnProcess = plant
         h.wake()
         h.spawner.spawnProcess = real_spawn

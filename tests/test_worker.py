@@ -16,14 +16,13 @@ from twisted.trial.unittest import SynchronousTestCase
 from scs.errors import BadParameter
 from scs.records import BrokerInfo, InstanceSpec, QueueBinding
 from scs.testing import FakeSpawner
+from scs.leftovers import ProcessTable, is_worker_for
 from scs.worker import (
-    ProcessTable,
     UnsafeName,
     WorkerProcess,
     build_argv,
     check_path_component,
     instance_path,
-    is_worker_for,
     session_argv,
     spawn_worker,
 )

@@ -30,8 +30,10 @@ from twisted.logger import Logger
 from twisted.trial.unittest import SkipTest, TestCase
 
 from scs.records import BrokerInfo, InstanceSpec, QueueBinding
-from scs.supervisor import Supervisor
-from scs.worker import ProcessTable, build_argv, is_worker_for
+from scs.control import CeleryControl
+from scs.leftovers import ProcessTable, is_worker_for
+from scs.supervisor import SupervisionPolicy, Supervisor
+from scs.worker import build_argv
 
 BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
 BROKER = BrokerInfo.from_url(BROKER_URL)
@@ -137,7 +139,16 @@ class _WorkerTestCase(TestCase):
         kw.setdefault("min_uptime", 3.0)
         kw.setdefault("backoff_base", 0.2)
         kw.setdefault("max_missed_pings", 2)
-        sup = Supervisor(lambda: self.specs, self.dir, hostname=self.hostname, **kw)
+        sup = Supervisor(
+            lambda: self.specs,
+            self.dir,
+            hostname=self.hostname,
+            policy=SupervisionPolicy(**kw),
+            reactor=reactor,
+            control=CeleryControl(reactor),
+            spawner=reactor,
+            process_table=TABLE,
+        )
         sup.log = Logger(observer=self.events.append)
         self.sup = sup
         self.addCleanup(self._stop)
@@ -217,7 +228,7 @@ class WorkerIntegrationTests(_WorkerTestCase):
         self.assertEqual(TABLE.read_pidfile(os.path.join(self.dir, s.name, "worker.pid")), pid)
         with open(os.path.join(self.dir, s.name, "worker.log"), encoding="utf-8") as f:
             self.assertIn(self.node(s), f.read())
-        self.assertTrue([e for e in self.events if e.get("scs_event") == "successfully started"])
+        self.assertTrue([e for e in self.events if e.get("event") == "successfully started"])
         self.assertLess(elapsed, 10.0)
 
     async def test_non_ascii_instance_name(self) -> None:
@@ -242,7 +253,7 @@ class WorkerIntegrationTests(_WorkerTestCase):
         self.assertNotEqual(new, old)
         self.assertEqual(len(await self.client_ping(s)), 1)
         self.assertEqual(sup.status(s.name).restarts, 1)
-        self.assertTrue([e for e in self.events if e.get("scs_event") == "successfully restarted"])
+        self.assertTrue([e for e in self.events if e.get("event") == "successfully restarted"])
 
     async def test_sigstop_is_replaced(self) -> None:
         s = self.spec()
@@ -256,7 +267,7 @@ class WorkerIntegrationTests(_WorkerTestCase):
         await self.ready(s)
         self.assertEqual(len(await self.client_ping(s)), 1)
         self.assertFalse(alive(old))
-        self.assertTrue([e for e in self.events if e.get("scs_event") == "unresponsive.kill"])
+        self.assertTrue([e for e in self.events if e.get("event") == "unresponsive.kill"])
 
     async def test_bad_celery_app_backs_off_then_fails(self) -> None:
         s = self.spec(celery_app="no_such_module_for_scs_tests")
@@ -266,7 +277,7 @@ class WorkerIntegrationTests(_WorkerTestCase):
         await self.until(lambda: sup.status(s.name).state == "failed", 40, "failed state")
         # Three spawns, two restarts: the third death was not restarted.
         self.assertEqual(sup.status(s.name).restarts, 2)
-        self.assertTrue([e for e in self.events if e.get("scs_event") == "backoff"])
+        self.assertTrue([e for e in self.events if e.get("event") == "backoff"])
         # It stays failed across wake-ups.
         await deferLater(reactor, 1.5, lambda: None)
         self.assertEqual(sup.status(s.name).state, "failed")
@@ -386,7 +397,7 @@ class WorkerIntegrationTests(_WorkerTestCase):
 
         replies = [r for r in await self.in_thread(broadcast) if self.node(s) in r]
         self.assertEqual(len(replies), 1)
-        self.assertTrue([e for e in self.events if e.get("scs_event") == "leftover"])
+        self.assertTrue([e for e in self.events if e.get("event") == "leftover"])
 
 
 
@@ -419,7 +430,7 @@ class BrokerOutageTests(_WorkerTestCase):
         await self.in_thread(broker.stop)
         down_at = time.monotonic()
         await self.until(
-            lambda: [e for e in self.events if e.get("scs_event") == "broker.down"], 10, "broker.down"
+            lambda: [e for e in self.events if e.get("event") == "broker.down"], 10, "broker.down"
         )
         # Well past max_missed_pings wake-ups without the broker.
         await deferLater(reactor, 5.0, lambda: None)
@@ -444,9 +455,9 @@ class BrokerOutageTests(_WorkerTestCase):
         self.assertTrue(ok, "the worker never answered after the broker came back")
         self.assertEqual(sup.status(s.name).pid, pid)
         self.assertEqual(sup.status(s.name).restarts, 0)
-        self.assertFalse([e for e in self.events if e.get("scs_event") == "unresponsive.kill"])
+        self.assertFalse([e for e in self.events if e.get("event") == "unresponsive.kill"])
         await self.until(
-            lambda: [e for e in self.events if e.get("scs_event") == "broker.up"], 10, "broker.up"
+            lambda: [e for e in self.events if e.get("event") == "broker.up"], 10, "broker.up"
         )
         # Once the worker answers again the supervisor sees it running.
         await self.until(lambda: sup.status(s.name).state == "running", 10, "running again")

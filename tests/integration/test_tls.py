@@ -1,11 +1,10 @@
 """HTTPS through a Twisted ``ssl:`` endpoint, as the README shows it: a real
-agent serves its API over TLS with a certificate it is given, and
+agent serves its API over TLS with a certificate signed by the operator's
+CA, and
 ``/agents/`` advertises the https URL."""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import signal
 import ssl
@@ -16,42 +15,15 @@ import uuid
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from tests.integration.agents import BIN, free_port, wait_until
-
-
-def self_signed(directory: Path) -> tuple[Path, Path]:
-    """A key and a certificate for 127.0.0.1, as an operator would make them."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .sign(key, hashes.SHA256())
-    )
-    key_path, cert_path = directory / "agent.key", directory / "agent.crt"
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    key_path.chmod(0o600)
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return key_path, cert_path
+from tests.integration.certs import make_ca, server_certificate
 
 
 @pytest.fixture
 def tls_agent(tmp_path: Path):
-    key, cert = self_signed(tmp_path)
+    ca_path, ca_cert, ca_key = make_ca(tmp_path)
+    key, cert = server_certificate(tmp_path, ca_cert, ca_key)
     port = free_port()
     endpoint = f"ssl:{port}:privateKey={key}:certKey={cert}:interface=127.0.0.1"
     log = open(tmp_path / "agent.log", "wb")
@@ -62,7 +34,7 @@ def tls_agent(tmp_path: Path):
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    context = ssl.create_default_context(cafile=str(cert))
+    context = ssl.create_default_context(cafile=str(ca_path))
     base = f"https://127.0.0.1:{port}"
 
     def get(path: str) -> tuple[int, object]:

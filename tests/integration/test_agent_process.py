@@ -11,24 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.agents import BIN, AgentProcess, kill_leftover_workers
+from tests.integration.agents import BIN, AgentProcess
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def agents(tmp_path: Path):
-    started: list[AgentProcess] = []
-
-    def start(*args: str, **kwargs) -> AgentProcess:
-        agent = AgentProcess(tmp_path / f"agent{len(started)}", "agent1", *args, **kwargs)
-        started.append(agent)
-        return agent.start()
-
-    yield start
-    for agent in started:
-        agent.stop()
-        kill_leftover_workers(agent.directory)
 
 
 def test_twistd_help_lists_the_plugin() -> None:

@@ -23,28 +23,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.agents import BIN, AgentProcess, free_port, kill_leftover_workers, wait_until
+from tests.integration.agents import BIN, AgentProcess, free_port
 
 WANTED_IDLE = 20_000
 # Descriptors the test process keeps for itself (pytest, logs, the client
 # requests) beyond the idle sockets.
 TEST_FD_RESERVE = 300
 CAP = 1000  # the agent's default --max-connections
-
-
-@pytest.fixture
-def started(tmp_path: Path):
-    agents: list[AgentProcess] = []
-
-    def start(*args: str) -> AgentProcess:
-        agent = AgentProcess(tmp_path / f"agent{len(agents)}", "agent1", "--without-srs", *args)
-        agents.append(agent)
-        return agent.start()
-
-    yield start
-    for agent in agents:
-        agent.stop()
-        kill_leftover_workers(agent.directory)
 
 
 def _raise_own_fd_limit() -> int:
@@ -121,7 +106,7 @@ def _fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def test_thousands_of_idle_connections_neither_lock_out_nor_starve(started) -> None:
+def test_thousands_of_idle_connections_neither_lock_out_nor_starve(agents) -> None:
     hard = _raise_own_fd_limit()
     count = min(WANTED_IDLE // 2, hard - TEST_FD_RESERVE)
     if count < 3 * CAP:
@@ -130,7 +115,7 @@ def test_thousands_of_idle_connections_neither_lock_out_nor_starve(started) -> N
             f"sockets to fill the agent's {CAP}-connection cap several times"
         )
     # Long head and idle timeouts: only the connection cap protects the agent.
-    agent = started("--interval", "1", "--http-header-timeout", "300", "--http-idle-timeout", "300")
+    agent = agents("--without-srs", "--interval", "1", "--http-header-timeout", "300", "--http-idle-timeout", "300")
     baseline = _timed_ping(agent, 10)
     sockets: list[socket.socket] = []
     holder = None
@@ -184,8 +169,8 @@ def _recv_all(s: socket.socket, timeout: float) -> bytes:
     return b"".join(chunks)
 
 
-def test_a_20kb_header_gets_a_json_431(started) -> None:
-    agent = started()
+def test_a_20kb_header_gets_a_json_431(agents) -> None:
+    agent = agents("--without-srs")
     with socket.create_connection(("127.0.0.1", agent.port), timeout=10) as s:
         s.sendall(
             b"GET /ping/ HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 20 * 1024 + b"\r\n\r\n"
@@ -198,8 +183,8 @@ def test_a_20kb_header_gets_a_json_431(started) -> None:
     assert _timed_ping(agent, 10) < 5
 
 
-def test_idle_and_silent_connections_are_closed_on_time(started) -> None:
-    agent = started("--http-idle-timeout", "1", "--http-header-timeout", "2")
+def test_idle_and_silent_connections_are_closed_on_time(agents) -> None:
+    agent = agents("--without-srs", "--http-idle-timeout", "1", "--http-header-timeout", "2")
     with socket.create_connection(("127.0.0.1", agent.port), timeout=10) as kept, \
             socket.create_connection(("127.0.0.1", agent.port), timeout=10) as silent:
         kept.sendall(b"GET /ping/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
@@ -239,8 +224,8 @@ def test_a_duplicated_endpoint_keyword_is_refused_at_start(tmp_path: Path) -> No
         s.bind(("0.0.0.0", port))
 
 
-def test_hosts_and_origins_on_a_real_agent(started) -> None:
-    agent = started("--allowed-host", "scs.example.test")
+def test_hosts_and_origins_on_a_real_agent(agents) -> None:
+    agent = agents("--without-srs", "--allowed-host", "scs.example.test")
 
     def send(request: bytes) -> bytes:
         with socket.create_connection(("127.0.0.1", agent.port), timeout=10) as s:

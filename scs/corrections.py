@@ -11,7 +11,7 @@ never cancelled and is added back if the worker lost it.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import attrs
 
@@ -47,7 +47,7 @@ class Autoscale:
     event = "node.autoscale"
 
 
-Correction = Union[AddConsumer, CancelConsumer, Autoscale]
+Correction = AddConsumer | CancelConsumer | Autoscale
 
 
 def _add(binding: QueueBinding) -> AddConsumer:

@@ -55,6 +55,8 @@ COUNTED_EVENTS = (
 """The supervisor's ``event`` values that metrics count (a fixed set keeps
 the label's cardinality bounded)."""
 
+DEFAULT_POLICY = SupervisionPolicy()
+
 
 def _restart_key(spec: InstanceSpec) -> tuple[Any, ...]:
     """What the running worker took from its command line and can only change
@@ -80,7 +82,7 @@ class Supervisor(Service):
         control: Any,
         spawner: Any,
         process_table: ProcessTable,
-        policy: SupervisionPolicy = SupervisionPolicy(),
+        policy: SupervisionPolicy = DEFAULT_POLICY,
         hostname: str | None = None,
         random: Callable[[], float] = _random.random,
         mingle: bool = False,

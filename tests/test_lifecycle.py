@@ -80,7 +80,7 @@ class StateTests(SynchronousTestCase):
         self.assertEqual(STOPPED_STATES, {S.STOPPED, S.FAILED})
 
     def test_docstring_table_is_the_transition_table(self) -> None:
-        rows = re.findall(r"^    (\w+) +(\w+) +\S", lifecycle.__doc__, re.M)
+        rows = re.findall(r"^    (\w+) +(\w+) +\S", lifecycle.__doc__, re.MULTILINE)
         documented: dict = {}
         for old, new in rows:
             if old in STATES:

@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import LogPublisher, Logger
+from twisted.logger import Logger, LogPublisher
 
 from scs.agent import Agent, LocalAgent
 from scs.metrics import AgentMetrics, MetricsService
 from scs.store import Store
-from scs.supervisor import SupervisionPolicy, Supervisor
+from scs.supervisor import COUNTED_EVENTS, SupervisionPolicy, Supervisor
 from scs.testing import FakeControl, FakeProcessTable, FakeSpawner
 from surfaces_support import BROKER, Surfaces
 
@@ -188,6 +188,37 @@ def test_supervisor_timing_events_feed_the_histograms() -> None:
     assert registry.get_sample_value("scs_supervisor_wakeup_seconds_count") == 2
     assert registry.get_sample_value("scs_supervisor_wakeup_seconds_sum") == 0.75
     assert registry.get_sample_value("scs_worker_ping_seconds_count") == 1
+
+
+def test_events_are_counted_by_their_event_key_and_fields_only() -> None:
+    metrics = AgentMetrics()
+    metrics.observer({"event": "worker.started", "pid": 1})
+    metrics.observer({"event": "worker.exited", "how": "signal", "signal": 9})
+    metrics.observer({"event": "worker.exited", "how": "code", "code": 1})
+    metrics.observer({"event": "operation.start", "operation": "Node.add"})
+    metrics.observer({"event": "operation", "operation": "Node.add", "status": 201})
+    metrics.observer({"event": "operation", "operation": "Node.add", "status": 404})
+    metrics.observer({"event": "node.restart"})
+    metrics.observer({"event": "worker.state"})  # not a counted supervisor event
+    # The message text alone counts for nothing.
+    metrics.observer({"log_format": "{name} worker started pid={pid}", "name": "w1", "pid": 2})
+    metrics.observer({"log_format": "{{{request}}} <-- ok={body}", "operation": "Node.add", "status": 201})
+    registry = metrics.registry
+    assert registry.get_sample_value("scs_worker_starts_total") == 1
+    assert registry.get_sample_value("scs_worker_exits_total", {"how": "signal"}) == 1
+    assert registry.get_sample_value("scs_worker_exits_total", {"how": "code"}) == 1
+    assert registry.get_sample_value("scs_operations_total", {"operation": "Node.add", "status": "201"}) == 1
+    assert registry.get_sample_value("scs_operations_total", {"operation": "Node.add", "status": "404"}) == 1
+    assert registry.get_sample_value("scs_supervisor_events_total", {"event": "node.restart"}) == 1
+    assert registry.get_sample_value("scs_supervisor_events_total", {"event": "worker.state"}) is None
+
+
+def test_counted_supervisor_events_come_from_the_supervisor() -> None:
+    assert COUNTED_EVENTS == {
+        "wake-up", "node.restart", "successfully started", "successfully restarted", "unresponsive",
+        "unresponsive.kill", "failed", "backoff", "reconfigure", "broker.down", "broker.up",
+        "node.consume_from", "node.cancel_consume_from", "node.autoscale", "control.error", "ping.error",
+    }
 
 
 def test_peers_alive_from_the_membership_table() -> None:

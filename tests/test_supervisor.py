@@ -4,18 +4,17 @@ sleeps: time moves by clock.advance()."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
-
-import os
 
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
 from scs.errors import GatewayTimeout, NotFound, Unavailable
-from scs.records import BrokerInfo, InstanceSpec, QueueBinding
 from scs.policy import SupervisionPolicy, backoff_delay
+from scs.records import BrokerInfo, InstanceSpec, QueueBinding
 from scs.supervisor import Supervisor
 from scs.testing import FakeControl, FakeProcessTable, FakeSpawner
 

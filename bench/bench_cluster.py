@@ -97,9 +97,7 @@ class Client:
 
     def _connect(self) -> http.client.HTTPConnection:
         if self.connection is None:
-            self.connection = http.client.HTTPConnection(
-                "127.0.0.1", self.agent.port, timeout=HTTP_TIMEOUT
-            )
+            self.connection = http.client.HTTPConnection("127.0.0.1", self.agent.port, timeout=HTTP_TIMEOUT)
         return self.connection
 
     def close(self) -> None:
@@ -296,21 +294,15 @@ class Bench:
                 owners[owner] = owners.get(owner, 0) + 1
                 assert owner in by_id, owner
                 # Not timed: keep the machine from running a worker per placement.
-                status, body, _, _ = owners_clients[owner].request(
-                    "POST", f"/place/instances/{body['name']}/disable"
-                )
+                status, body, _, _ = owners_clients[owner].request("POST", f"/place/instances/{body['name']}/disable")
                 assert status == 200, (status, body)
         finally:
             for client in clients + list(owners_clients.values()):
                 client.close()
-        self.notes.append(
-            "placements by owner: " + ", ".join(f"{k}={v}" for k, v in sorted(owners.items()))
-        )
+        self.notes.append("placements by owner: " + ", ".join(f"{k}={v}" for k, v in sorted(owners.items())))
         return times
 
-    def kill_window(
-        self, survivors: list[AgentProcess], victim: str
-    ) -> tuple[list[float], float, int]:
+    def kill_window(self, survivors: list[AgentProcess], victim: str) -> tuple[list[float], float, int]:
         """Listings from the kill until every survivor shows ``victim`` dead:
         (seconds, time to detection, how many named a missing agent)."""
         clients = [Client(a) for a in survivors]
@@ -327,8 +319,7 @@ class Bench:
                 times.append(elapsed)
                 flagged += MISSING_HEADER.lower() in headers
                 dead_everywhere = all(
-                    not next(m for m in c.request("GET", "/agents/")[1] if m["id"] == victim)["alive"]
-                    for c in clients
+                    not next(m for m in c.request("GET", "/agents/")[1] if m["id"] == victim)["alive"] for c in clients
                 )
                 if dead_everywhere:
                     return times, time.monotonic() - start, flagged
@@ -354,39 +345,63 @@ class Bench:
         members = [self.start_member(i) for i in range(1, 4)]
         self.wait_membership(members, {m.agent_id for m in members}, 30)
         times, flagged, cpu = self.listings(members, 3 * a.per_agent, a.requests)
-        self.row("GET /foo/instances/", 3, times, listed=3 * a.per_agent, how="cluster, rotating over the agents", flagged=flagged, cpu=cpu)
+        self.row(
+            "GET /foo/instances/",
+            3,
+            times,
+            listed=3 * a.per_agent,
+            how="cluster, rotating over the agents",
+            flagged=flagged,
+            cpu=cpu,
+        )
 
         members += [self.start_member(i) for i in range(4, a.agents + 1)]
         self.wait_membership(members, {m.agent_id for m in members}, 30)
         times, flagged, cpu = self.listings(members, a.agents * a.per_agent, a.requests)
         healthy = self.row(
-            "GET /foo/instances/", a.agents, times, listed=a.agents * a.per_agent,
-            how="cluster, rotating over the agents", flagged=flagged, cpu=cpu,
+            "GET /foo/instances/",
+            a.agents,
+            times,
+            listed=a.agents * a.per_agent,
+            how="cluster, rotating over the agents",
+            flagged=flagged,
+            cpu=cpu,
         )
         healthy["target"] = f"p50 <= 3 x single = {3 * base['p50']:.1f} ms"
         healthy["result"] = "PASS" if healthy["p50"] <= 3 * base["p50"] else "FAIL"
 
         times = self.placements(members)
-        self.row("PUT /place/instances/?nowait=1", a.agents, times, listed=None, how="random placement, rotating over the agents")
+        self.row(
+            "PUT /place/instances/?nowait=1",
+            a.agents,
+            times,
+            listed=None,
+            how="random placement, rotating over the agents",
+        )
 
         victim, survivors = members[-1], members[:-1]
         victim.kill()
         window, detected, flagged = self.kill_window(survivors, victim.agent_id)
         self.notes.append(f"{victim.agent_id} kill -9 -> seen dead by all survivors in {detected:.1f} s")
         self.row(
-            "GET /foo/instances/", len(survivors), window, listed=(a.agents - 1) * a.per_agent,
-            how=f"between kill -9 of {victim.agent_id} and its detection (info)", flagged=flagged,
+            "GET /foo/instances/",
+            len(survivors),
+            window,
+            listed=(a.agents - 1) * a.per_agent,
+            how=f"between kill -9 of {victim.agent_id} and its detection (info)",
+            flagged=flagged,
         )
         times, flagged, cpu = self.listings(survivors, (a.agents - 1) * a.per_agent, a.requests)
         dead = self.row(
-            "GET /foo/instances/", len(survivors), times, listed=(a.agents - 1) * a.per_agent,
-            how=f"after {victim.agent_id} detected dead", flagged=flagged, cpu=cpu,
+            "GET /foo/instances/",
+            len(survivors),
+            times,
+            listed=(a.agents - 1) * a.per_agent,
+            how=f"after {victim.agent_id} detected dead",
+            flagged=flagged,
+            cpu=cpu,
         )
-        ok = (
-            dead["p50"] < 2 * healthy["p50"]
-            and dead["max"] < SCATTER_TIMEOUT * 1000 / 2
-            and flagged == 0
-        )
+        ok = dead["p50"] < 2 * healthy["p50"] and dead["max"] < SCATTER_TIMEOUT * 1000 / 2 and flagged == 0
         dead["target"] = f"p50 < 2 x healthy = {2 * healthy['p50']:.1f} ms, max < 1 s, no missing"
         dead["result"] = "PASS" if ok else "FAIL"
 
@@ -394,16 +409,17 @@ class Bench:
             for agent in members:
                 agent.stop()
             shim = [sys.executable, "-c", NODELAY_SHIM]
-            members = [
-                self.start_member(i, f"{self.cluster}-nodelay", command=shim)
-                for i in range(1, a.agents + 1)
-            ]
+            members = [self.start_member(i, f"{self.cluster}-nodelay", command=shim) for i in range(1, a.agents + 1)]
             self.wait_membership(members, {m.agent_id for m in members}, 30)
             times, flagged, cpu = self.listings(members, a.agents * a.per_agent, a.requests)
             row = self.row(
-                "GET /foo/instances/", a.agents, times, listed=a.agents * a.per_agent,
+                "GET /foo/instances/",
+                a.agents,
+                times,
+                listed=a.agents * a.per_agent,
                 how=f"experiment: the {a.agents} agents restarted with TCP_NODELAY on their AMQP socket",
-                flagged=flagged, cpu=cpu,
+                flagged=flagged,
+                cpu=cpu,
             )
             row["target"] = f"p50 <= 3 x single = {3 * base['p50']:.1f} ms"
             row["result"] = "(pass)" if row["p50"] <= 3 * base["p50"] else "(fail)"
@@ -434,7 +450,9 @@ def main() -> int:
     parser.add_argument("--per-agent", type=int, default=20, help="instances of foo per agent")
     parser.add_argument("--agents", type=int, default=5, help="size of the big cluster (>= 4)")
     parser.add_argument(
-        "--no-experiment", dest="experiment", action="store_false",
+        "--no-experiment",
+        dest="experiment",
+        action="store_false",
         help="skip the last row (agents patched with TCP_NODELAY)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the data directory and logs")

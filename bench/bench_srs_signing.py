@@ -51,8 +51,9 @@ import statistics
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -135,7 +136,7 @@ def time_codecs(
     stats = {}
     for side, (_sender, receiver, encode_ns, open_ns) in sides.items():
         assert not receiver.rejected, receiver.rejected
-        total = [e + o for e, o in zip(encode_ns, open_ns)]
+        total = [e + o for e, o in zip(encode_ns, open_ns, strict=True)]
         stats[side] = {
             "size": sizes[side],
             "p50": statistics.median(total) / 1000,
@@ -158,8 +159,14 @@ class Table:
         ]
 
     def row(
-        self, what: str, stat: str, plain: float, signed: float, fmt: str = "{:.1f}",
-        target: str = "", result: str = "",
+        self,
+        what: str,
+        stat: str,
+        plain: float,
+        signed: float,
+        fmt: str = "{:.1f}",
+        target: str = "",
+        result: str = "",
     ) -> None:
         ratio = f"{signed / plain:.2f}" if plain else ""
         self.lines.append(
@@ -190,22 +197,19 @@ class SigningBench(Bench):
             f.write(secret + "\n")
 
     def start_cluster(self, first: int, name: str, *extra: str) -> list[Any]:
-        agents = [
-            self.start(i, "--cluster", name, *extra) for i in range(first, first + CLUSTER_SIZE)
-        ]
+        agents = [self.start(i, "--cluster", name, *extra) for i in range(first, first + CLUSTER_SIZE)]
         self.wait_membership(agents, {a.agent_id for a in agents}, 30)
         return agents
 
 
-def macro(
-    args: argparse.Namespace, bench: SigningBench, notes: list[str]
-) -> dict[str, dict[str, float]]:
+def macro(args: argparse.Namespace, bench: SigningBench, notes: list[str]) -> dict[str, dict[str, float]]:
     t0 = time.monotonic()
     for i in range(1, 2 * CLUSTER_SIZE + 1):
         bench.populate(i)
     print(
         f"  populated {2 * CLUSTER_SIZE} x {args.per_agent} in {time.monotonic() - t0:.0f} s",
-        file=sys.stderr, flush=True,
+        file=sys.stderr,
+        flush=True,
     )
     bench.write_secret()
     plain = bench.start_cluster(1, f"{bench.cluster}-plain")
@@ -221,16 +225,14 @@ def macro(
     times: dict[str, list[float]] = {side: [] for side in sides}
     cpu_ms: dict[str, float] = {side: 0.0 for side in sides}
     flagged = 0
-    for side, agents in sides.items():  # untimed: connections, caches, JIT-free warm-up
+    for agents in sides.values():  # untimed: connections, caches, JIT-free warm-up
         bench.listings(agents, expected, 1, warmup=20)
     blocks = -(-args.requests // args.block)
     for b in range(blocks):
         order = ["unsigned", "signed"] if b % 2 == 0 else ["signed", "unsigned"]
         for side in order:
             count = min(args.block, args.requests - len(times[side]))
-            block_times, block_flagged, block_cpu = bench.listings(
-                sides[side], expected, count, warmup=CLUSTER_SIZE
-            )
+            block_times, block_flagged, block_cpu = bench.listings(sides[side], expected, count, warmup=CLUSTER_SIZE)
             times[side].extend(block_times)
             cpu_ms[side] += block_cpu * count
             flagged += block_flagged
@@ -274,24 +276,25 @@ def run(args: argparse.Namespace) -> int:
 
     def per_listing(side: str, cost: Callable[[dict[str, Any]], float]) -> float:
         return (
-            request[side]["encode"] + CLUSTER_SIZE * request[side]["open"]
-            + (CLUSTER_SIZE - 1) * cost(reply[side])
+            request[side]["encode"] + CLUSTER_SIZE * request[side]["open"] + (CLUSTER_SIZE - 1) * cost(reply[side])
         ) / 1000
 
-    codec_ms = {
-        side: per_listing(side, lambda r: r["encode"] + r["open"]) for side in ("unsigned", "signed")
-    }
+    codec_ms = {side: per_listing(side, lambda r: r["encode"] + r["open"]) for side in ("unsigned", "signed")}
     table.row(
         f"codec work per {CLUSTER_SIZE}-agent listing (micro p50s: 1 request encoded, "
         f"{CLUSTER_SIZE} opened; {CLUSTER_SIZE - 1} replies of {args.per_agent} names encoded and opened)",
-        "CPU ms", codec_ms["unsigned"], codec_ms["signed"], fmt="{:.3f}",
+        "CPU ms",
+        codec_ms["unsigned"],
+        codec_ms["signed"],
+        fmt="{:.3f}",
     )
 
     if not args.no_macro:
         bench = SigningBench(args)
         print(
             f"macro: root {bench.root}, clusters {bench.cluster}-plain/-signed",
-            file=sys.stderr, flush=True,
+            file=sys.stderr,
+            flush=True,
         )
         failed = False
         try:
@@ -309,7 +312,10 @@ def run(args: argparse.Namespace) -> int:
         what = f"macro: GET /foo/instances/, {CLUSTER_SIZE} agents, {CLUSTER_SIZE * args.per_agent} names"
         ok = signed["p50"] <= GOAL * plain["p50"]
         table.row(
-            what, "p50 ms", plain["p50"], signed["p50"],
+            what,
+            "p50 ms",
+            plain["p50"],
+            signed["p50"],
             target=f"signed <= {GOAL:.2f} x unsigned = {GOAL * plain['p50']:.1f} ms",
             result="PASS" if ok else "FAIL",
         )
@@ -336,9 +342,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--messages", type=int, default=20000, help="timed messages of each kind, each side"
-    )
+    parser.add_argument("--messages", type=int, default=20000, help="timed messages of each kind, each side")
     parser.add_argument("--requests", type=int, default=300, help="timed listings, each side")
     parser.add_argument("--block", type=int, default=50, help="listings per alternating block")
     parser.add_argument("--per-agent", type=int, default=20, help="instances of foo per agent")

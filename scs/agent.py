@@ -265,9 +265,7 @@ class Agent:
             instances = list(local["instances"])
             missing: tuple[str, ...] = self._peers_missing()
             if self._clustered():
-                answers, missing_list = await self.srs.scatter(
-                    "app_delete", {"app": app}, timeout=self.call_timeout
-                )
+                answers, missing_list = await self.srs.scatter("app_delete", {"app": app}, timeout=self.call_timeout)
                 missing = tuple(missing_list)
                 for answer in answers.values():
                     if isinstance(answer, dict):
@@ -314,9 +312,7 @@ class Agent:
 
     async def instance_list(self, app: str) -> Reply:
         async def run() -> Reply:
-            results, missing = await self._gather(
-                "instance_list", {"app": app}, self.local.instance_list(app)
-            )
+            results, missing = await self._gather("instance_list", {"app": app}, self.local.instance_list(app))
             names: list[str] = []
             seen = set()
             for agent in sorted(results):
@@ -332,22 +328,16 @@ class Agent:
         """Every instance of every agent, by agent (for the admin page)."""
         return await self._gather("instance_details", {}, self.local.instance_details())
 
-    async def instance_operation(
-        self, operation: str, name: str, app: str | None = None, **extra: Any
-    ) -> Reply:
+    async def instance_operation(self, operation: str, name: str, app: str | None = None, **extra: Any) -> Reply:
         arguments = {"name": name, "app": app, **extra}
-        return await self._logged(
-            f"Node.{operation}", arguments, self._on_owner(name, operation, arguments)
-        )
+        return await self._logged(f"Node.{operation}", arguments, self._on_owner(name, operation, arguments))
 
     async def queue_declare(self, app: str, binding: QueueBinding) -> Reply:
         async def run() -> Reply:
             # A queue lives on the agent it was declared on; re-declaring it
             # updates that one rather than making a second.
             if self.store.find_queue(app, binding.name) is None and self._clustered():
-                answers, _missing = await self.srs.scatter(
-                    "queue_get", {"app": app, "name": binding.name}
-                )
+                answers, _missing = await self.srs.scatter("queue_get", {"app": app, "name": binding.name})
                 owners = sorted(a for a, v in answers.items() if isinstance(v, dict))
                 if owners:
                     result = await self.srs.call(
@@ -364,9 +354,7 @@ class Agent:
 
     async def queue_list(self, app: str) -> Reply:
         async def run() -> Reply:
-            results, missing = await self._gather(
-                "queue_list", {"app": app}, self.local.queue_list(app)
-            )
+            results, missing = await self._gather("queue_list", {"app": app}, self.local.queue_list(app))
             names = sorted({name for result in results.values() for name in result})
             return Reply(names, missing=missing)
 

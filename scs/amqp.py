@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Any, Optional
+from typing import Any
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
@@ -112,9 +112,9 @@ class AMQPTransport(MultiService):
         self,
         broker_url: str,
         *,
-        spec_path: Optional[str] = None,
+        spec_path: str | None = None,
         reactor: Any = None,
-        rng: Optional[random.Random] = None,
+        rng: random.Random | None = None,
         heartbeat: int = 5,
         connect_timeout: float = 5.0,
         initial_delay: float = 0.5,
@@ -148,17 +148,19 @@ class AMQPTransport(MultiService):
         self._service = ClientService(
             endpoint,
             self._factory,
-            retryPolicy=backoffPolicy(initialDelay=initial_delay, maxDelay=max_delay, factor=2.0, jitter=self._rng.random),
+            retryPolicy=backoffPolicy(
+                initialDelay=initial_delay, maxDelay=max_delay, factor=2.0, jitter=self._rng.random
+            ),
             clock=reactor,
             prepareConnection=self._prepare,
         )
         self._service.setServiceParent(self)
-        self.agent_id: Optional[str] = None
-        self.cluster: Optional[str] = None
+        self.agent_id: str | None = None
+        self.cluster: str | None = None
         self.receiver: Any = None
-        self.reply_queue: Optional[str] = None
+        self.reply_queue: str | None = None
         self._channel: Any = None
-        self._client: Optional[_Client] = None
+        self._client: _Client | None = None
 
     def attach(self, agent_id: str, cluster: str, receiver: wire.ITransportReceiver) -> None:
         self.agent_id, self.cluster, self.receiver = agent_id, cluster, receiver
@@ -291,7 +293,7 @@ class AMQPTransport(MultiService):
         properties = {k: v for k, v in content.properties.items() if isinstance(v, str)}
         try:
             receive(body, properties)
-        except Exception:
+        except Exception:  # noqa: BLE001 - one bad message must not end the consumer loop
             self.log.failure("SRS receiver failed on a message")
 
     def _lost(self, result: Any, client: _Client) -> None:
@@ -300,5 +302,10 @@ class AMQPTransport(MultiService):
         if self._client is not client:
             return
         self._client = self._channel = self.reply_queue = None
-        self.log.warn("AMQP connection to {host}:{port} lost", host=self.broker.hostname, port=self.broker.port, event="amqp.disconnected")
+        self.log.warn(
+            "AMQP connection to {host}:{port} lost",
+            host=self.broker.hostname,
+            port=self.broker.port,
+            event="amqp.disconnected",
+        )
         self.receiver.transport_disconnected(result if isinstance(result, Failure) else None)

@@ -293,9 +293,7 @@ class LocalAgent:
     # -- queues ----------------------------------------------------------
 
     def queue_declare(self, app: str, binding: dict[str, Any]) -> dict[str, Any]:
-        record, created = self.store.declare_queue(
-            app, QueueBinding(**binding), self.default_broker
-        )
+        record, created = self.store.declare_queue(app, QueueBinding(**binding), self.default_broker)
         return {"queue": queue_json(record), "created": created}
 
     def queue_get(self, app: str, name: str) -> dict[str, Any]:

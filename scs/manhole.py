@@ -52,15 +52,11 @@ def check_password_file(path: str | None) -> None:
         raise ManholeConfigError(f"cannot read the manhole password file {path!r}: {e}") from None
     entries = [line for line in lines if line.strip() and not line.startswith(b"#")]
     if not any(b":" in line and line.split(b":", 1)[1] for line in entries):
-        raise ManholeConfigError(
-            f"the manhole password file {path!r} has no user:password line"
-        )
+        raise ManholeConfigError(f"the manhole password file {path!r} has no user:password line")
     mode = os.stat(path).st_mode
     if mode & (stat.S_IRGRP | stat.S_IROTH):
         # Not refused: the operator may have reasons; but say it.
-        log.warn(
-            "the manhole password file {path} is readable by other users", path=path
-        )
+        log.warn("the manhole password file {path} is readable by other users", path=path)
 
 
 def namespace(agent: Any, **extra: Any) -> dict[str, Any]:
@@ -98,9 +94,7 @@ class ManholeRealm:
         log.info("manhole login by {user}", user=avatarId)
         # Telnet -> terminal emulation -> the manhole, sharing one namespace
         # so that what one session defines the next can see.
-        protocol = TelnetBootstrapProtocol(
-            insults.ServerProtocol, manhole.ColoredManhole, self.namespace
-        )
+        protocol = TelnetBootstrapProtocol(insults.ServerProtocol, manhole.ColoredManhole, self.namespace)
         return ITelnetProtocol, protocol, lambda: None
 
 
@@ -124,9 +118,7 @@ class ManholeFactory(ServerFactory):
         return protocol
 
 
-def manhole_service(
-    endpoint: str, passwd_file: str, agent: Any, reactor: Any = None, **extra: Any
-) -> IService:
+def manhole_service(endpoint: str, passwd_file: str, agent: Any, reactor: Any = None, **extra: Any) -> IService:
     """The manhole listening on ``endpoint`` (a Twisted endpoint string)."""
     factory = ManholeFactory(make_portal(passwd_file, namespace(agent, **extra)))
     return strports.service(endpoint, factory, reactor=reactor)

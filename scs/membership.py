@@ -24,7 +24,7 @@ sends none to those (``accepts_us``).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Optional
+from typing import Any
 
 import attr
 from twisted.logger import Logger
@@ -52,11 +52,11 @@ class Member:
     id: str
     url: str = ""
     interval: float = 2.0
-    last_seen: Optional[float] = None
+    last_seen: float | None = None
     instances: int = 0
     left: bool = False
     # When it last failed to answer one of our scatters.
-    silent_since: Optional[float] = None
+    silent_since: float | None = None
     # Last liveness reported by ``transitions``.
     reported_alive: bool = False
     # The run of the agent that sent the last heartbeat.
@@ -96,7 +96,7 @@ class Membership:
     def __iter__(self) -> Iterator[Member]:
         return iter(sorted(self.members.values(), key=lambda m: m.id))
 
-    def get(self, agent_id: str) -> Optional[Member]:
+    def get(self, agent_id: str) -> Member | None:
         return self.members.get(agent_id)
 
     def heartbeat(self, sender: str, incarnation: str, payload: dict[str, Any], now: float) -> Member:
@@ -195,7 +195,7 @@ class Membership:
         return gone
 
 
-def trusts(requires_token: bool, member: Optional[Member]) -> bool:
+def trusts(requires_token: bool, member: Member | None) -> bool:
     """Whether an agent (requiring a token or not) runs ``member``'s requests."""
     return not requires_token or (member is not None and member.requires_token)
 

@@ -39,12 +39,8 @@ class App(Base):
     arguments: Mapped[str] = mapped_column(Text, default="[]", server_default="[]")
 
     broker: Mapped[Broker] = relationship(lazy="joined")
-    nodes: Mapped[list[Node]] = relationship(
-        back_populates="app", cascade="all, delete-orphan", passive_deletes=True
-    )
-    queues: Mapped[list[Queue]] = relationship(
-        back_populates="app", cascade="all, delete-orphan", passive_deletes=True
-    )
+    nodes: Mapped[list[Node]] = relationship(back_populates="app", cascade="all, delete-orphan", passive_deletes=True)
+    queues: Mapped[list[Queue]] = relationship(back_populates="app", cascade="all, delete-orphan", passive_deletes=True)
 
 
 class Node(Base):

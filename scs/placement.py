@@ -163,9 +163,7 @@ class Placement:
         if agent == self.agent_id:
             result = await self.local.instance_create(**arguments)
         else:
-            result = await self.srs.call(
-                agent, "instance_create", arguments, timeout=self.create_timeout
-            )
+            result = await self.srs.call(agent, "instance_create", arguments, timeout=self.create_timeout)
         if not result["created"]:
             status = 200
         elif arguments.get("nowait"):

@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from typing import Any, Optional
+from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
@@ -125,9 +125,9 @@ class SRS(MultiService):
         on_connected: Sequence[Callable[[], Any]] = (),
         heartbeat_interval: float = 2.0,
         summary: Callable[[], dict] = lambda: {},
-        rng: Optional[random.Random] = None,
-        discovery_delay: Optional[float] = None,
-        codec: Optional[MessageCodec] = None,
+        rng: random.Random | None = None,
+        discovery_delay: float | None = None,
+        codec: MessageCodec | None = None,
         requires_token: bool = False,
         max_peers: int = DEFAULT_MAX_PEERS,
         forget_after: float = DEFAULT_FORGET_AFTER,
@@ -155,8 +155,8 @@ class SRS(MultiService):
         self._connected = False
         # Peers alive when the connection last dropped: who a scatter misses meanwhile.
         self._alive_when_lost: list[str] = []
-        self._reply_queue: Optional[str] = None
-        self._last_connected: Optional[float] = None
+        self._reply_queue: str | None = None
+        self._last_connected: float | None = None
         self._pending = PendingRequests(reactor, self._scatter_ended)
         self._oddities = FirstSeen(MAX_LOGGED_ODDITIES)
         self._beat = LoopingCall(self._heartbeat_tick)
@@ -301,7 +301,7 @@ class SRS(MultiService):
             self._discovery.cancel()
         self._discovery = None
 
-    def transport_disconnected(self, reason: Optional[Failure]) -> None:
+    def transport_disconnected(self, reason: Failure | None) -> None:
         if not self._connected:
             return
         self._alive_when_lost = [agent for agent in self.live_agents() if agent != self.agent_id]
@@ -463,7 +463,9 @@ class SRS(MultiService):
     def _scatter_ended(self, op: str, silent: set[str], missing: list[str]) -> None:
         self.membership.missed(silent, self._reactor.seconds())
         if missing:
-            self.log.info("SRS scatter {op}: no answer from {missing}", op=op, missing=missing, event="srs.scatter.missing")
+            self.log.info(
+                "SRS scatter {op}: no answer from {missing}", op=op, missing=missing, event="srs.scatter.missing"
+            )
 
     def _log_transitions(self) -> None:
         for member, alive in self.membership.transitions(self._reactor.seconds(), self._connected):
@@ -480,7 +482,7 @@ class SRS(MultiService):
                 event="srs.member.forgotten",
             )
 
-    def _send_heartbeat(self, hello: bool = False, to: Optional[str] = None) -> None:
+    def _send_heartbeat(self, hello: bool = False, to: str | None = None) -> None:
         payload = {
             "url": self.url,
             "interval": self.heartbeat_interval,
@@ -527,7 +529,7 @@ def _summary_of(summary: Callable[[], Any], log: Logger) -> dict[str, Any]:
     """The agent's summary for heartbeats; {} when it fails."""
     try:
         value = summary()
-    except Exception:
+    except Exception:  # noqa: BLE001 - a failing summary must not stop the heartbeats
         log.failure("SRS summary() failed")
         return {}
     return value if isinstance(value, dict) else {}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -32,10 +32,10 @@ class Outbox:
         message_type: str,
         payload: dict[str, Any],
         *,
-        to: Optional[str] = None,
-        cid: Optional[str] = None,
-        reply_to: Optional[str] = None,
-        re: Optional[str] = None,
+        to: str | None = None,
+        cid: str | None = None,
+        reply_to: str | None = None,
+        re: str | None = None,
         mandatory: bool = False,
     ) -> Deferred:
         """Seal and publish one message. ``to`` (the agent it is for, signed
@@ -55,7 +55,7 @@ class Outbox:
                 d = self.transport.publish(kind, key, body, properties, mandatory=True)
             else:
                 d = self.transport.publish(kind, key, body, properties)
-        except Exception:
+        except Exception:  # noqa: BLE001 - the caller gets the failure as a Deferred
             d = defer.fail()
 
         def failed(f: Failure) -> Failure:

@@ -9,7 +9,7 @@ counts it).  No I/O here: ``scs.srs.SRS`` sends and receives.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any
 
 import attr
 from twisted.internet.defer import Deferred
@@ -62,7 +62,7 @@ class PendingRequests:
         self._scatters[correlation_id] = PendingScatter(d, op, expected, timer, skipped=skipped)
         return d
 
-    def take_call(self, correlation_id: str) -> Optional[PendingCall]:
+    def take_call(self, correlation_id: str) -> PendingCall | None:
         """The pending call, no longer pending (its timer cancelled)."""
         pending = self._calls.pop(correlation_id, None)
         if pending is not None and pending.timer.active():

@@ -42,8 +42,9 @@ import hmac
 import json
 import os
 from collections import Counter
+from collections.abc import Callable
 from hashlib import sha256
-from typing import Any, Callable, Optional
+from typing import Any
 
 import attr
 from cryptography.exceptions import InvalidTag
@@ -89,7 +90,7 @@ _HEADER_FIELDS = ("cid", "reply_to", "re")
 class Rejected(Exception):
     """A message the codec will not vouch for; ``reason`` is one of REASONS."""
 
-    def __init__(self, reason: str, detail: str = "", sender: Optional[str] = None) -> None:
+    def __init__(self, reason: str, detail: str = "", sender: str | None = None) -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
@@ -133,9 +134,9 @@ class Message:
     to: str
     ts: float
     payload: dict[str, Any]
-    cid: Optional[str] = None
-    reply_to: Optional[str] = None
-    re: Optional[str] = None
+    cid: str | None = None
+    reply_to: str | None = None
+    re: str | None = None
 
 
 class MessageCodec:
@@ -144,7 +145,7 @@ class MessageCodec:
     def __init__(
         self,
         cluster: str,
-        secret: Optional[bytes] = None,
+        secret: bytes | None = None,
         *,
         clock: Callable[[], float],
         window: float = DEFAULT_WINDOW,
@@ -173,7 +174,7 @@ class MessageCodec:
         incarnation: str,
         to: str,
         payload: dict[str, Any],
-        **header: Optional[str],
+        **header: str | None,
     ) -> bytes:
         inner: dict[str, Any] = {
             "proto": PROTOCOL,

@@ -18,7 +18,7 @@ Topology:
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import quote
 
 from twisted.application.service import IService
@@ -65,7 +65,7 @@ class ITransportReceiver(Interface):
     def transport_connected(reply_queue: str) -> None:
         """Connected, queue bound and consuming; ``reply_queue`` is our private queue."""
 
-    def transport_disconnected(reason: Optional[Failure]) -> None:
+    def transport_disconnected(reason: Failure | None) -> None:
         """The connection is gone; the transport reconnects by itself."""
 
     def message_received(body: bytes, properties: dict[str, str]) -> None:

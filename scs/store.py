@@ -80,9 +80,7 @@ def check_store_file(path: str | os.PathLike[str]) -> bool:
     except FileNotFoundError:
         if any(os.path.lexists(path + suffix) for suffix in COMPANION_SUFFIXES):
             # SQLite would play an orphaned journal back onto a new store.
-            raise StoreError(
-                path, "is missing but its SQLite journal files are still there"
-            ) from None
+            raise StoreError(path, "is missing but its SQLite journal files are still there") from None
         return False
     except OSError as e:
         if os.path.islink(path):
@@ -117,14 +115,9 @@ def _check_database(path: str) -> None:
                 first = str(rows[0][0]) if rows else "no answer"
                 more = f" and {len(rows) - 1} more problems" if len(rows) > 1 else ""
                 raise StoreError(path, f"is damaged (integrity check: {first}{more})")
-            tables = {
-                row[0]
-                for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-            }
+            tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             if "alembic_version" not in tables:
-                raise StoreError(
-                    path, "has no schema version (no alembic_version table): not an SCS store"
-                )
+                raise StoreError(path, "has no schema version (no alembic_version table): not an SCS store")
             versions = [row[0] for row in connection.execute("SELECT version_num FROM alembic_version")]
         finally:
             connection.close()
@@ -133,9 +126,7 @@ def _check_database(path: str) -> None:
     if len(versions) != 1:
         raise StoreError(path, f"has {len(versions)} schema versions instead of one")
     if versions[0] not in known_revisions():
-        raise StoreError(
-            path, f"has schema revision {versions[0]!r}, unknown to this agent (a newer agent's?)"
-        )
+        raise StoreError(path, f"has schema revision {versions[0]!r}, unknown to this agent (a newer agent's?)")
     missing = [table for table in REQUIRED_TABLES if table not in tables]
     if missing:
         raise StoreError(path, f"lacks the table(s) {', '.join(missing)}")
@@ -374,9 +365,7 @@ class Store:
             found = session.scalar(select(Node).where(Node.name == name))
             if found is not None:
                 spec = _instance_spec(found)
-                wanted_broker = (
-                    BrokerInfo.from_url(broker) if broker is not None else spec.broker
-                )
+                wanted_broker = BrokerInfo.from_url(broker) if broker is not None else spec.broker
                 same = (
                     found.app.name == app
                     and spec.max_concurrency == max_concurrency
@@ -386,9 +375,7 @@ class Store:
                     and set(spec.queue_names) >= {q.name for q in queues}
                 )
                 if not same:
-                    raise Conflict(
-                        f"instance {name!r} exists with other settings", instance=name
-                    )
+                    raise Conflict(f"instance {name!r} exists with other settings", instance=name)
                 return spec, False
             app_row = self._app_or_create(session, app, default_broker)
             node = Node(
@@ -441,9 +428,7 @@ class Store:
         return self._scalars(select(func.count(Node.id)))[0]
 
     def queue_names(self, app: str) -> list[str]:
-        return self._scalars(
-            select(Queue.name).join(App).where(App.name == app).order_by(Queue.name)
-        )
+        return self._scalars(select(Queue.name).join(App).where(App.name == app).order_by(Queue.name))
 
     def delete_node(self, name: str, app: str | None = None) -> InstanceSpec:
         with self.transaction() as session:
@@ -477,9 +462,7 @@ class Store:
             session.flush()
             return _instance_spec(node)
 
-    def add_consumption(
-        self, name: str, binding: QueueBinding, app: str | None = None
-    ) -> InstanceSpec:
+    def add_consumption(self, name: str, binding: QueueBinding, app: str | None = None) -> InstanceSpec:
         """Make the instance consume ``binding`` (replacing an older declaration)."""
         with self.transaction() as session:
             node = self._node(session, name, app)
@@ -500,29 +483,21 @@ class Store:
                     node.consumptions.remove(consumption)
                     session.flush()
                     return _instance_spec(node)
-            raise NotFound(
-                f"instance {name!r} does not consume {queue!r}", instance=name, queue=queue
-            )
+            raise NotFound(f"instance {name!r} does not consume {queue!r}", instance=name, queue=queue)
 
     # -- queues ----------------------------------------------------------
 
     def _queue(self, session: Session, app: str, name: str) -> Queue:
-        queue = session.scalar(
-            select(Queue).join(App).where(App.name == app, Queue.name == name)
-        )
+        queue = session.scalar(select(Queue).join(App).where(App.name == app, Queue.name == name))
         if queue is None:
             raise NotFound(f"no queue named {name!r} in app {app!r}", queue=name)
         return queue
 
-    def declare_queue(
-        self, app: str, binding: QueueBinding, default_broker: str
-    ) -> tuple[QueueBinding, bool]:
+    def declare_queue(self, app: str, binding: QueueBinding, default_broker: str) -> tuple[QueueBinding, bool]:
         """Declare (or re-declare with new settings) a queue of ``app``."""
         with self.transaction() as session:
             app_row = self._app_or_create(session, app, default_broker)
-            queue = session.scalar(
-                select(Queue).where(Queue.app_id == app_row.id, Queue.name == binding.name)
-            )
+            queue = session.scalar(select(Queue).where(Queue.app_id == app_row.id, Queue.name == binding.name))
             created = queue is None
             if queue is None:
                 queue = Queue(app=app_row, name=binding.name)

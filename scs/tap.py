@@ -69,9 +69,7 @@ def endpoint_fields(description: str) -> tuple[list[str], dict[str, str]]:
         if not sep:
             args.append(field)
         elif name in keywords:
-            raise usage.UsageError(
-                f"endpoint {description!r} gives {name}= twice; give it once"
-            )
+            raise usage.UsageError(f"endpoint {description!r} gives {name}= twice; give it once")
         else:
             keywords[name] = value
     return args, keywords
@@ -222,7 +220,7 @@ class Options(usage.Options):
         except getopt.error as e:
             raise usage.UsageError(str(e)) from None
         takes_value = {f"--{name[:-1]}" for name in self.longOpt if name.endswith("=")}
-        takes_value |= {f"-{c}" for c, nxt in zip(self.shortOpt, self.shortOpt[1:] + " ") if nxt == ":"}
+        takes_value |= {f"-{c}" for c, nxt in zip(self.shortOpt, self.shortOpt[1:] + " ", strict=True) if nxt == ":"}
         ordered: list[str] = []
         for name, value in pairs:
             ordered.extend([name, value] if name in takes_value else [name])
@@ -233,9 +231,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         if self["loglevel"] not in LOG_LEVELS:
-            raise usage.UsageError(
-                f"--loglevel must be one of {', '.join(LOG_LEVELS)}, got {self['loglevel']!r}"
-            )
+            raise usage.UsageError(f"--loglevel must be one of {', '.join(LOG_LEVELS)}, got {self['loglevel']!r}")
         if self["interval"] <= 0:
             raise usage.UsageError("--interval must be a positive number of seconds")
         if self["http"] and self["addr"]:
@@ -244,8 +240,8 @@ class Options(usage.Options):
         self._check_http_limits()
         if self["id"] is None:
             self["id"] = socket.gethostname()
-        from scs.validation import check_name
         from scs.errors import BadParameter
+        from scs.validation import check_name
 
         try:
             check_name(self["id"], "agent id")
@@ -282,8 +278,7 @@ class Options(usage.Options):
                 raise usage.UsageError("--manhole needs --manhole-passwd FILE")
             if not self["manhole-allow-remote"] and not endpoint_is_loopback(self["manhole"]):
                 raise usage.UsageError(
-                    "refusing a non-loopback manhole endpoint; "
-                    "give --manhole-allow-remote to do it anyway"
+                    "refusing a non-loopback manhole endpoint; give --manhole-allow-remote to do it anyway"
                 )
             from scs.manhole import ManholeConfigError, check_password_file
 
@@ -291,7 +286,6 @@ class Options(usage.Options):
                 check_password_file(self["manhole-passwd"])
             except ManholeConfigError as e:
                 raise usage.UsageError(f"--manhole-passwd: {e}") from None
-
 
     def _check_cluster_trust(self) -> None:
         """A cluster on a broker other machines reach needs a secret: anyone
@@ -307,16 +301,11 @@ class Options(usage.Options):
                 read_secret_file(self["cluster-secret-file"])
             except SecretFileError as e:
                 raise usage.UsageError(f"--cluster-secret-file: {e}") from None
-        elif (
-            not self["without-srs"]
-            and not self["allow-unsigned-cluster"]
-            and not broker_is_loopback(self["broker"])
-        ):
+        elif not self["without-srs"] and not self["allow-unsigned-cluster"] and not broker_is_loopback(self["broker"]):
             raise usage.UsageError(
                 "refusing to join a cluster on a non-loopback broker without "
                 "--cluster-secret-file; give --allow-unsigned-cluster to do it anyway"
             )
-
 
     def _check_http_limits(self) -> None:
         if self["max-connections"] < 1:
@@ -554,9 +543,7 @@ def _manhole_service(options: Options, agent: Any, metrics: Any, reactor: Any) -
     return manhole_service(options["manhole"], options["manhole-passwd"], agent, reactor=reactor, metrics=metrics)
 
 
-def http_resource(
-    agent: Any, metrics: Any, auth: Any = None, allowed_hosts: Any = ()
-) -> Any:
+def http_resource(agent: Any, metrics: Any, auth: Any = None, allowed_hosts: Any = ()) -> Any:
     """The whole HTTP site: the API with the admin page and /metrics
     mounted, behind the Host/Origin guard and the token check, every
     request counted."""
@@ -614,8 +601,7 @@ def _log_access_decision(options: Options) -> None:
         )
     elif endpoint_is_loopback(endpoint):
         log.info(
-            "HTTP on {endpoint}: loopback only, no token (give --auth-token-file "
-            "to serve other addresses safely)",
+            "HTTP on {endpoint}: loopback only, no token (give --auth-token-file to serve other addresses safely)",
             endpoint=endpoint,
         )
     else:

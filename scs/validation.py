@@ -16,7 +16,7 @@ import shlex
 import unicodedata
 from collections.abc import Iterable, Mapping
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from scs.errors import BadParameter
 from scs.records import BrokerInfo, QueueBinding
@@ -73,14 +73,12 @@ def check_name(
         )
     if not _NAME.fullmatch(value):
         raise BadParameter(
-            f"{what} may only hold letters, digits, '_', '.' and '-', "
-            "and must start with a letter, digit or '_'",
+            f"{what} may only hold letters, digits, '_', '.' and '-', and must start with a letter, digit or '_'",
             parameter=what,
         )
     if len(value.encode("utf-8")) > max_bytes:
         raise BadParameter(
-            f"{what} is too long ({len(value.encode('utf-8'))} bytes in UTF-8, "
-            f"at most {max_bytes})",
+            f"{what} is too long ({len(value.encode('utf-8'))} bytes in UTF-8, at most {max_bytes})",
             parameter=what,
         )
     if unicodedata.normalize("NFC", value) != value:
@@ -140,8 +138,7 @@ def check_concurrency(value: Any, what: str) -> int:
 def check_concurrency_range(max_concurrency: int, min_concurrency: int) -> None:
     if min_concurrency > max_concurrency:
         raise BadParameter(
-            f"min_concurrency ({min_concurrency}) is greater than "
-            f"max_concurrency ({max_concurrency})",
+            f"min_concurrency ({min_concurrency}) is greater than max_concurrency ({max_concurrency})",
             parameter="min_concurrency",
         )
 
@@ -162,13 +159,9 @@ def check_broker_url(value: Any, what: str = "broker") -> str:
     if not isinstance(value, str) or not value:
         raise BadParameter(f"{what} must be a non-empty amqp:// or amqps:// URL", parameter=what)
     if len(value) > MAX_BROKER_URL_LENGTH:
-        raise BadParameter(
-            f"{what} is too long (at most {MAX_BROKER_URL_LENGTH} characters)", parameter=what
-        )
+        raise BadParameter(f"{what} is too long (at most {MAX_BROKER_URL_LENGTH} characters)", parameter=what)
     if any(c.isspace() or not c.isprintable() for c in value):
-        raise BadParameter(
-            f"{what} must be a URL without spaces or control characters", parameter=what
-        )
+        raise BadParameter(f"{what} must be a URL without spaces or control characters", parameter=what)
     if not value.lower().startswith(("amqp://", "pyamqp://", "amqps://")):
         raise BadParameter(
             # The scheme alone: the URL may hold a password, and this
@@ -190,13 +183,10 @@ def check_broker_url(value: Any, what: str = "broker") -> str:
             try:
                 ipaddress.IPv6Address(host)
             except ValueError:
-                raise BadParameter(
-                    f"{what}: {host!r} is not an IPv6 address", parameter=what
-                ) from None
+                raise BadParameter(f"{what}: {host!r} is not an IPv6 address", parameter=what) from None
         elif not _HOSTNAME.fullmatch(host):
             raise BadParameter(
-                f"{what}: host name {host!r} may only hold ASCII letters, digits, "
-                "'_', '.' and '-'",
+                f"{what}: host name {host!r} may only hold ASCII letters, digits, '_', '.' and '-'",
                 parameter=what,
             )
     for part in (info.userid, info.password, info.virtual_host):
@@ -239,9 +229,7 @@ def check_arguments(value: Any) -> tuple[str, ...]:
         if not isinstance(item, str) or not item:
             raise BadParameter("arguments must be non-empty strings", parameter="arguments")
         if len(item) > MAX_ARGUMENT_LENGTH or not item.isprintable():
-            raise BadParameter(
-                "an argument is too long or holds control characters", parameter="arguments"
-            )
+            raise BadParameter("an argument is too long or holds control characters", parameter="arguments")
     try:
         return check_worker_arguments(items)
     except RefusedArgument as e:
@@ -273,14 +261,11 @@ def check_routing(value: Any, what: str) -> str:
         or len(value.encode("utf-8")) > MAX_QUEUE_NAME_BYTES
     ):
         raise BadParameter(
-            f"{what} must be a string of at most {MAX_QUEUE_NAME_LENGTH} characters "
-            f"and {MAX_QUEUE_NAME_BYTES} bytes",
+            f"{what} must be a string of at most {MAX_QUEUE_NAME_LENGTH} characters and {MAX_QUEUE_NAME_BYTES} bytes",
             parameter=what,
         )
     if not _ROUTING_KEY.fullmatch(value):
-        raise BadParameter(
-            f"{what} may only hold letters, digits and '_.-:*#'", parameter=what
-        )
+        raise BadParameter(f"{what} may only hold letters, digits and '_.-:*#'", parameter=what)
     return value
 
 
@@ -314,9 +299,7 @@ def check_options(value: Any) -> dict[str, Any] | None:
         # and answered as such.
         encoded = json.dumps(value, allow_nan=False)
     except (ValueError, RecursionError):
-        raise BadParameter(
-            "options must be a JSON object without NaN or Infinity", parameter="options"
-        ) from None
+        raise BadParameter("options must be a JSON object without NaN or Infinity", parameter="options") from None
     if len(encoded) > MAX_OPTIONS_LENGTH:
         raise BadParameter("options is too long", parameter="options")
     return value

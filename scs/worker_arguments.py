@@ -184,16 +184,12 @@ REFUSED_OPTIONS: dict[str, str] = {
     ),
     **dict.fromkeys(("-f", "--logfile", "--pidfile"), _OWNED),
     **dict.fromkeys(("-A", "--app", "-b", "--broker"), _OWNED),
-    **dict.fromkeys(
-        ("-D", "--detach"), "is not allowed: a detached worker escapes the agent's supervision"
-    ),
+    **dict.fromkeys(("-D", "--detach"), "is not allowed: a detached worker escapes the agent's supervision"),
     **dict.fromkeys(
         ("--uid", "--gid", "--umask", "--executable", "--workdir"),
         "is not allowed: it changes the worker's user, files or executable",
     ),
-    **dict.fromkeys(
-        ("-S", "--statedb"), "is not allowed: it writes a file outside the instance directory"
-    ),
+    **dict.fromkeys(("-S", "--statedb"), "is not allowed: it writes a file outside the instance directory"),
     **dict.fromkeys(("-I", "--include"), "is not allowed: it imports code into the worker"),
     **dict.fromkeys(
         ("-B", "--beat", "-s", "--schedule", "--schedule-filename", "--scheduler"),
@@ -276,9 +272,7 @@ def _check_value(name: str, option: Option, value: str) -> None:
     try:
         option.check(value)
     except ValueError as e:
-        raise RefusedArgument(
-            f"argument {name!r} takes {e}, got {value[:100]!r}", name
-        ) from None
+        raise RefusedArgument(f"argument {name!r} takes {e}, got {value[:100]!r}", name) from None
 
 
 def _check_setting(item: str) -> None:
@@ -297,8 +291,7 @@ def _check_setting(item: str) -> None:
         if reason:
             raise RefusedArgument(f"setting {spelled!r} {reason}", key)
         raise RefusedArgument(
-            f"setting {spelled!r} may not be given as an argument "
-            f"(allowed: {', '.join(sorted(ALLOWED_SETTINGS))})",
+            f"setting {spelled!r} may not be given as an argument (allowed: {', '.join(sorted(ALLOWED_SETTINGS))})",
             key,
         )
     try:
@@ -315,17 +308,13 @@ def check_worker_arguments(items: Iterable[str]) -> tuple[str, ...]:
         if not isinstance(item, str) or not item:
             raise RefusedArgument("arguments must be non-empty strings", "")
         if len(item) > MAX_ARGUMENT_LENGTH or not item.isprintable():
-            raise RefusedArgument(
-                "an argument is too long or holds control characters", item[:20]
-            )
+            raise RefusedArgument("an argument is too long or holds control characters", item[:20])
     i = 0
     while i < len(args):
         arg = args[i]
         i += 1
         if arg == "--":
-            raise RefusedArgument(
-                "argument '--' is not allowed: it would turn what follows into settings", "--"
-            )
+            raise RefusedArgument("argument '--' is not allowed: it would turn what follows into settings", "--")
         if not arg.startswith("-") or arg == "-":
             _check_setting(arg)
         elif arg.startswith("--"):

@@ -119,9 +119,7 @@ class Surfaces:
             headers={k: [v] for k, v in sent.items()},
             allow_redirects=False,
         )
-        d.addCallback(
-            lambda r: treq.content(r).addCallback(lambda b: outcome.append(Response(r.code, r.headers, b)))
-        )
+        d.addCallback(lambda r: treq.content(r).addCallback(lambda b: outcome.append(Response(r.code, r.headers, b))))
         d.addErrback(outcome.append)
         self.transport.flush()
         assert outcome, f"no response to {method} {path}"

@@ -8,11 +8,11 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+from surfaces_support import BROKER, FakeSupervisor, Surfaces
 
 from scs.agent import Agent, LocalAgent
 from scs.records import WorkerStatus
 from scs.store import Store
-from surfaces_support import BROKER, FakeSupervisor, Surfaces
 
 PAYLOAD = "<script>alert(1)</script>"
 
@@ -352,9 +352,7 @@ FORMS = {
 }
 
 
-@pytest.mark.parametrize(
-    ("action", "field"), [(action, field) for action, fields in FORMS.items() for field in fields]
-)
+@pytest.mark.parametrize(("action", "field"), [(action, field) for action, fields in FORMS.items() for field in fields])
 def test_script_through_every_form_field_comes_back_escaped(site: Surfaces, action: str, field: str) -> None:
     create(site)
     fields = dict(FORMS[action])

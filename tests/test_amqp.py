@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import os
 import random
-from typing import Any, Optional
+from typing import Any
 
 from twisted.internet import defer, reactor, task
-from twisted.internet.task import Clock
 from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from scs import srs
@@ -34,7 +34,7 @@ class Recorder:
         self.connected: Deferred = Deferred()
         self.disconnected: Deferred = Deferred()
         self.messages: DeferredQueue = DeferredQueue()
-        self.reply_queue: Optional[str] = None
+        self.reply_queue: str | None = None
         self.connections = 0
 
     def transport_connected(self, reply_queue: str) -> None:
@@ -74,7 +74,7 @@ class TransportContract:
         """Lose the connection as a network failure would."""
         raise NotImplementedError
 
-    async def start(self, agent_id: str, cluster: Optional[str] = None) -> tuple[Any, Recorder]:
+    async def start(self, agent_id: str, cluster: str | None = None) -> tuple[Any, Recorder]:
         transport = self.make_transport()
         recorder = Recorder()
         transport.attach(agent_id, cluster or self.cluster, recorder)
@@ -150,7 +150,7 @@ class TransportContract:
     async def test_refuses_what_txamqp_would_corrupt(self) -> None:
         a, ra = await self.start("a")
         with self.assertRaises(ValueError):  # type: ignore[attr-defined]
-            a.publish(srs.DIRECT, "a", "{}".encode("utf-8") + "ü".encode("utf-8"), {})
+            a.publish(srs.DIRECT, "a", b"{}" + "ü".encode(), {})
         with self.assertRaises(ValueError):  # type: ignore[attr-defined]
             a.publish(srs.DIRECT, "a", _body(), {"correlation-id": "ü"})
         with self.assertRaises((ValueError, TypeError)):  # type: ignore[attr-defined]

@@ -67,9 +67,7 @@ class Client:
         d = self.treq.request(method, "http://127.0.0.1:8001" + path, **kwargs)
 
         def read(response: Any) -> Deferred:
-            return self.treq.content(response).addCallback(
-                lambda body: outcome.append((response, body))
-            )
+            return self.treq.content(response).addCallback(lambda body: outcome.append((response, body)))
 
         d.addCallback(read)
         d.addErrback(outcome.append)
@@ -117,9 +115,7 @@ def test_introduction_session(client: Client) -> None:
 
     assert client.request("GET", "/foo/instances/")[:2] == (200, [name])
 
-    status, queue, _ = client.request(
-        "POST", "/foo/queues/tasks/", data={"exchange": "tasks", "routing_key": "tasks"}
-    )
+    status, queue, _ = client.request("POST", "/foo/queues/tasks/", data={"exchange": "tasks", "routing_key": "tasks"})
     assert status == 201
     assert queue == {
         "name": "tasks",
@@ -149,8 +145,17 @@ def test_introduction_session(client: Client) -> None:
 
 @pytest.mark.parametrize(
     "path",
-    ["/ping", "/agents", "/foo", "/foo/instances", "/foo/queues", "/foo/instances/w1",
-     "/foo/instances/w1/autoscale", "/foo/instances/w1/queues", "/foo/queues/q"],
+    [
+        "/ping",
+        "/agents",
+        "/foo",
+        "/foo/instances",
+        "/foo/queues",
+        "/foo/instances/w1",
+        "/foo/instances/w1/autoscale",
+        "/foo/instances/w1/queues",
+        "/foo/queues/q",
+    ],
 )
 def test_every_route_answers_with_and_without_trailing_slash(client: Client, path: str) -> None:
     client.request("PUT", "/foo/instances/w1")
@@ -163,9 +168,7 @@ def test_every_route_answers_with_and_without_trailing_slash(client: Client, pat
 
 def test_parameters_as_query_form_or_json(client: Client) -> None:
     by_query = client.request("PUT", "/foo/instances/a?max_concurrency=4&min_concurrency=2")
-    by_form = client.request(
-        "POST", "/foo/instances/b", data={"max_concurrency": "4", "min_concurrency": "2"}
-    )
+    by_form = client.request("POST", "/foo/instances/b", data={"max_concurrency": "4", "min_concurrency": "2"})
     by_json = client.request(
         "PUT",
         "/foo/instances/c",
@@ -237,9 +240,10 @@ def test_enable_disable_autoscale(client: Client) -> None:
     assert status == 200 and body["is_enabled"] is False
     assert client.request("POST", "/foo/instances/w1/enable/")[1]["is_enabled"] is True
     assert client.request("GET", "/foo/instances/w1/autoscale/")[1] == {"max": 4, "min": 1}
-    assert client.request("POST", "/foo/instances/w1/autoscale/", data={"max": "8", "min": "2"})[
-        :2
-    ] == (200, {"max": 8, "min": 2})
+    assert client.request("POST", "/foo/instances/w1/autoscale/", data={"max": "8", "min": "2"})[:2] == (
+        200,
+        {"max": 8, "min": 2},
+    )
     status, body, _ = client.request("POST", "/foo/instances/w1/autoscale/", data={"min": "9"})
     assert status == 400 and "greater" in body["error"]
     assert client.request("GET", "/foo/instances/w1/autoscale")[1] == {"max": 8, "min": 2}

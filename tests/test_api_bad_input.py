@@ -34,8 +34,8 @@ from twisted.web.test.requesthelper import DummyChannel
 
 from scs.agent import Agent, LocalAgent
 from scs.http.api import ALL_METHODS, API
-from scs.http.params import DEFAULT_MAX_BODY, APIRequest
 from scs.http.auth import TokenAuth
+from scs.http.params import DEFAULT_MAX_BODY, APIRequest
 from scs.metrics import AgentMetrics
 from scs.store import Store
 from scs.tap import http_resource
@@ -74,9 +74,7 @@ def _foreign_keys_on(dbapi_connection: Any, _record: Any) -> None:
 def copy_store(template: Store) -> Store:
     """A private in-memory copy of ``template`` (SQLite's backup API): far
     cheaper than migrating a new store for each of thousands of requests."""
-    engine = create_engine(
-        "sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False}
-    )
+    engine = create_engine("sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False})
     event.listen(engine, "connect", _foreign_keys_on)
     source, target = template.engine.raw_connection(), engine.raw_connection()
     try:
@@ -141,14 +139,10 @@ class Harness:
         headers: dict[str, list[str]] | None = None,
     ) -> Response:
         outcome: list[Any] = []
-        d = self.treq.request(
-            method, ORIGIN + path, data=body, headers=headers, allow_redirects=False
-        )
+        d = self.treq.request(method, ORIGIN + path, data=body, headers=headers, allow_redirects=False)
 
         def read(response: Any) -> Any:
-            return self.treq.content(response).addCallback(
-                lambda content: outcome.append((response, content))
-            )
+            return self.treq.content(response).addCallback(lambda content: outcome.append((response, content)))
 
         d.addCallback(read)
         d.addErrback(outcome.append)
@@ -175,9 +169,7 @@ class Harness:
         """Bytes straight into a ``twisted.web`` server for this API, with
         the agent's request class; returns the bytes it answers (ask
         HTTP/1.0 to get an unchunked answer)."""
-        site = Site(
-            self.resource, requestFactory=request_factory, reactor=MemoryReactorClock(), timeout=None
-        )
+        site = Site(self.resource, requestFactory=request_factory, reactor=MemoryReactorClock(), timeout=None)
         protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 8001))
         transport = StringTransport()
         protocol.makeConnection(transport)
@@ -196,16 +188,10 @@ def assert_json(response: Response) -> Any:
 
 def is_stats_without_supervisor(path: str, response: Response) -> bool:
     """``stats`` needs a live worker: without a supervisor it is a 503."""
-    return (
-        response.status == 503
-        and "/stats" in path
-        and b"no supervisor" in response.body
-    )
+    return response.status == 503 and "/stats" in path and b"no supervisor" in response.body
 
 
-def assert_refused(
-    response: Response, status: int | tuple[int, ...] = 400, *mentions: str
-) -> dict[str, Any]:
+def assert_refused(response: Response, status: int | tuple[int, ...] = 400, *mentions: str) -> dict[str, Any]:
     """A JSON error with ``status`` whose message or fields mention each of
     ``mentions`` (case-insensitive)."""
     statuses = status if isinstance(status, tuple) else (status,)
@@ -235,9 +221,7 @@ class Route:
     accepts: tuple[str, ...] = ()
 
     def path(self, app: str = "app1", name: str = "w1", queue: str = "q1") -> str:
-        return self.template.format(
-            app=quote(app, safe=""), name=quote(name, safe=""), queue=quote(queue, safe="")
-        )
+        return self.template.format(app=quote(app, safe=""), name=quote(name, safe=""), queue=quote(queue, safe=""))
 
     @property
     def valid_query(self) -> str:
@@ -467,12 +451,9 @@ def test_unsupported_content_type(content_type: str) -> None:
         ("body", "", b'{"max": "\xff"}', JSON),
         ("body", "", b'{"max": 1, "\xc3": 2}', None),
     ],
-    ids=["query-name", "query-truncated", "query-surrogate", "form-raw", "form-escaped",
-         "json-raw", "json-unlabelled"],
+    ids=["query-name", "query-truncated", "query-surrogate", "form-raw", "form-escaped", "json-raw", "json-unlabelled"],
 )
-def test_non_utf8_parameters(
-    where: str, suffix: str, body: bytes | None, headers: dict[str, list[str]] | None
-) -> None:
+def test_non_utf8_parameters(where: str, suffix: str, body: bytes | None, headers: dict[str, list[str]] | None) -> None:
     for h, route in every_route():
         before = h.dump()
         response = h.request(route.method, route.path() + suffix, body, headers)
@@ -601,9 +582,7 @@ def test_unknown_paths_answer_json(h: Harness, path: str, method: str) -> None:
     assert h.dump() == before
 
 
-@pytest.mark.parametrize(
-    "path", ["//", "///", "/app1//", "/app1//instances/", "/app1/instances//", "/ping//"]
-)
+@pytest.mark.parametrize("path", ["//", "///", "/app1//", "/app1//instances/", "/app1/instances//", "/ping//"])
 @pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
 def test_empty_path_segments(h: Harness, path: str, method: str) -> None:
     """Regression: Werkzeug merged "//" away, so "PUT /app1/instances//" (an
@@ -616,40 +595,44 @@ def test_empty_path_segments(h: Harness, path: str, method: str) -> None:
 
 # -- names ----------------------------------------------------------------------------
 
-BAD_NAMES: list[tuple[str, str]] = [
-    ("space", "a b"),
-    ("tab", "a\tb"),
-    ("newline", "a\nb"),
-    ("trailing-newline", "w1\n"),  # regression: "$" let this through
-    ("carriage-return", "w1\r"),
-    ("nul", "a\x00b"),
-    ("del", "a\x7fb"),
-    ("escape", "a\x1b[31m"),
-    ("nbsp", "a\u00a0b"),
-    ("line-separator", "a\u2028b"),
-    ("zero-width-space", "a\u200bb"),
-    ("rtl-override", "a\u202eb"),
-    ("leading-dash", "-rf"),
-    ("leading-dot", ".hidden"),
-    ("dot-dot", ".."),
-    ("not-nfc", "we\u0301"),
-    ("backslash", "a\\b"),
-    ("at", "w1@host"),
-    ("colon", "a:b"),
-    ("percent", "a%41"),
-    ("plus", "a+b"),
-    ("comma", "a,b"),
-    ("quote", "a'b"),
-    ("double-quote", 'a"b'),
-    ("hash", "a#b"),
-    ("question", "a?b"),
-    ("tilde", "~a"),
-    ("emoji", "w\N{SNOWMAN}"),
-] + [(f"shell-{c}", f"a{c}b") for c in ";|&$`<>(){}[]*!^=" ] + [
-    ("command-substitution", "$(reboot)"),
-    ("backticks", "`id`"),
-    ("pipe", "w1|sh"),
-]
+BAD_NAMES: list[tuple[str, str]] = (
+    [
+        ("space", "a b"),
+        ("tab", "a\tb"),
+        ("newline", "a\nb"),
+        ("trailing-newline", "w1\n"),  # regression: "$" let this through
+        ("carriage-return", "w1\r"),
+        ("nul", "a\x00b"),
+        ("del", "a\x7fb"),
+        ("escape", "a\x1b[31m"),
+        ("nbsp", "a\u00a0b"),
+        ("line-separator", "a\u2028b"),
+        ("zero-width-space", "a\u200bb"),
+        ("rtl-override", "a\u202eb"),
+        ("leading-dash", "-rf"),
+        ("leading-dot", ".hidden"),
+        ("dot-dot", ".."),
+        ("not-nfc", "we\u0301"),
+        ("backslash", "a\\b"),
+        ("at", "w1@host"),
+        ("colon", "a:b"),
+        ("percent", "a%41"),
+        ("plus", "a+b"),
+        ("comma", "a,b"),
+        ("quote", "a'b"),
+        ("double-quote", 'a"b'),
+        ("hash", "a#b"),
+        ("question", "a?b"),
+        ("tilde", "~a"),
+        ("emoji", "w\N{SNOWMAN}"),
+    ]
+    + [(f"shell-{c}", f"a{c}b") for c in ";|&$`<>(){}[]*!^="]
+    + [
+        ("command-substitution", "$(reboot)"),
+        ("backticks", "`id`"),
+        ("pipe", "w1|sh"),
+    ]
+)
 
 
 def _long_names(slot: str) -> list[tuple[str, str]]:
@@ -703,9 +686,7 @@ def test_reserved_app_names(h: Harness, app: str) -> None:
     assert h.dump() == before
 
 
-@pytest.mark.parametrize(
-    "name", ["wörker-1", "ü", "приложение", "队列", "λ_2.x", "Ａｐｐ", "x" * 64, "ö" * 64]
-)
+@pytest.mark.parametrize("name", ["wörker-1", "ü", "приложение", "队列", "λ_2.x", "Ａｐｐ", "x" * 64, "ö" * 64])
 def test_valid_unicode_names_work(name: str) -> None:
     h = Harness(seed=False)
     assert h.request("PUT", f"/{quote(name)}/").status == 201
@@ -734,13 +715,40 @@ def test_unicode_names_in_queue_lists_and_json(h: Harness) -> None:
 # -- concurrency ----------------------------------------------------------------------
 
 BAD_CONCURRENCY_TEXT = [
-    "", " ", "abc", "-1", "1.5", "1.0", "1e3", "0x10", "1_0", "+", "3 4", "257",
-    "99999999999999999999", "true", "None", "\u0663",  # ARABIC-INDIC DIGIT THREE
+    "",
+    " ",
+    "abc",
+    "-1",
+    "1.5",
+    "1.0",
+    "1e3",
+    "0x10",
+    "1_0",
+    "+",
+    "3 4",
+    "257",
+    "99999999999999999999",
+    "true",
+    "None",
+    "\u0663",  # ARABIC-INDIC DIGIT THREE
     "\uff13",  # FULLWIDTH DIGIT THREE
     "1\n2",
 ]
 BAD_CONCURRENCY_JSON: list[Any] = [
-    -1, 257, 10**30, -(10**30), 1.5, 2.0, 1e300, True, False, None, "x", "1.5", [1], {"n": 1},
+    -1,
+    257,
+    10**30,
+    -(10**30),
+    1.5,
+    2.0,
+    1e300,
+    True,
+    False,
+    None,
+    "x",
+    "1.5",
+    [1],
+    {"n": 1},
 ]
 
 
@@ -924,9 +932,7 @@ BAD_QUEUE_SETTINGS: list[tuple[str, Any]] = [
 ]
 
 
-@pytest.mark.parametrize(
-    "parameter, value", BAD_QUEUE_SETTINGS, ids=[f"{p}={v!r}"[:40] for p, v in BAD_QUEUE_SETTINGS]
-)
+@pytest.mark.parametrize("parameter, value", BAD_QUEUE_SETTINGS, ids=[f"{p}={v!r}"[:40] for p, v in BAD_QUEUE_SETTINGS])
 @pytest.mark.parametrize("queue", ["q1", "q2"], ids=["redeclare", "new"])
 def test_bad_queue_declarations(h: Harness, parameter: str, value: Any, queue: str) -> None:
     for method in ("PUT", "POST"):
@@ -1042,9 +1048,7 @@ BAD_APP_SETTINGS: list[tuple[str, Any]] = [
 ]
 
 
-@pytest.mark.parametrize(
-    "parameter, value", BAD_APP_SETTINGS, ids=[f"{p}={v!r}"[:40] for p, v in BAD_APP_SETTINGS]
-)
+@pytest.mark.parametrize("parameter, value", BAD_APP_SETTINGS, ids=[f"{p}={v!r}"[:40] for p, v in BAD_APP_SETTINGS])
 @pytest.mark.parametrize("app", ["app1", "app2"], ids=["existing", "new"])
 def test_bad_app_settings(h: Harness, parameter: str, value: Any, app: str) -> None:
     for method in ("PUT", "POST"):
@@ -1076,8 +1080,9 @@ def test_good_settings_are_accepted(h: Harness) -> None:
     response = h.request(
         "PUT",
         "/app1/queues/q3/?"
-        + urlencode({"exchange": "ex.1", "routing_key": "a.*.#", "exchange_type": "topic",
-                     "options": '{"durable": true}'}),
+        + urlencode(
+            {"exchange": "ex.1", "routing_key": "a.*.#", "exchange_type": "topic", "options": '{"durable": true}'}
+        ),
     )
     assert response.status == 201, response
     assert response.json()["options"] == {"durable": True}
@@ -1085,8 +1090,10 @@ def test_good_settings_are_accepted(h: Harness) -> None:
 
 def raw_post(h: Harness, content_type: bytes, body: bytes, request_factory: Any) -> bytes:
     return h.raw(
-        b"POST /app1/ HTTP/1.0\r\nHost: x\r\nContent-Type: " + content_type
-        + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body,
+        b"POST /app1/ HTTP/1.0\r\nHost: x\r\nContent-Type: "
+        + content_type
+        + b"\r\nContent-Length: %d\r\n\r\n" % len(body)
+        + body,
         request_factory,
     )
 
@@ -1112,9 +1119,7 @@ def test_twisted_parses_post_bodies_itself() -> None:
         (b"multipart/form-data", b"--zz\r\n"),
     ],
 )
-def test_post_with_a_broken_content_type_or_multipart_body(
-    h: Harness, content_type: bytes, body: bytes
-) -> None:
+def test_post_with_a_broken_content_type_or_multipart_body(h: Harness, content_type: bytes, body: bytes) -> None:
     """Regression: with ``APIRequest`` these reach the API, which answers JSON."""
     before = h.dump()
     answer = raw_post(h, content_type, body, APIRequest)
@@ -1139,17 +1144,23 @@ def test_huge_raw_body_gets_413(h: Harness, chunked: bool) -> None:
     body = b"x=" + b"a" * 300_000
     if chunked:
         framing = b"Transfer-Encoding: chunked\r\n"
-        body = b"".join(
-            b"%x\r\n%s\r\n" % (len(part), part)
-            for part in (body[i : i + 4096] for i in range(0, len(body), 4096))
-        ) + b"0\r\n\r\n"
+        body = (
+            b"".join(
+                b"%x\r\n%s\r\n" % (len(part), part) for part in (body[i : i + 4096] for i in range(0, len(body), 4096))
+            )
+            + b"0\r\n\r\n"
+        )
         version = b"HTTP/1.1"
     else:
         framing = b"Content-Length: %d\r\n" % len(body)
         version = b"HTTP/1.0"
     answer = h.raw(
-        b"PUT /app1/ " + version + b"\r\nHost: x\r\nConnection: close\r\n" + framing
-        + b"Content-Type: application/x-www-form-urlencoded\r\n\r\n" + body
+        b"PUT /app1/ "
+        + version
+        + b"\r\nHost: x\r\nConnection: close\r\n"
+        + framing
+        + b"Content-Type: application/x-www-form-urlencoded\r\n\r\n"
+        + body
     )
     assert answer.split(b" ", 2)[1] == b"413", answer[:200]
     assert b"application/json" in answer and b"larger than" in answer
@@ -1186,22 +1197,14 @@ def test_conflict_in_another_app_creates_no_app(h: Harness) -> None:
 # Text for names and values: everything, with the characters that matter
 # for paths, queries and shells made likely.
 SPECIAL = "/%?#&=;|$`<>()[]{}*!'\" \t\n\r\x00\x7f.,:@+-_~\\ö\u00a0\u2028\U00020000"
-texts = st.text(
-    alphabet=st.one_of(st.sampled_from(SPECIAL), st.characters(codec="utf-8")), max_size=80
-)
+texts = st.text(alphabet=st.one_of(st.sampled_from(SPECIAL), st.characters(codec="utf-8")), max_size=80)
 names = st.one_of(st.sampled_from(["app1", "w1", "q1", "wörker-1", "", "..", "ping"]), texts)
 parameter_names = st.one_of(
-    st.sampled_from(
-        sorted({p for r in ROUTES for p in r.accepts} | {"max", "min", "x"})
-    ),
+    st.sampled_from(sorted({p for r in ROUTES for p in r.accepts} | {"max", "min", "x"})),
     texts,
 )
 json_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(10**20), max_value=10**20)
-    | st.floats(allow_nan=False)
-    | texts,
+    st.none() | st.booleans() | st.integers(min_value=-(10**20), max_value=10**20) | st.floats(allow_nan=False) | texts,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(texts, inner, max_size=4),
     max_leaves=12,
 )
@@ -1218,14 +1221,10 @@ media_types = st.from_regex(
     r"[a-zA-Z]{1,10}/[a-zA-Z0-9.+-]{1,10}(; ?[a-z]{1,8}=[a-zA-Z0-9-]{1,8}){0,2}",
     fullmatch=True,
 )
-PROPERTY_SETTINGS = settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+PROPERTY_SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def is_twisted_multipart_refusal(
-    method: str, headers: dict[str, list[str]] | None, response: Response
-) -> bool:
+def is_twisted_multipart_refusal(method: str, headers: dict[str, list[str]] | None, response: Response) -> bool:
     """twisted.web parses a multipart POST body itself, before any resource
     runs, and answers a bare 400 (no JSON) when it cannot (reported)."""
     content_type = ((headers or {}).get("Content-Type") or [""])[0]
@@ -1249,9 +1248,7 @@ def check_response(
     the store as it was.  (HEAD answers carry no body.)"""
     if response.status >= 400:
         assert h.dump() == before, response
-    if is_stats_without_supervisor(path, response) or is_twisted_multipart_refusal(
-        method, headers, response
-    ):
+    if is_stats_without_supervisor(path, response) or is_twisted_multipart_refusal(method, headers, response):
         return
     assert response.status < 500, response
     assert response.content_type == ["application/json"], response
@@ -1294,9 +1291,7 @@ def test_property_json_bodies(route: Route, document: Any) -> None:
     check_response(h, before, h.json_request(route.method, path, document), route.method, path)
     if isinstance(document, dict):
         # The same parameters as a form, where every value is text.
-        form = urlencode(
-            [(k, v if isinstance(v, str) else json.dumps(v)) for k, v in document.items()]
-        )
+        form = urlencode([(k, v if isinstance(v, str) else json.dumps(v)) for k, v in document.items()])
         before = h.dump()
         path = route.path(name="w3")
         response = h.request(route.method, path, form.encode(), FORM)
@@ -1333,17 +1328,20 @@ def test_property_known_parameters(route: Route, parameters: dict[str, Any], as_
     content_type=st.one_of(
         st.none(),
         st.sampled_from(
-            ["application/json", "application/x-www-form-urlencoded", "text/plain",
-             "application/json; charset=latin-1", "multipart/form-data; boundary=x",
-             "application/octet-stream"]
+            [
+                "application/json",
+                "application/x-www-form-urlencoded",
+                "text/plain",
+                "application/json; charset=latin-1",
+                "multipart/form-data; boundary=x",
+                "application/octet-stream",
+            ]
         ),
         media_types,
     ),
     escaped_path=st.binary(min_size=1, max_size=12),
 )
-def test_property_bytes(
-    route: Route, body: bytes, content_type: str | None, escaped_path: bytes
-) -> None:
+def test_property_bytes(route: Route, body: bytes, content_type: str | None, escaped_path: bytes) -> None:
     h = Harness()
     headers = None if content_type is None else {"Content-Type": [content_type]}
     before = h.dump()
@@ -1378,9 +1376,7 @@ def _iter_raw_targets() -> Iterator[bytes]:
     ),
     body=st.binary(max_size=100),
 )
-def test_property_raw_http(
-    method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
-) -> None:
+def test_property_raw_http(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
     """Raw requests with arbitrary header bytes: whatever reaches the API
     answers JSON below 500; twisted.web itself may refuse a bare 400."""
     h = Harness()
@@ -1437,9 +1433,7 @@ FORM_FIELDS = sorted(
 @given(
     path=st.one_of(
         st.sampled_from(SITE_PATHS),
-        st.builds(
-            lambda route, app, name: route.path(app=app, name=name), routes, names, names
-        ),
+        st.builds(lambda route, app, name: route.path(app=app, name=name), routes, names, names),
     ),
     method=methods,
     query=st.lists(st.tuples(parameter_names, texts), max_size=3),

@@ -10,10 +10,10 @@ import os
 from pathlib import Path
 
 import pytest
+from surfaces_support import TOKEN, Surfaces
 
 from scs.http.auth import SESSION_LIFETIME, TokenAuth, TokenFileError, read_token_file
 from scs.tap import Options
-from surfaces_support import TOKEN, Surfaces
 
 # Requests that would change the store if they got through.
 MUTATIONS = [
@@ -61,9 +61,7 @@ WRONG = [
 
 
 @pytest.mark.parametrize("headers", WRONG)
-def test_without_the_token_everything_is_401_and_nothing_changes(
-    site: Surfaces, headers: dict[str, str]
-) -> None:
+def test_without_the_token_everything_is_401_and_nothing_changes(site: Surfaces, headers: dict[str, str]) -> None:
     before = site.store.dump()
     for method, path, body in MUTATIONS:
         response = site.request(method, path, body or None, {**FORM, **headers})
@@ -92,9 +90,12 @@ def test_refused_requests_are_counted_as_401(site: Surfaces) -> None:
         "scs_http_requests_total", {"route": "instance_delete", "method": "DELETE", "status": "401"}
     )
     assert counted == 1.0
-    assert site.metrics.registry.get_sample_value(
-        "scs_http_requests_total", {"route": "metrics", "method": "GET", "status": "401"}
-    ) == 1.0
+    assert (
+        site.metrics.registry.get_sample_value(
+            "scs_http_requests_total", {"route": "metrics", "method": "GET", "status": "401"}
+        )
+        == 1.0
+    )
 
 
 def test_a_percent_encoded_admin_path_is_not_a_way_around(site: Surfaces) -> None:

@@ -68,9 +68,7 @@ class Door:
 
     def connect(self, local: Any = LOOPBACK) -> tuple[Any, StringTransport]:
         protocol = self.site.buildProtocol(local)
-        transport = StringTransport(
-            hostAddress=local, peerAddress=IPv4Address("TCP", "127.0.0.1", 50000)
-        )
+        transport = StringTransport(hostAddress=local, peerAddress=IPv4Address("TCP", "127.0.0.1", 50000))
         protocol.makeConnection(transport)
         return protocol, transport
 
@@ -146,8 +144,27 @@ def test_parse_host(value: str, expected: tuple[str, int | None]) -> None:
 
 @pytest.mark.parametrize(
     "value",
-    [b"", b".", b"..", b"a..b", b"-a", b"a b", b"x:abc", b"x:99999", b"::1", b"[::1", b"[::g]",
-     b"[::1]x", b"a@b", b"a/b", b"\xff", b"h\xc3\xa9", b"999.1.1.1", b"x" * 64, b"%41"],
+    [
+        b"",
+        b".",
+        b"..",
+        b"a..b",
+        b"-a",
+        b"a b",
+        b"x:abc",
+        b"x:99999",
+        b"::1",
+        b"[::1",
+        b"[::g]",
+        b"[::1]x",
+        b"a@b",
+        b"a/b",
+        b"\xff",
+        b"h\xc3\xa9",
+        b"999.1.1.1",
+        b"x" * 64,
+        b"%41",
+    ],
 )
 def test_parse_host_refuses_what_is_not_a_host(value: bytes) -> None:
     with pytest.raises(BadHost):
@@ -212,11 +229,13 @@ def test_malformed_and_repeated_host_headers_get_json_400(door: Door) -> None:
 def test_the_api_alone_refuses_a_host_werkzeug_cannot_read() -> None:
     """Regression (hypothesis, test_property_raw_http): "Host: ." made
     Werkzeug raise BadHost, answered as a 500 HTML page."""
-    from scs.http.api import API
 
     store = Store.in_memory()
-    site = LimitedSite(API(Agent(LocalAgent(store, "agent1", BROKER))).resource(),
-                       requestFactory=APIRequest, reactor=MemoryReactorClock())
+    site = LimitedSite(
+        API(Agent(LocalAgent(store, "agent1", BROKER))).resource(),
+        requestFactory=APIRequest,
+        reactor=MemoryReactorClock(),
+    )
     for host in (b".", b".\x04q", b"a..b"):
         protocol = site.buildProtocol(LOOPBACK)
         transport = StringTransport(hostAddress=LOOPBACK)
@@ -263,9 +282,7 @@ def test_redirects_never_echo_the_host() -> None:
     ],
 )
 @pytest.mark.parametrize("method", ["PUT", "POST", "DELETE", "PATCH"])
-def test_state_changing_requests_from_another_origin_get_403(
-    door: Door, headers: dict[str, str], method: str
-) -> None:
+def test_state_changing_requests_from_another_origin_get_403(door: Door, headers: dict[str, str], method: str) -> None:
     before = door.store.dump()
     assert_json_error(door.request(method, "/app1/", headers=headers), 403, "refused")
     assert door.store.dump() == before
@@ -305,9 +322,7 @@ def test_reads_are_not_origin_checked(door: Door) -> None:
 
 def test_admin_forms_from_another_origin_are_refused_before_the_page(door: Door) -> None:
     before = door.store.dump()
-    answer = door.request(
-        "POST", "/admin/apps", headers={"Origin": "http://evil.example"}, body=b"name=x&csrf=y"
-    )
+    answer = door.request("POST", "/admin/apps", headers={"Origin": "http://evil.example"}, body=b"name=x&csrf=y")
     assert_json_error(answer, 403)
     assert door.store.dump() == before
 
@@ -476,7 +491,10 @@ class _Endpoint:
 def _service(address: Any, allow_public: bool = False, soft: int = 20000) -> tuple[HTTPServerService, _Endpoint]:
     endpoint = _Endpoint(address)
     service = HTTPServerService(
-        endpoint, Door().site, max_connections=1000, allow_public=allow_public,
+        endpoint,
+        Door().site,
+        max_connections=1000,
+        allow_public=allow_public,
         fd_limit=lambda: (soft, soft),
     )
     return service, endpoint
@@ -529,8 +547,16 @@ def test_http_limit_options_and_defaults() -> None:
     assert options["http-idle-timeout"] == 60.0
     assert options["allowed-host"] == []
     options = parse(
-        "--max-connections", "50", "--http-header-timeout", "2.5", "--http-idle-timeout", "7",
-        "--allowed-host", "scs.example.com", "--allowed-host", "other.example:8443",
+        "--max-connections",
+        "50",
+        "--http-header-timeout",
+        "2.5",
+        "--http-idle-timeout",
+        "7",
+        "--allowed-host",
+        "scs.example.com",
+        "--allowed-host",
+        "other.example:8443",
     )
     assert options["max-connections"] == 50
     assert (options["http-header-timeout"], options["http-idle-timeout"]) == (2.5, 7.0)
@@ -565,4 +591,3 @@ def test_endpoints_are_read_as_twisted_reads_them() -> None:
     assert endpoint_is_loopback("tcp:port=8001:interface=127.0.0.2")
     with pytest.raises(usage.UsageError):
         endpoint_is_loopback("tcp:8001:interface=127.0.0.1:interface=0.0.0.0")
-

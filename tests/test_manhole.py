@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from surfaces_support import BROKER, FakeSupervisor
+from telnet_support import TelnetClientSide, line
 from twisted.conch.telnet import ITelnetProtocol
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
@@ -20,8 +22,6 @@ from scs.agent import Agent, LocalAgent
 from scs.manhole import ManholeConfigError, ManholeFactory, check_password_file, make_portal, namespace
 from scs.store import Store
 from scs.tap import Options
-from surfaces_support import BROKER, FakeSupervisor
-from telnet_support import TelnetClientSide, line
 
 
 @pytest.fixture
@@ -120,7 +120,12 @@ def test_portal_checks_the_password_file(passwd: str) -> None:
 
 @pytest.mark.parametrize(
     ("content", "problem"),
-    [(None, "cannot read"), ("", "no user:password"), ("admin\n", "no user:password"), ("admin:\n", "no user:password")],
+    [
+        (None, "cannot read"),
+        ("", "no user:password"),
+        ("admin\n", "no user:password"),
+        ("admin:\n", "no user:password"),
+    ],
 )
 def test_refuses_to_start_without_a_usable_password_file(tmp_path: Path, content: str | None, problem: str) -> None:
     path = tmp_path / "passwd"

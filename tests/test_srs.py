@@ -25,7 +25,9 @@ INTERVAL = 2.0
 class Cluster:
     """A few SRS agents on one fake network and one clock."""
 
-    def __init__(self, test: SynchronousTestCase, *ids: str, cluster: str = "scs", network: FakeAMQPNetwork | None = None):
+    def __init__(
+        self, test: SynchronousTestCase, *ids: str, cluster: str = "scs", network: FakeAMQPNetwork | None = None
+    ):
         self.clock = network.clock if network is not None else Clock()
         self.network = network if network is not None else FakeAMQPNetwork(self.clock)
         self.events: list[dict[str, Any]] = []
@@ -82,7 +84,17 @@ class MembershipTests(SynchronousTestCase):
             self.assertTrue(all(r["alive"] for r in rows))
             self.assertEqual({r["instances"] for r in rows}, {3})
         row = c.agents["agent1"].members()[1]
-        self.assertEqual(row, {"id": "agent2", "url": "http://agent2.example/", "alive": True, "last_seen": 0.0, "instances": 3, "requires_token": False})
+        self.assertEqual(
+            row,
+            {
+                "id": "agent2",
+                "url": "http://agent2.example/",
+                "alive": True,
+                "last_seen": 0.0,
+                "instances": 3,
+                "requires_token": False,
+            },
+        )
 
     def test_late_joiner_learns_members_without_waiting_a_period(self) -> None:
         c = Cluster(self, "agent1", "agent2")
@@ -148,7 +160,19 @@ class MembershipTests(SynchronousTestCase):
         agent.startService()
         c.settle()
         self.assertTrue(agent.is_connected())
-        self.assertEqual(agent.members(), [{"id": "solo", "url": agent.url, "alive": True, "last_seen": 0.0, "instances": 3, "requires_token": False}])
+        self.assertEqual(
+            agent.members(),
+            [
+                {
+                    "id": "solo",
+                    "url": agent.url,
+                    "alive": True,
+                    "last_seen": 0.0,
+                    "instances": 3,
+                    "requires_token": False,
+                }
+            ],
+        )
 
     def test_summary_failure_reports_zero_instances(self) -> None:
         c = Cluster(self, "agent1", "agent2")
@@ -336,7 +360,10 @@ class ScatterTests(SynchronousTestCase):
         self.c.clock.advance(INTERVAL)
         third = self.a1.scatter("list", {}, timeout=1.0)
         self.c.settle()
-        self.assertEqual(_result(self, third), ({"agent2": {"agent": "agent2", "op": "list", "args": {}}, "agent3": {"agent": "agent3"}}, []))
+        self.assertEqual(
+            _result(self, third),
+            ({"agent2": {"agent": "agent2", "op": "list", "args": {}}, "agent3": {"agent": "agent3"}}, []),
+        )
 
     def test_crashed_peer_costs_one_timeout_not_one_per_scatter(self) -> None:
         self.c.agents["agent3"].transport.crash()

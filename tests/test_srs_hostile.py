@@ -101,7 +101,9 @@ class Bus:
         return out
 
 
-def forged(kind: str, sender: str, payload: dict[str, Any], *, clock: Clock, secret: bytes | None = None, **header: Any) -> bytes:
+def forged(
+    kind: str, sender: str, payload: dict[str, Any], *, clock: Clock, secret: bytes | None = None, **header: Any
+) -> bytes:
     """A message as an intruder builds it (with a secret: one it guessed)."""
     codec = MessageCodec("scs", secret, clock=clock.seconds)
     to = header.pop("to", "*")
@@ -118,7 +120,9 @@ class CodecTests(SynchronousTestCase):
         return (codec or self.codec).open(body, me=me)
 
     def test_round_trip_is_signed_and_sealed(self) -> None:
-        body = self.codec.encode("request", "agent1", "i1", "agent2", {"op": "app_put", "args": {"broker": BROKER}}, cid="c1", reply_to="q")
+        body = self.codec.encode(
+            "request", "agent1", "i1", "agent2", {"op": "app_put", "args": {"broker": BROKER}}, cid="c1", reply_to="q"
+        )
         self.assertNotIn(b"s3cret-pw", body)
         self.assertNotIn(b"app_put", body)
         message = self._open(body)
@@ -207,8 +211,13 @@ class SignedClusterTests(SynchronousTestCase):
             ("instance_create", {"app": "foo", "name": "x", "max_concurrency": 100000}),
             ("app_export", {}),
         ):
-            bus.inject(forged("request", "intruder", {"op": op, "args": args}, clock=bus.clock, to="agent1"), to="agent1")
-            bus.inject(forged("request", "intruder", {"op": op, "args": args}, clock=bus.clock, secret=b"guessed-secret-0000"), to="agent1")
+            bus.inject(
+                forged("request", "intruder", {"op": op, "args": args}, clock=bus.clock, to="agent1"), to="agent1"
+            )
+            bus.inject(
+                forged("request", "intruder", {"op": op, "args": args}, clock=bus.clock, secret=b"guessed-secret-0000"),
+                to="agent1",
+            )
         self.assertEqual(store.dump(), before)
         self.assertEqual(bus.published(type="reply"), [])
 
@@ -270,7 +279,12 @@ class SignedClusterTests(SynchronousTestCase):
         cid = request.properties["correlation-id"]
         # before delivery, the intruder answers (unsigned, then as a non-asked agent)
         reply_to = request.properties["reply-to"]
-        bus.network.route("", reply_to, forged("reply", "agent2", {"ok": True, "result": ["evil"]}, clock=bus.clock, to="agent1", re=cid), {})
+        bus.network.route(
+            "",
+            reply_to,
+            forged("reply", "agent2", {"ok": True, "result": ["evil"]}, clock=bus.clock, to="agent1", re=cid),
+            {},
+        )
         bus.settle()
         results, missing = self.successResultOf(d)
         self.assertEqual(results, {"agent2": []})
@@ -285,7 +299,9 @@ class UnsignedClusterTests(SynchronousTestCase):
         reply_queue = srs.private_queue_name("scs", "intruder", "q")
         bus.network.queues[reply_queue] = None  # a queue nobody reads
         bus.inject(
-            forged("request", "intruder", {"op": op, "args": args}, clock=bus.clock, to=to, cid=cid, reply_to=reply_queue),
+            forged(
+                "request", "intruder", {"op": op, "args": args}, clock=bus.clock, to=to, cid=cid, reply_to=reply_queue
+            ),
             to=to,
         )
         replies = [d for d in bus.network.published if d.routing_key == reply_queue]
@@ -321,7 +337,15 @@ class UnsignedClusterTests(SynchronousTestCase):
         bus = Bus(self, "agent1", "agent2", secret=None)
         victim_queue = bus.agents["agent2"].srs._reply_queue
         bus.inject(
-            forged("request", "intruder", {"op": "instance_list", "args": {}}, clock=bus.clock, to="agent1", cid="c", reply_to=victim_queue),
+            forged(
+                "request",
+                "intruder",
+                {"op": "instance_list", "args": {}},
+                clock=bus.clock,
+                to="agent1",
+                cid="c",
+                reply_to=victim_queue,
+            ),
             to="agent1",
         )
         self.assertEqual([d for d in bus.network.published if d.routing_key == victim_queue], [])
@@ -330,7 +354,14 @@ class UnsignedClusterTests(SynchronousTestCase):
     def test_phantom_flood_is_bounded(self) -> None:
         bus = Bus(self, "agent1", secret=None, max_peers=20)
         for i in range(500):
-            bus.inject(forged("heartbeat", f"phantom{i}", {"url": "", "interval": 2, "summary": {"instances": 1, "junk": "x" * 1000}}, clock=bus.clock))
+            bus.inject(
+                forged(
+                    "heartbeat",
+                    f"phantom{i}",
+                    {"url": "", "interval": 2, "summary": {"instances": 1, "junk": "x" * 1000}},
+                    clock=bus.clock,
+                )
+            )
         node = bus.agents["agent1"].srs
         self.assertEqual(len(node.membership.members), 20)
         self.assertTrue(all(m.instances == 1 for m in node.membership.members.values()))
@@ -454,8 +485,8 @@ class SameNameTests(SynchronousTestCase):
 
 class RejectedMetricTests(SynchronousTestCase):
     def test_rejections_are_counted_by_reason_in_metrics(self) -> None:
-        from prometheus_client.parser import text_string_to_metric_families
         from prometheus_client.exposition import generate_latest
+        from prometheus_client.parser import text_string_to_metric_families
 
         from scs.metrics import AgentMetrics
 

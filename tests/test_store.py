@@ -37,19 +37,14 @@ def test_upgrade_from_first_revision_keeps_data(tmp_path: Path) -> None:
     migrate(engine, "0001")
     assert schema_revision(engine) == "0001"
     with engine.begin() as connection:
-        connection.exec_driver_sql(
-            "INSERT INTO broker (id, url) VALUES (1, 'amqp://guest:guest@127.0.0.1:5672/%2F')"
-        )
-        connection.exec_driver_sql(
-            "INSERT INTO app (id, name, broker_id, celery_app) VALUES (1, 'foo', 1, 'proj:app')"
-        )
+        connection.exec_driver_sql("INSERT INTO broker (id, url) VALUES (1, 'amqp://guest:guest@127.0.0.1:5672/%2F')")
+        connection.exec_driver_sql("INSERT INTO app (id, name, broker_id, celery_app) VALUES (1, 'foo', 1, 'proj:app')")
         connection.exec_driver_sql(
             "INSERT INTO node (id, name, app_id, broker_id, max_concurrency, min_concurrency,"
             " is_enabled, created_at) VALUES (1, 'w1', 1, NULL, 4, 2, 1, 0.0)"
         )
         connection.exec_driver_sql(
-            "INSERT INTO queue (id, app_id, name, exchange, routing_key) "
-            "VALUES (1, 1, 'tasks', 'tasks', 'tasks')"
+            "INSERT INTO queue (id, app_id, name, exchange, routing_key) VALUES (1, 1, 'tasks', 'tasks', 'tasks')"
         )
         connection.exec_driver_sql(
             "INSERT INTO consumption (id, node_id, queue_name, exchange, routing_key) "

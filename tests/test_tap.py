@@ -68,9 +68,7 @@ def test_remote_http_needs_a_token_or_allow_remote(tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("a-token-of-at-least-16-characters\n")
     assert parse("0.0.0.0:8001", "--allow-remote")["http-endpoint"].endswith("0.0.0.0")
-    assert parse("0.0.0.0:8001", "--auth-token-file", str(token))["http-endpoint"].endswith(
-        "0.0.0.0"
-    )
+    assert parse("0.0.0.0:8001", "--auth-token-file", str(token))["http-endpoint"].endswith("0.0.0.0")
     assert parse("0.0.0.0:8001", "--without-http")["without-http"]
 
 

@@ -45,9 +45,7 @@ with warnings.catch_warnings():
 # -- the real parser ---------------------------------------------------------------------
 
 APP = Celery("scs-test-arguments", set_as_current=False)
-CONTEXT = click.Context(
-    worker_command, info_name="worker", obj=CLIContext(app=APP, no_color=True, workdir=None)
-)
+CONTEXT = click.Context(worker_command, info_name="worker", obj=CLIContext(app=APP, no_color=True, workdir=None))
 PARAMS = {p.name: p for p in worker_command.get_params(CONTEXT)}
 BY_OPTION = {opt: p for p in PARAMS.values() for opt in p.opts}
 
@@ -74,9 +72,9 @@ AGENT = BrokerInfo.from_url("amqp://guest:guest@127.0.0.1:5672//")
 def agent_words(arguments: tuple[str, ...] = ()) -> list[str]:
     """The words after ``worker`` in the agent's own command line."""
     argv = build_argv(
-        InstanceSpec(name="w1", app="foo", broker=AGENT, max_concurrency=4, min_concurrency=2,
-                     arguments=arguments),
-        "/data", "host.example",
+        InstanceSpec(name="w1", app="foo", broker=AGENT, max_concurrency=4, min_concurrency=2, arguments=arguments),
+        "/data",
+        "host.example",
     )
     return argv[argv.index("worker") + 1 :]
 
@@ -188,7 +186,7 @@ REFUSED: list[tuple[list[str], str]] = [
     (["--pool-start-method=forkserver"], "--pool-start-method"),
     # key=value configuration.
     (["accept_content=pickle"], "accept_content"),
-    (["accept_content=(json)[\"pickle\"]"], "accept_content"),
+    (['accept_content=(json)["pickle"]'], "accept_content"),
     (["CELERY_ACCEPT_CONTENT=pickle"], "CELERY_ACCEPT_CONTENT"),
     (["Accept.Content=pickle"], "Accept.Content"),
     (["task_serializer=pickle"], "task_serializer"),
@@ -231,9 +229,7 @@ def test_refused(args: list[str], option: str) -> None:
 
 
 @pytest.mark.parametrize("args, option", REFUSED, ids=[" ".join(a)[:40] for a, _ in REFUSED])
-def test_check_arguments_answers_bad_parameter_naming_the_option(
-    args: list[str], option: str
-) -> None:
+def test_check_arguments_answers_bad_parameter_naming_the_option(args: list[str], option: str) -> None:
     with pytest.raises(BadParameter) as info:
         check_arguments(args)
     assert info.value.details == {"parameter": "arguments", "option": option}
@@ -252,7 +248,10 @@ def test_unknown_option_lists_what_is_allowed() -> None:
 
 def test_string_form_is_split_and_checked() -> None:
     assert check_arguments("-l info -Ofair  --prefetch-multiplier=2") == (
-        "-l", "info", "-Ofair", "--prefetch-multiplier=2",
+        "-l",
+        "info",
+        "-Ofair",
+        "--prefetch-multiplier=2",
     )
     with pytest.raises(BadParameter) as info:
         check_arguments("-l info -En x@y")
@@ -356,8 +355,15 @@ def test_allowed_settings_are_celery_settings() -> None:
 
 
 @pytest.mark.parametrize(
-    "word", ["worker_prefetch_multiplier=2", ".prefetch_multiplier=2", "_PREFETCH_MULTIPLIER=2",
-             "Worker.Prefetch.Multiplier=2", "TASK_ACKS_LATE=no", "task.acks.late=no"]
+    "word",
+    [
+        "worker_prefetch_multiplier=2",
+        ".prefetch_multiplier=2",
+        "_PREFETCH_MULTIPLIER=2",
+        "Worker.Prefetch.Multiplier=2",
+        "TASK_ACKS_LATE=no",
+        "task.acks.late=no",
+    ],
 )
 def test_setting_key_is_celerys(word: str) -> None:
     key = word.split("=", 1)[0]
@@ -410,14 +416,17 @@ SHORT_FLAGS = sorted(n for n, o in ALLOWED_OPTIONS.items() if len(n) == 2 and no
 SHORT_VALUED = sorted(n for n, o in ALLOWED_OPTIONS.items() if len(n) == 2 and o.takes_value)
 LONG_FLAGS = sorted(n for n, o in ALLOWED_OPTIONS.items() if len(n) > 2 and not o.takes_value)
 LONG_VALUED = sorted(n for n, o in ALLOWED_OPTIONS.items() if len(n) > 2 and o.takes_value)
-SETTING_VALUES = {"int": st.integers(1, 1000).map(str), "float": st.sampled_from(("1", "2.5")),
-                  "bool": st.sampled_from(("true", "no", "On", "0"))}
+SETTING_VALUES = {
+    "int": st.integers(1, 1000).map(str),
+    "float": st.sampled_from(("1", "2.5")),
+    "bool": st.sampled_from(("true", "no", "On", "0")),
+}
 
 
 def _spellings(key: str) -> st.SearchStrategy[str]:
     spellings = [key, key.upper(), key.replace("_", ".", 1)]
     if key.startswith("worker_"):
-        spellings += [key[len("worker"):], "." + key[len("worker_"):]]
+        spellings += [key[len("worker") :], "." + key[len("worker_") :]]
     return st.sampled_from(spellings)
 
 
@@ -454,22 +463,35 @@ def allowed_element(draw: Any) -> list[str]:
 # Forbidden: every refused option, unknown ones, refused settings, "--".
 REFUSED_SHORT = sorted(n for n in REFUSED_OPTIONS if len(n) == 2)
 REFUSED_LONG = sorted(n for n in REFUSED_OPTIONS if len(n) > 2)
-FORBIDDEN_SETTINGS = ["accept_content", "CELERY_ACCEPT_CONTENT", "task_serializer",
-                      "result.serializer", "worker_pool", "_pool", "broker_url", "BROKER_HEARTBEAT",
-                      "result_backend", "imports", "include", "task_routes", "worker_concurrency",
-                      "worker_consumer", "worker_state_db", "worker_direct", "beat_scheduler"]
+FORBIDDEN_SETTINGS = [
+    "accept_content",
+    "CELERY_ACCEPT_CONTENT",
+    "task_serializer",
+    "result.serializer",
+    "worker_pool",
+    "_pool",
+    "broker_url",
+    "BROKER_HEARTBEAT",
+    "result_backend",
+    "imports",
+    "include",
+    "task_routes",
+    "worker_concurrency",
+    "worker_consumer",
+    "worker_state_db",
+    "worker_direct",
+    "beat_scheduler",
+]
 
 
 @st.composite
 def forbidden_element(draw: Any) -> list[str]:
-    kind = draw(st.sampled_from(["short", "short-bundled", "long", "long=", "unknown",
-                                 "setting", "bad-value", "end"]))
+    kind = draw(st.sampled_from(["short", "short-bundled", "long", "long=", "unknown", "setting", "bad-value", "end"]))
     flags = "".join(f[1] for f in draw(st.lists(st.sampled_from(SHORT_FLAGS), max_size=2)))
     if kind in ("short", "short-bundled"):
         name = draw(st.sampled_from(REFUSED_SHORT))
         prefix = flags if kind == "short-bundled" else ""
-        return draw(st.sampled_from([[f"-{prefix}{name[1]}", "x"], [f"-{prefix}{name[1]}x"],
-                                     [f"-{prefix}{name[1]}"]]))
+        return draw(st.sampled_from([[f"-{prefix}{name[1]}", "x"], [f"-{prefix}{name[1]}x"], [f"-{prefix}{name[1]}"]]))
     if kind in ("long", "long="):
         name = draw(st.sampled_from(REFUSED_LONG))
         return [f"{name}=x"] if kind == "long=" else [name, "x"]
@@ -495,13 +517,19 @@ def forbidden_element(draw: Any) -> list[str]:
 # Words chosen to hit the parser's corners: dashes, "=", bundles of real
 # short options, settings spelled oddly.
 FUZZ_PIECES = list("-=EOlPcnQDfBsSXIZ._afirINFOkt0129 ") + [
-    "fair", "info", "prefork", "worker", "prefetch", "_multiplier", "acks_late", "gevent", "true",
+    "fair",
+    "info",
+    "prefork",
+    "worker",
+    "prefetch",
+    "_multiplier",
+    "acks_late",
+    "gevent",
+    "true",
 ]
 FUZZ_WORD = st.lists(st.sampled_from(FUZZ_PIECES), min_size=1, max_size=8).map("".join)
 
-PROPERTY_SETTINGS = settings(
-    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+PROPERTY_SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @PROPERTY_SETTINGS
@@ -513,8 +541,7 @@ def test_generated_allowed_lists_are_accepted_and_celery_agrees(elements: list[l
 
 
 @PROPERTY_SETTINGS
-@given(st.lists(st.one_of(allowed_element(), st.lists(FUZZ_WORD, min_size=1, max_size=2)),
-                max_size=6))
+@given(st.lists(st.one_of(allowed_element(), st.lists(FUZZ_WORD, min_size=1, max_size=2)), max_size=6))
 def test_whatever_is_accepted_celery_reads_as_allowed(elements: list[list[str]]) -> None:
     args = [word for element in elements for word in element]
     try:
@@ -542,9 +569,7 @@ def test_a_forbidden_element_anywhere_is_refused(
 
 @PROPERTY_SETTINGS
 @given(st.lists(allowed_element(), max_size=4), st.lists(allowed_element(), max_size=4))
-def test_app_and_instance_arguments_together_are_still_allowed(
-    app: list[list[str]], instance: list[list[str]]
-) -> None:
+def test_app_and_instance_arguments_together_are_still_allowed(app: list[list[str]], instance: list[list[str]]) -> None:
     app_args = [w for e in app for w in e]
     instance_args = [w for e in instance for w in e]
     check_worker_arguments(app_args)

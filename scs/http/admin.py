@@ -288,9 +288,7 @@ class AdminPage(Element):
                 "broker ",
                 tags.code(f"{broker['userid']}@{broker['hostname']}:{broker['port']}/{broker['virtual_host']}"),
             ),
-            tags.div("arguments ", tags.code(" ".join(inst.get("arguments") or ())))
-            if inst.get("arguments")
-            else "",
+            tags.div("arguments ", tags.code(" ".join(inst.get("arguments") or ()))) if inst.get("arguments") else "",
             self.instance_form(
                 inst,
                 "autoscale",
@@ -603,9 +601,7 @@ class Admin:
         try:
             done = await run(fields)
         except SCSError as e:
-            return await self._page(
-                request, e.status, error=e.message, sent=sent, refill={form_id: dict(sent)}
-            )
+            return await self._page(request, e.status, error=e.message, sent=sent, refill={form_id: dict(sent)})
         except Exception:  # noqa: BLE001 - never a stack trace on the page
             log.failure("admin: {form} failed", Failure(), form=form_id)
             return await self._page(request, 500, error="Internal error; see the agent's log.", sent=sent)

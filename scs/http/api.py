@@ -96,15 +96,11 @@ class _UTF8PathGuard(Resource):
                 return write_error(request, BadParameter(message))
         segments = request.path.split(b"/")
         if any(b"/" in unquote_to_bytes(part) for part in segments):
-            return write_error(
-                request, BadParameter("a name in the URL path must not contain '/' (%2F)")
-            )
+            return write_error(request, BadParameter("a name in the URL path must not contain '/' (%2F)"))
         # Werkzeug merges "//", which would turn "PUT /app/instances//" (an
         # empty name) into "create an instance with a random name".
         if b"" in segments[1:-1]:
-            return write_error(
-                request, BadParameter("the URL path has an empty segment: a name is empty")
-            )
+            return write_error(request, BadParameter("the URL path has an empty segment: a name is empty"))
         return self.wrapped.render(request)
 
 
@@ -128,9 +124,7 @@ def endpoint(path: str, *methods: str) -> Callable[[Callable[..., Any]], Callabl
 
         handler.__name__ = f.__name__
         _METHODS.setdefault(path, set()).update(methods)
-        _klein.route(
-            path, methods=list(methods), strict_slashes=False, endpoint=f"{f.__name__}"
-        )(handler)
+        _klein.route(path, methods=list(methods), strict_slashes=False, endpoint=f"{f.__name__}")(handler)
         return f
 
     return register
@@ -187,12 +181,8 @@ class API:
         return await self.agent.app_put(
             v.check_app_name(app),
             broker=v.check_broker_url(params["broker"]) if "broker" in params else None,
-            celery_app=v.check_celery_app(params["celery_app"])
-            if "celery_app" in params
-            else UNSET,
-            arguments=list(v.check_arguments(params["arguments"]))
-            if "arguments" in params
-            else None,
+            celery_app=v.check_celery_app(params["celery_app"]) if "celery_app" in params else UNSET,
+            arguments=list(v.check_arguments(params["arguments"])) if "arguments" in params else None,
         )
 
     @endpoint("/<app>/", "GET")
@@ -212,13 +202,9 @@ class API:
         )
         settings: dict[str, Any] = {}
         if "min_concurrency" in params:
-            settings["min_concurrency"] = v.check_concurrency(
-                params["min_concurrency"], "min_concurrency"
-            )
+            settings["min_concurrency"] = v.check_concurrency(params["min_concurrency"], "min_concurrency")
         if "max_concurrency" in params:
-            settings["max_concurrency"] = v.check_concurrency(
-                params["max_concurrency"], "max_concurrency"
-            )
+            settings["max_concurrency"] = v.check_concurrency(params["max_concurrency"], "max_concurrency")
         else:
             # Asking only for a minimum raises the default maximum with it.
             settings["max_concurrency"] = max(1, settings.get("min_concurrency", 1))
@@ -314,9 +300,7 @@ class API:
 
     @endpoint("/<app>/instances/<name>/queues/<queue>/", "PUT", "POST")
     async def consume(self, params: dict[str, Any], app: str, name: str, queue: str) -> Reply:
-        reply = await self._on_instance(
-            params, "consume", app, name, queue=v.check_queue_name(queue)
-        )
+        reply = await self._on_instance(params, "consume", app, name, queue=v.check_queue_name(queue))
         return Reply(reply.body, status=201, missing=reply.missing)
 
     @endpoint("/<app>/instances/<name>/queues/<queue>/", "DELETE")
@@ -340,17 +324,12 @@ class API:
     @endpoint("/<app>/queues/<name>/", "GET")
     async def queue_get(self, params: dict[str, Any], app: str, name: str) -> Reply:
         v.only(params, ())
-        return await self.agent.queue_operation(
-            "queue_get", v.check_app_name(app), v.check_queue_name(name)
-        )
+        return await self.agent.queue_operation("queue_get", v.check_app_name(app), v.check_queue_name(name))
 
     @endpoint("/<app>/queues/<name>/", "DELETE")
     async def queue_delete(self, params: dict[str, Any], app: str, name: str) -> Reply:
         v.only(params, ())
-        return await self.agent.queue_operation(
-            "queue_delete", v.check_app_name(app), v.check_queue_name(name)
-        )
-
+        return await self.agent.queue_operation("queue_delete", v.check_app_name(app), v.check_queue_name(name))
 
 
 def _method_not_allowed(allowed: set[str]) -> Callable[..., bytes]:
@@ -367,9 +346,7 @@ def _method_not_allowed(allowed: set[str]) -> Callable[..., bytes]:
 
 for _index, (_path, _allowed) in enumerate(sorted(_METHODS.items())):
     _others = [m for m in ALL_METHODS if m not in _allowed and not (m == "HEAD" and "GET" in _allowed)]
-    API.app.route(_path, methods=_others, strict_slashes=False, endpoint=f"405-{_index}")(
-        _method_not_allowed(_allowed)
-    )
+    API.app.route(_path, methods=_others, strict_slashes=False, endpoint=f"405-{_index}")(_method_not_allowed(_allowed))
 
 
 @API.app.handle_errors(HTTPException)

@@ -52,9 +52,7 @@ def read_token_file(path: str) -> str:
     if not token:
         raise TokenFileError(f"the token file {path!r} is empty")
     if len(token) > MAX_TOKEN_LENGTH or not token.isascii() or not token.isprintable():
-        raise TokenFileError(
-            f"the token in {path!r} must be printable ASCII of at most {MAX_TOKEN_LENGTH} characters"
-        )
+        raise TokenFileError(f"the token in {path!r} must be printable ASCII of at most {MAX_TOKEN_LENGTH} characters")
     if len(token) < 16:
         # A short token can be guessed over the network; refuse it rather
         # than give a false sense of safety.

@@ -173,8 +173,7 @@ class HostOriginGuard(Resource):
             return self._refuse(
                 request,
                 400,
-                f"this agent is not served as {hosts[0].decode('ascii', 'replace')!r} "
-                "(see --allowed-host)",
+                f"this agent is not served as {hosts[0].decode('ascii', 'replace')!r} (see --allowed-host)",
             )
         return self._check_origin(request, (host, port))
 
@@ -191,21 +190,13 @@ class HostOriginGuard(Resource):
         if request.method not in SAFE_METHODS:
             fetch_sites = request.requestHeaders.getRawHeaders(b"sec-fetch-site") or []
             if any(s.strip().lower() not in TRUSTED_FETCH_SITES for s in fetch_sites):
-                return self._refuse(
-                    request, 403, "cross-site request refused (Sec-Fetch-Site)", origin=True
-                )
+                return self._refuse(request, 403, "cross-site request refused (Sec-Fetch-Site)", origin=True)
             origins = request.requestHeaders.getRawHeaders(b"origin") or []
-            if len(origins) > 1 or (
-                origins and not self._same_origin(request, origins[0].strip(), authority)
-            ):
-                return self._refuse(
-                    request, 403, "cross-origin request refused (Origin)", origin=True
-                )
+            if len(origins) > 1 or (origins and not self._same_origin(request, origins[0].strip(), authority)):
+                return self._refuse(request, 403, "cross-origin request refused (Origin)", origin=True)
         return self.wrapped.render(request)
 
-    def _same_origin(
-        self, request: IRequest, origin: bytes, authority: tuple[str, int | None] | None
-    ) -> bool:
+    def _same_origin(self, request: IRequest, origin: bytes, authority: tuple[str, int | None] | None) -> bool:
         if authority is None:
             return False  # a browser always sends Host
         try:
@@ -336,8 +327,7 @@ class LimitedChannel(HTTPChannel):
         self.transport.write(
             _raw_answer(
                 b"431 Request Header Fields Too Large",
-                f"the request head is over {self.totalHeadersSize} bytes or "
-                f"{self.maxHeaders} header lines",
+                f"the request head is over {self.totalHeadersSize} bytes or {self.maxHeaders} header lines",
             )
         )
         self._stopReading()
@@ -395,8 +385,7 @@ class ConnectionCap(WrappingFactory):
             self.refused += 1
             if self.refused == 1 or self.refused % 1000 == 0:
                 log.warn(
-                    "HTTP connection cap ({cap}) reached with every connection busy: "
-                    "refused {n} connection(s) so far",
+                    "HTTP connection cap ({cap}) reached with every connection busy: refused {n} connection(s) so far",
                     cap=self.max_connections,
                     n=self.refused,
                 )
@@ -410,8 +399,7 @@ class ConnectionCap(WrappingFactory):
                 self.evicted += 1
                 if self.evicted == 1 or self.evicted % 1000 == 0:
                     log.warn(
-                        "HTTP connection cap ({cap}) reached: closing the oldest idle "
-                        "connections ({n} so far)",
+                        "HTTP connection cap ({cap}) reached: closing the oldest idle connections ({n} so far)",
                         cap=self.max_connections,
                         n=self.evicted,
                     )

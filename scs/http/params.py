@@ -84,9 +84,7 @@ def parse_json(body: bytes) -> Any:
     """A JSON document, as strict as RFC 8259."""
     text = _decode(body, "body")
     try:
-        return json.loads(
-            text, object_pairs_hook=_object_without_repeats, parse_constant=_refuse_constant
-        )
+        return json.loads(text, object_pairs_hook=_object_without_repeats, parse_constant=_refuse_constant)
     except RecursionError:
         raise BadParameter("body is not valid JSON: nested too deep") from None
     except ValueError as e:

@@ -95,18 +95,14 @@ class AgentProcess:
         env = dict(os.environ)
         env.update(self.env or {})
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
+            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         wait_until(self._ready, timeout, what=f"agent {self.agent_id} to answer /ping/")
         return self
 
     def _ready(self) -> bool:
         assert self.process is not None
         if self.process.poll() is not None:
-            raise AssertionError(
-                f"agent exited with {self.process.returncode}:\n{self.log_path.read_text()[-3000:]}"
-            )
+            raise AssertionError(f"agent exited with {self.process.returncode}:\n{self.log_path.read_text()[-3000:]}")
         try:
             return self.request("GET", "/ping/")[0] == 200
         except OSError:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 from celery import Celery
@@ -11,7 +11,7 @@ from celery import Celery
 BROKER = "amqp://guest:guest@127.0.0.1:5672//"
 
 
-@lru_cache(maxsize=None)
+@cache
 def celery_client(broker: str = BROKER) -> Celery:
     return Celery(broker=broker, set_as_current=False)
 

@@ -128,10 +128,7 @@ class PrivateRabbitMQ:
         deadline = time.monotonic() + timeout
         while not (self.answers() and (self.tls_port is None or self.tls_answers())):
             if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"private RabbitMQ exited with {self.process.returncode}; "
-                    f"see {self.out_path}"
-                )
+                raise RuntimeError(f"private RabbitMQ exited with {self.process.returncode}; see {self.out_path}")
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"private RabbitMQ did not answer in {timeout} s")

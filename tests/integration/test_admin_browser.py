@@ -128,8 +128,10 @@ def test_admin_page_drives_a_real_worker(agent: AgentProcess, page: Any) -> None
     row = page.locator(f'tr[data-name="{name}"]')
     assert cell(row, "concurrency") == "2–3"
     wait_until(
-        lambda: (stats(name) or {}).get("autoscaler", {}).get("max") == 3
-        and (stats(name) or {}).get("autoscaler", {}).get("min") == 2,
+        lambda: (
+            (stats(name) or {}).get("autoscaler", {}).get("max") == 3
+            and (stats(name) or {}).get("autoscaler", {}).get("min") == 2
+        ),
         30,
         interval=0.5,
         what="the worker's autoscaler to be 3,2",

@@ -17,18 +17,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_twistd_help_lists_the_plugin() -> None:
-    out = subprocess.run(
-        [str(BIN / "twistd"), "--help"], capture_output=True, text=True, timeout=60, check=True
-    ).stdout
+    out = subprocess.run([str(BIN / "twistd"), "--help"], capture_output=True, text=True, timeout=60, check=True).stdout
     assert "scs-agent" in out
 
 
 @pytest.mark.parametrize("command", ["scs-agent", "twistd"])
 def test_bad_option_exits_non_zero_with_usage(command: str) -> None:
     argv = [str(BIN / command)] + (["-n", "scs-agent"] if command == "twistd" else [])
-    result = subprocess.run(
-        [*argv, "--no-such-option"], capture_output=True, text=True, timeout=60
-    )
+    result = subprocess.run([*argv, "--no-such-option"], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "no-such-option" in result.stderr + result.stdout
 
@@ -71,20 +67,27 @@ def test_plugin_is_found_from_a_normal_install(tmp_path: Path) -> None:
     python = target / "bin" / "python"
     site = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True, text=True, check=True, timeout=60,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     ).stdout.strip()
     # Dependencies come from the test's own environment (no network), but
     # not its editable install of this project: a path line in a .pth file
     # does not process the .pth files of the directory it adds.
     ours = subprocess.run(
         [sys.executable, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True, text=True, check=True, timeout=60,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     ).stdout.strip()
     Path(site, "deps-from-test-env.pth").write_text(ours + "\n")
     subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-         "--no-index", str(REPO)],
-        check=True, timeout=300, cwd=tmp_path,
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index", str(REPO)],
+        check=True,
+        timeout=300,
+        cwd=tmp_path,
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     code = (

@@ -63,16 +63,12 @@ def test_consume_cancel_autoscale_disable_enable_delete(agent: AgentProcess) -> 
     status, body, _ = agent.request("PUT", "/foo/instances/w1", {"max_concurrency": 2})
     assert status == 201, body
     assert agent.request("PUT", "/foo/instances/w1/queues/tasks")[0] == 201
-    wait_until(
-        lambda: "tasks" in {q["name"] for q in active_queues("w1") or []}, 30, what="consume"
-    )
+    wait_until(lambda: "tasks" in {q["name"] for q in active_queues("w1") or []}, 30, what="consume")
     queues = agent.request("GET", "/foo/instances/w1/queues")[1]
     assert "tasks" in queues["queues"]
     assert "tasks" in queues["active"] and "dq.w1" in queues["active"]
     assert agent.request("DELETE", "/foo/instances/w1/queues/tasks")[0] == 200
-    wait_until(
-        lambda: "tasks" not in {q["name"] for q in active_queues("w1") or []}, 30, what="cancel"
-    )
+    wait_until(lambda: "tasks" not in {q["name"] for q in active_queues("w1") or []}, 30, what="cancel")
     assert "dq.w1" in {q["name"] for q in active_queues("w1") or []}
 
     assert agent.request("POST", "/foo/instances/w1/autoscale", {"max": 4, "min": 2})[0] == 200
@@ -81,8 +77,7 @@ def test_consume_cancel_autoscale_disable_enable_delete(agent: AgentProcess) -> 
         stats = inspect("w1").stats() or {}
         return stats.get(node_name("w1"), {}).get("autoscaler", {})
 
-    wait_until(lambda: (autoscaler().get("max"), autoscaler().get("min")) == (4, 2), 30,
-               what="autoscale")
+    wait_until(lambda: (autoscaler().get("max"), autoscaler().get("min")) == (4, 2), 30, what="autoscale")
     assert agent.request("GET", "/foo/instances/w1/stats")[1]["autoscaler"]["max"] == 4
 
     pid = agent.request("GET", "/foo/instances/w1")[1]["pid"]
@@ -105,14 +100,11 @@ def test_agent_crash_then_restart_keeps_one_worker_per_name(tmp_path: Path) -> N
         for name in names:
             assert ping(name)
         first.kill()  # kill -9: the workers are left running
-        second = AgentProcess(
-            directory, "agent1", "--without-srs", "--interval", "1", port=first.port
-        ).start()
+        second = AgentProcess(directory, "agent1", "--without-srs", "--interval", "1", port=first.port).start()
         try:
             for name in names:
                 wait_until(
-                    lambda: second.request("GET", f"/foo/instances/{name}")[1]["state"]
-                    == "running",
+                    lambda: second.request("GET", f"/foo/instances/{name}")[1]["state"] == "running",
                     60,
                     what=f"{name} to run again",
                 )
@@ -139,9 +131,7 @@ def test_sigterm_stops_workers_then_the_agent(agent: AgentProcess) -> None:
 def test_broker_outage_restarts_nothing(tmp_path: Path) -> None:
     broker = PrivateRabbitMQ(tmp_path / "rabbit")
     broker.start()
-    agent = AgentProcess(
-        tmp_path / "agent1", "agent1", "--without-srs", "--interval", "1", "-b", broker.url
-    )
+    agent = AgentProcess(tmp_path / "agent1", "agent1", "--without-srs", "--interval", "1", "-b", broker.url)
     try:
         agent.start()
         names = []

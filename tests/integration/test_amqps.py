@@ -19,9 +19,7 @@ from tests.integration.agents import AgentProcess, kill_leftover_workers, wait_u
 from tests.integration.celery_probe import node_name
 from tests.integration.rabbitmq_node import PrivateRabbitMQ, available, make_ca
 
-pytestmark = pytest.mark.skipif(
-    not available(), reason="needs rabbitmq-server installed and root (a private TLS node)"
-)
+pytestmark = pytest.mark.skipif(not available(), reason="needs rabbitmq-server installed and root (a private TLS node)")
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +55,15 @@ def test_agents_and_workers_on_an_amqps_broker(broker: PrivateRabbitMQ, tmp_path
     env = {"SSL_CERT_FILE": str(broker.ca_path)}
     agents = [
         AgentProcess(
-            tmp_path / f"agent{i}", f"agent{i}", "--cluster", cluster, "-b", broker.tls_url,
-            "--interval", "1", env=env,
+            tmp_path / f"agent{i}",
+            f"agent{i}",
+            "--cluster",
+            cluster,
+            "-b",
+            broker.tls_url,
+            "--interval",
+            "1",
+            env=env,
         )
         for i in (1, 2)
     ]
@@ -104,13 +109,21 @@ def test_an_untrusted_broker_certificate_is_refused(broker: PrivateRabbitMQ, tmp
     # the TLS failure is logged, and no fallback to plain AMQP.
     other_ca, _, _ = make_ca(tmp_path / "other-ca", "not the broker's CA")
     agent = AgentProcess(
-        tmp_path / "untrusting", "untrusting", "--cluster", f"amqps-{uuid.uuid4().hex[:8]}",
-        "-b", broker.tls_url, "--interval", "1", env={"SSL_CERT_FILE": str(other_ca)},
+        tmp_path / "untrusting",
+        "untrusting",
+        "--cluster",
+        f"amqps-{uuid.uuid4().hex[:8]}",
+        "-b",
+        broker.tls_url,
+        "--interval",
+        "1",
+        env={"SSL_CERT_FILE": str(other_ca)},
     )
     try:
         agent.start()
         wait_until(
-            lambda: "certificate verify failed" in agent.log_text(), 30,
+            lambda: "certificate verify failed" in agent.log_text(),
+            30,
             what="the agent to log the TLS failure",
         )
         assert alive(agent) == set()  # not even itself: it is cut off from the cluster

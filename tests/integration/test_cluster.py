@@ -25,9 +25,7 @@ HEARTBEAT = 2.0  # SRS's default heartbeat period
 
 def start_cluster(root: Path, cluster: str, count: int, *extra: str) -> list[AgentProcess]:
     agents = [
-        AgentProcess(
-            root / f"agent{i}", f"agent{i}", "--cluster", cluster, "--interval", "1", *extra
-        )
+        AgentProcess(root / f"agent{i}", f"agent{i}", "--cluster", cluster, "--interval", "1", *extra)
         for i in range(1, count + 1)
     ]
     for agent in agents:
@@ -89,9 +87,7 @@ def test_thirty_creations_spread_and_listed_everywhere(cluster: list[AgentProces
         mine = set(agent.request("GET", "/spread/instances/")[1]) & set(
             n for n in names if cluster[0].request("GET", f"/spread/instances/{n}")[1]["agent"] == agent.agent_id
         )
-        wait_until(
-            lambda: mine <= set(worker_pids(agent.directory)), 240, what="workers to start"
-        )
+        wait_until(lambda: mine <= set(worker_pids(agent.directory)), 240, what="workers to start")
     assert cluster[1].request("DELETE", "/spread/")[0] == 200
     for agent in cluster:
         assert agent.request("GET", "/spread/instances/")[1] == []
@@ -123,10 +119,7 @@ def test_operations_through_a_non_owner(cluster: list[AgentProcess]) -> None:
         "min": 1,
     }
     wait_until(
-        lambda: (other.request("GET", "/foo/instances/remote-1/stats")[1] or {})
-        .get("autoscaler", {})
-        .get("max")
-        == 3,
+        lambda: (other.request("GET", "/foo/instances/remote-1/stats")[1] or {}).get("autoscaler", {}).get("max") == 3,
         30,
         what="autoscale through a non-owner",
     )
@@ -149,9 +142,12 @@ def test_operations_through_a_non_owner(cluster: list[AgentProcess]) -> None:
 
 def test_queue_declared_on_one_agent_used_on_another(cluster: list[AgentProcess]) -> None:
     agent1, agent2, agent3 = cluster
-    assert agent2.request(
-        "PUT", "/foo/queues/images", {"exchange": "media", "routing_key": "img.*", "exchange_type": "topic"}
-    )[0] == 201
+    assert (
+        agent2.request(
+            "PUT", "/foo/queues/images", {"exchange": "media", "routing_key": "img.*", "exchange_type": "topic"}
+        )[0]
+        == 201
+    )
     assert "images" in agent1.request("GET", "/foo/queues/")[1]
     assert agent1.request("GET", "/foo/queues/images")[1]["exchange"] == "media"
     # An instance on agent3, created there by name, told through agent1.
@@ -177,16 +173,12 @@ def test_queue_declared_on_one_agent_used_on_another(cluster: list[AgentProcess]
 def test_apps_are_replicated_also_to_a_later_agent(cluster: list[AgentProcess], tmp_path: Path) -> None:
     assert cluster[1].request("PUT", "/replicated/", {"celery_app": "proj.tasks:app"})[0] == 201
     for agent in cluster:
-        wait_until(
-            lambda: agent.request("GET", "/replicated/")[0] == 200, 10, what="app replication"
-        )
+        wait_until(lambda: agent.request("GET", "/replicated/")[0] == 200, 10, what="app replication")
     cluster_name = cluster[0].extra[1]
     late = AgentProcess(tmp_path / "agent4", "agent4", "--cluster", cluster_name)
     try:
         late.start()
-        wait_until(
-            lambda: late.request("GET", "/replicated/")[0] == 200, 4 * HEARTBEAT, what="late copy"
-        )
+        wait_until(lambda: late.request("GET", "/replicated/")[0] == 200, 4 * HEARTBEAT, what="late copy")
         # Its own store has it, not just a forwarded answer.
         members = {m["id"] for m in late.request("GET", "/agents/")[1]}
         assert members >= {"agent1", "agent2", "agent3", "agent4"}
@@ -233,9 +225,7 @@ def test_killed_agent_is_missing_then_dead(tmp_path: Path) -> None:
         status, _, headers = agent1.request("GET", "/foo/instances/")
         assert time.monotonic() - started < 1.0
         assert headers.get("X-SCS-Missing-Agents") == "agent3"
-        wait_until(
-            lambda: all_alive(agent1, {"agent1", "agent2"}), 3 * HEARTBEAT + 2, what="agent3 dead"
-        )
+        wait_until(lambda: all_alive(agent1, {"agent1", "agent2"}), 3 * HEARTBEAT + 2, what="agent3 dead")
         started = time.monotonic()
         status, _, headers = agent1.request("GET", "/foo/instances/")
         assert time.monotonic() - started < 1.0

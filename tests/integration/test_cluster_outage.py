@@ -23,8 +23,14 @@ def test_agents_reconnect_after_a_broker_restart(tmp_path: Path) -> None:
     cluster = f"outage-{uuid.uuid4().hex[:8]}"
     agents = [
         AgentProcess(
-            tmp_path / f"agent{i}", f"agent{i}", "--cluster", cluster, "-b", broker.url,
-            "--interval", "1",
+            tmp_path / f"agent{i}",
+            f"agent{i}",
+            "--cluster",
+            cluster,
+            "-b",
+            broker.url,
+            "--interval",
+            "1",
         )
         for i in (1, 2, 3)
     ]
@@ -40,14 +46,10 @@ def test_agents_reconnect_after_a_broker_restart(tmp_path: Path) -> None:
             wait_until(lambda: alive(agent) == ids, 2 * HEARTBEAT + 5, what="membership")
         # One instance per agent: listings have something from each.
         for agent in agents:
-            status, body, _ = agent.request(
-                "PUT", f"/foo/instances/{agent.agent_id}-w", {"nowait": True}
-            )
+            status, body, _ = agent.request("PUT", f"/foo/instances/{agent.agent_id}-w", {"nowait": True})
             assert status in (201, 202), body
         names = {f"{a.agent_id}-w" for a in agents}
-        owners = {
-            n: agents[0].request("GET", f"/foo/instances/{n}")[1]["agent"] for n in names
-        }
+        owners = {n: agents[0].request("GET", f"/foo/instances/{n}")[1]["agent"] for n in names}
 
         broker.stop()
         agent1 = agents[0]

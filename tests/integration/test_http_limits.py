@@ -172,9 +172,7 @@ def _recv_all(s: socket.socket, timeout: float) -> bytes:
 def test_a_20kb_header_gets_a_json_431(agents) -> None:
     agent = agents("--without-srs")
     with socket.create_connection(("127.0.0.1", agent.port), timeout=10) as s:
-        s.sendall(
-            b"GET /ping/ HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 20 * 1024 + b"\r\n\r\n"
-        )
+        s.sendall(b"GET /ping/ HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 20 * 1024 + b"\r\n\r\n")
         answer = _recv_all(s, 10)
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 431 "), answer[:300]
@@ -185,8 +183,10 @@ def test_a_20kb_header_gets_a_json_431(agents) -> None:
 
 def test_idle_and_silent_connections_are_closed_on_time(agents) -> None:
     agent = agents("--without-srs", "--http-idle-timeout", "1", "--http-header-timeout", "2")
-    with socket.create_connection(("127.0.0.1", agent.port), timeout=10) as kept, \
-            socket.create_connection(("127.0.0.1", agent.port), timeout=10) as silent:
+    with (
+        socket.create_connection(("127.0.0.1", agent.port), timeout=10) as kept,
+        socket.create_connection(("127.0.0.1", agent.port), timeout=10) as silent,
+    ):
         kept.sendall(b"GET /ping/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         kept.settimeout(10)
         first = kept.recv(65536)

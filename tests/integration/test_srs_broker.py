@@ -16,7 +16,8 @@ import socket
 import subprocess
 import tempfile
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet import defer, reactor, task
 from twisted.internet.defer import Deferred
@@ -88,7 +89,10 @@ class MembershipTests(SRSBrokerTestCase):
         self.assertLessEqual(took, 2 * INTERVAL)
         await sleep(1.5 * INTERVAL)  # a heartbeat later, the summaries have arrived
         rows = agents[0].members()
-        self.assertEqual([(r["id"], r["alive"], r["instances"]) for r in rows], [("agent1", True, 0), ("agent2", True, 1), ("agent3", True, 2)])
+        self.assertEqual(
+            [(r["id"], r["alive"], r["instances"]) for r in rows],
+            [("agent1", True, 0), ("agent2", True, 1), ("agent3", True, 2)],
+        )
         self.assertTrue(all(isinstance(r["last_seen"], float) and r["last_seen"] > time.time() - 5 for r in rows))
 
     async def test_stopped_peer_says_bye(self) -> None:
@@ -177,7 +181,10 @@ class RequestTests(SRSBrokerTestCase):
 
         a2.handler = refuse
         results, missing = await a1.scatter("get", {})
-        self.assertEqual((results["агент-2"].message, results["агент-2"].details), ("no instance wörker-ü1", {"instance": "wörker-ü1"}))
+        self.assertEqual(
+            (results["агент-2"].message, results["агент-2"].details),
+            ("no instance wörker-ü1", {"instance": "wörker-ü1"}),
+        )
         self.assertEqual([r["id"] for r in a2.members()], ["agënt-1", "агент-2"])
 
     async def test_two_clusters_on_one_broker(self) -> None:
@@ -211,7 +218,7 @@ class PrivateBroker:
         try:
             self.user = pwd.getpwnam("rabbitmq")
         except KeyError:
-            raise SkipTest("no rabbitmq user")
+            raise SkipTest("no rabbitmq user") from None
         self.dir = tempfile.mkdtemp(prefix="scs-rabbit-")
         self.port = _free_port()
         self.dist_port = _free_port()
@@ -226,7 +233,7 @@ class PrivateBroker:
         for name, text in files.items():
             with open(os.path.join(self.dir, name), "w") as f:
                 f.write(text)
-        for root, dirs, names in os.walk(self.dir):
+        for root, _dirs, names in os.walk(self.dir):
             for name in [root] + [os.path.join(root, n) for n in names]:
                 os.chown(name, self.user.pw_uid, self.user.pw_gid)
         self.env = {
@@ -244,7 +251,7 @@ class PrivateBroker:
             "RABBITMQ_PID_FILE": os.path.join(self.dir, "pid"),
             "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
         }
-        self.process: Optional[subprocess.Popen] = None
+        self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
         log = open(os.path.join(self.dir, "server.log"), "ab")
@@ -271,9 +278,7 @@ class PrivateBroker:
         # rabbitmqctl as root runs itself as the rabbitmq user; off the reactor thread.
         from twisted.internet.threads import deferToThread
 
-        await deferToThread(
-            subprocess.run, ["rabbitmqctl", "-n", self.node, "stop"], capture_output=True, timeout=60
-        )
+        await deferToThread(subprocess.run, ["rabbitmqctl", "-n", self.node, "stop"], capture_output=True, timeout=60)
         process = self.process
         await wait_until(lambda: process.poll() is not None, 30, "private broker stopped")
 
@@ -318,7 +323,9 @@ class PrivateBrokerRestartTests(SRSBrokerTestCase):
 
         broker.start()
         await broker.ready()
-        await wait_until(lambda: a1.live_agents() == a2.live_agents() == ["agent1", "agent2"], 20, "cluster whole again")
+        await wait_until(
+            lambda: a1.live_agents() == a2.live_agents() == ["agent1", "agent2"], 20, "cluster whole again"
+        )
         await wait_until(lambda: reconnections == ["up", "up"], INTERVAL, "connected callbacks run again")
         self.assertEqual((await a1.call("agent2", "get", {}))["agent"], "agent2")
         results, missing = await a2.scatter("list", {})

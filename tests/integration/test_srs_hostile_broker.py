@@ -26,8 +26,9 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import amqp
 import pytest
@@ -59,9 +60,7 @@ def start_agents(root: Path, cluster: str, ids: list[str], *extra: str) -> list[
     agents = []
     try:
         for agent_id in ids:
-            agent = AgentProcess(
-                root / agent_id, agent_id, "--cluster", cluster, "--interval", "1", *extra
-            )
+            agent = AgentProcess(root / agent_id, agent_id, "--cluster", cluster, "--interval", "1", *extra)
             agents.append(agent)
             agent.start()
     except BaseException:
@@ -220,7 +219,7 @@ def create_on(
     """Create a named instance through ``via`` until placement puts it on
     ``target`` (placement is random among live agents); misplaced ones are
     deleted.  Returns (name, instance JSON)."""
-    for i in range(tries):
+    for _ in range(tries):
         name = f"{path_prefix.rsplit('/', 1)[-1]}-{uuid.uuid4().hex[:6]}"
         path = f"{path_prefix.rsplit('/', 1)[0]}/{name}/"
         status, body, _ = via.request("PUT", path + "?nowait=1", params)
@@ -251,9 +250,7 @@ def signed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         stop_all(agents)
 
 
-def test_signed_cluster_works_and_passwords_never_cross_in_clear(
-    signed: dict[str, Any], attacker: Attacker
-) -> None:
+def test_signed_cluster_works_and_passwords_never_cross_in_clear(signed: dict[str, Any], attacker: Attacker) -> None:
     agent1, agent2 = signed["agents"]
     fanout = attacker.listen_fanout()
     to_agent1 = attacker.listen_direct("agent1")
@@ -373,9 +370,7 @@ def test_captured_create_replayed_is_not_run_again(signed: dict[str, Any], attac
     assert own_count(agent2) == count - 1
     before = {a.agent_id: rejected(a) for a in (agent1, agent2)}
     for message in captured:
-        properties = {
-            k: message.properties[k] for k in ("reply_to", "correlation_id") if k in message.properties
-        }
+        properties = {k: message.properties[k] for k in ("reply_to", "correlation_id") if k in message.properties}
         attacker.publish(message.body, to="agent2", **properties)
         # The same request sent to another agent than the one it names.
         attacker.publish(message.body, to="agent1", **properties)

@@ -24,8 +24,7 @@ COMMANDS = {
 def run_agent(command: str, directory: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     """Start an agent that is expected to stop by itself at start."""
     return subprocess.run(
-        [*COMMANDS[command], f":{free_port()}", "-i", "agent1", "-D", str(directory),
-         "--without-srs", *extra],
+        [*COMMANDS[command], f":{free_port()}", "-i", "agent1", "-D", str(directory), "--without-srs", *extra],
         capture_output=True,
         text=True,
         timeout=60,

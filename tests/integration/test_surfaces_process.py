@@ -119,10 +119,12 @@ def test_counters_move_when_a_worker_is_created_killed_and_restarted(agent: Agen
     os.kill(instance["pid"], signal.SIGKILL)
     wait_until(lambda: not pid_alive(instance["pid"]), 10, what="the killed worker to die")
     killed = wait_until(
-        lambda: (s := scrape(agent))
-        and value(s, "scs_instance_restarts_total", app="foo", instance=name) == 1
-        and value(s, "scs_instances", state="running") == 1
-        and s,
+        lambda: (
+            (s := scrape(agent))
+            and value(s, "scs_instance_restarts_total", app="foo", instance=name) == 1
+            and value(s, "scs_instances", state="running") == 1
+            and s
+        ),
         30,
         interval=0.25,
         what="the restart to show in /metrics",
@@ -134,9 +136,7 @@ def test_counters_move_when_a_worker_is_created_killed_and_restarted(agent: Agen
     # Restarted through the API.
     assert call(agent, "POST", f"/foo/instances/{name}/restart")[0] == 200
     restarted = wait_until(
-        lambda: (s := scrape(agent))
-        and value(s, "scs_instance_restarts_total", app="foo", instance=name) == 2
-        and s,
+        lambda: (s := scrape(agent)) and value(s, "scs_instance_restarts_total", app="foo", instance=name) == 2 and s,
         30,
         interval=0.25,
         what="the API restart to show in /metrics",
@@ -146,4 +146,7 @@ def test_counters_move_when_a_worker_is_created_killed_and_restarted(agent: Agen
     assert call(agent, "DELETE", f"/foo/instances/{name}/")[0] == 200
     deleted = scrape(agent)
     assert sum(value(deleted, "scs_instances", state=state) for state in ("running", "starting")) == 0
-    assert value(deleted, "scs_worker_exits_total", how="signal") + value(deleted, "scs_worker_exits_total", how="code") == 3
+    assert (
+        value(deleted, "scs_worker_exits_total", how="signal") + value(deleted, "scs_worker_exits_total", how="code")
+        == 3
+    )

@@ -28,8 +28,19 @@ def tls_agent(tmp_path: Path):
     endpoint = f"ssl:{port}:privateKey={key}:certKey={cert}:interface=127.0.0.1"
     log = open(tmp_path / "agent.log", "wb")
     process = subprocess.Popen(
-        [str(BIN / "scs-agent"), "--http", endpoint, "-i", "tls1", "-D", str(tmp_path / "tls1"),
-         "--cluster", f"tls-{uuid.uuid4().hex[:8]}", "--interval", "1"],
+        [
+            str(BIN / "scs-agent"),
+            "--http",
+            endpoint,
+            "-i",
+            "tls1",
+            "-D",
+            str(tmp_path / "tls1"),
+            "--cluster",
+            f"tls-{uuid.uuid4().hex[:8]}",
+            "--interval",
+            "1",
+        ],
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,

@@ -8,17 +8,16 @@ wait is bounded; every worker process seen is killed by pid in cleanup.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from celery import Celery
@@ -29,9 +28,9 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.trial.unittest import SkipTest, TestCase
 
-from scs.records import BrokerInfo, InstanceSpec, QueueBinding
 from scs.control import CeleryControl
 from scs.leftovers import ProcessTable, is_worker_for
+from scs.records import BrokerInfo, InstanceSpec, QueueBinding
 from scs.supervisor import SupervisionPolicy, Supervisor
 from scs.worker import build_argv
 
@@ -70,13 +69,13 @@ def alive(pid: int) -> bool:
     return TABLE.cmdline(pid) is not None
 
 
-
 def tmpdir(tc) -> str:
     """A fresh directory under the system temp dir, removed after the test
     (trial's mktemp() would put it in the current directory under pytest)."""
     d = tempfile.mkdtemp(prefix="scs-test-")
     tc.addCleanup(shutil.rmtree, d, True)
     return d
+
 
 class _WorkerTestCase(TestCase):
     """Set-up, clean-up and helpers; the tests are in the subclasses."""
@@ -210,9 +209,7 @@ class _WorkerTestCase(TestCase):
         return pid
 
 
-
 class WorkerIntegrationTests(_WorkerTestCase):
-
     async def test_start_answers_celery_ping(self) -> None:
         s = self.spec()
         self.specs = [s]
@@ -400,7 +397,6 @@ class WorkerIntegrationTests(_WorkerTestCase):
         self.assertTrue([e for e in self.events if e.get("event") == "leftover"])
 
 
-
 class BrokerOutageTests(_WorkerTestCase):
     """A private RabbitMQ node (never the shared one) is stopped and started
     again under a running worker."""
@@ -411,7 +407,7 @@ class BrokerOutageTests(_WorkerTestCase):
         try:
             from tests.integration.rabbitmq_node import PrivateRabbitMQ, available
         except ImportError as e:
-            raise SkipTest(f"private RabbitMQ helper not importable: {e}")
+            raise SkipTest(f"private RabbitMQ helper not importable: {e}") from None
         if not available():
             raise SkipTest("needs rabbitmq-server installed and root")
         base = tmpdir(self)
@@ -429,9 +425,7 @@ class BrokerOutageTests(_WorkerTestCase):
 
         await self.in_thread(broker.stop)
         down_at = time.monotonic()
-        await self.until(
-            lambda: [e for e in self.events if e.get("event") == "broker.down"], 10, "broker.down"
-        )
+        await self.until(lambda: [e for e in self.events if e.get("event") == "broker.down"], 10, "broker.down")
         # Well past max_missed_pings wake-ups without the broker.
         await deferLater(reactor, 5.0, lambda: None)
         self.assertEqual(sup.status(s.name).pid, pid)
@@ -443,7 +437,7 @@ class BrokerOutageTests(_WorkerTestCase):
             client = Celery(broker=broker.url, set_as_current=False)
             try:
                 return bool(client.control.ping(destination=[node], timeout=0.5))
-            except Exception:
+            except Exception:  # noqa: BLE001 - any failure to ping is "not answering"
                 return False
             finally:
                 client.close()
@@ -456,9 +450,7 @@ class BrokerOutageTests(_WorkerTestCase):
         self.assertEqual(sup.status(s.name).pid, pid)
         self.assertEqual(sup.status(s.name).restarts, 0)
         self.assertFalse([e for e in self.events if e.get("event") == "unresponsive.kill"])
-        await self.until(
-            lambda: [e for e in self.events if e.get("event") == "broker.up"], 10, "broker.up"
-        )
+        await self.until(lambda: [e for e in self.events if e.get("event") == "broker.up"], 10, "broker.up")
         # Once the worker answers again the supervisor sees it running.
         await self.until(lambda: sup.status(s.name).state == "running", 10, "running again")
         self.assertEqual(sup.status(s.name).pid, pid)

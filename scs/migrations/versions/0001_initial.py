@@ -30,9 +30,7 @@ def upgrade() -> None:
         "node",
         sa.Column("id", sa.Integer, primary_key=True),
         sa.Column("name", sa.String(64), nullable=False, unique=True),
-        sa.Column(
-            "app_id", sa.Integer, sa.ForeignKey("app.id", ondelete="CASCADE"), nullable=False
-        ),
+        sa.Column("app_id", sa.Integer, sa.ForeignKey("app.id", ondelete="CASCADE"), nullable=False),
         sa.Column("broker_id", sa.Integer, sa.ForeignKey("broker.id"), nullable=True),
         sa.Column("max_concurrency", sa.Integer, nullable=False),
         sa.Column("min_concurrency", sa.Integer, nullable=False),
@@ -42,9 +40,7 @@ def upgrade() -> None:
     op.create_table(
         "queue",
         sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column(
-            "app_id", sa.Integer, sa.ForeignKey("app.id", ondelete="CASCADE"), nullable=False
-        ),
+        sa.Column("app_id", sa.Integer, sa.ForeignKey("app.id", ondelete="CASCADE"), nullable=False),
         sa.Column("name", sa.String(200), nullable=False),
         sa.Column("exchange", sa.String(200), nullable=False),
         sa.Column("routing_key", sa.String(200), nullable=False),
@@ -55,9 +51,7 @@ def upgrade() -> None:
     op.create_table(
         "consumption",
         sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column(
-            "node_id", sa.Integer, sa.ForeignKey("node.id", ondelete="CASCADE"), nullable=False
-        ),
+        sa.Column("node_id", sa.Integer, sa.ForeignKey("node.id", ondelete="CASCADE"), nullable=False),
         sa.Column("queue_name", sa.String(200), nullable=False),
         sa.Column("exchange", sa.String(200), nullable=False),
         sa.Column("routing_key", sa.String(200), nullable=False),

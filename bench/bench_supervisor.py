@@ -104,9 +104,20 @@ class Agent:
         self.port = free_port()
         self.log = open(directory / "agent.log", "ab")
         self.process = subprocess.Popen(
-            [str(BIN / "scs-agent"), f":{self.port}", "-i", "bench", "-D", str(directory / "data"),
-             "--without-srs", "--interval", "5"],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(BIN / "scs-agent"),
+                f":{self.port}",
+                "-i",
+                "bench",
+                "-D",
+                str(directory / "data"),
+                "--without-srs",
+                "--interval",
+                "5",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         deadline = time.monotonic() + 30
         while True:
@@ -122,7 +133,9 @@ class Agent:
     def request(self, method: str, path: str, params: dict[str, Any] | None = None) -> tuple[int, Any]:
         data = json.dumps(params).encode() if params is not None else None
         req = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}{path}", data=data, method=method,
+            f"http://127.0.0.1:{self.port}{path}",
+            data=data,
+            method=method,
             headers={"Content-Type": "application/json"} if data else {},
         )
         try:
@@ -144,7 +157,7 @@ class Agent:
 def ready_row(agent: Agent, app: str, repeat: int, work: Path) -> tuple[float, float]:
     """Median seconds to a first answer: (agent PUT, same argv by hand)."""
     agent_times, hand_times = [], []
-    for i in range(repeat):
+    for _ in range(repeat):
         name = f"rd{uuid.uuid4().hex[:8]}"
         t0 = time.monotonic()
         status, body = agent.request("PUT", f"/{app}/instances/{name}/")
@@ -176,8 +189,21 @@ def by_hand_defaults(repeat: int, work: Path) -> float:
     times = []
     for _ in range(repeat):
         name = f"hm{uuid.uuid4().hex[:8]}"
-        argv = [sys.executable, "-m", "celery", "-b", BROKER, "worker", "-n", f"{name}@{HOST}",
-                "-Q", f"dq.{name}", "--autoscale=1,1", "--logfile", str(work / f"{name}.log")]
+        argv = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-b",
+            BROKER,
+            "worker",
+            "-n",
+            f"{name}@{HOST}",
+            "-Q",
+            f"dq.{name}",
+            "--autoscale=1,1",
+            "--logfile",
+            str(work / f"{name}.log"),
+        ]
         t0 = time.monotonic()
         p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         times.append(wait_ping(f"{name}@{HOST}") - t0)
@@ -224,8 +250,9 @@ def crash_supervisord(repeat: int, work: Path, argv_like: list[str]) -> float:
         f"[program:{name}]\ncommand={shlex.join(argv)}\nautorestart=true\nstartsecs=0\n"
         f"stopwaitsecs=10\nredirect_stderr=true\nstdout_logfile={d}/worker.out\n"
     )
-    sd = subprocess.Popen([str(BIN / "supervisord"), "-c", str(conf)],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sd = subprocess.Popen(
+        [str(BIN / "supervisord"), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     times = []
     try:
         for _ in range(repeat):
@@ -252,8 +279,8 @@ def wake_rows(sizes: list[int], work: Path) -> list[tuple[int, float, float]]:
     from twisted.internet.defer import ensureDeferred
 
     from scs.control import CeleryControl
-    from scs.records import BrokerInfo, InstanceSpec
     from scs.leftovers import ProcessTable
+    from scs.records import BrokerInfo, InstanceSpec
     from scs.supervisor import SupervisionPolicy, Supervisor
 
     class Counting(CeleryControl):
@@ -275,11 +302,16 @@ def wake_rows(sizes: list[int], work: Path) -> list[tuple[int, float, float]]:
 
     async def run() -> None:
         for n in sizes:
-            specs = [InstanceSpec(name=f"wk{uuid.uuid4().hex[:6]}", app="bench", broker=broker)
-                     for _ in range(n)]
-            sup = Supervisor(lambda: specs, str(work / f"wake{n}"), reactor=reactor,
-                             policy=SupervisionPolicy(interval=3600.0), control=Counting(reactor),
-                             spawner=reactor, process_table=ProcessTable())
+            specs = [InstanceSpec(name=f"wk{uuid.uuid4().hex[:6]}", app="bench", broker=broker) for _ in range(n)]
+            sup = Supervisor(
+                lambda specs=specs: specs,
+                str(work / f"wake{n}"),
+                reactor=reactor,
+                policy=SupervisionPolicy(interval=3600.0),
+                control=Counting(reactor),
+                spawner=reactor,
+                process_table=ProcessTable(),
+            )
             sup.startService()
             try:
                 for s in specs:
@@ -330,34 +362,71 @@ def main() -> None:
         assert agent.request("PUT", "/bench/")[0] == 201
         assert agent.request("PUT", "/benchng/", {"arguments": ["--without-gossip"]})[0] == 201
         a, h = ready_row(agent, "bench", args.repeat, work)
-        rows.append(("instance ready (agent default: --without-mingle)", f"{a:.3f} s",
-                     f"{h:.3f} s by hand", f"{a / h:.2f}", "<= 1.10"))
+        rows.append(
+            (
+                "instance ready (agent default: --without-mingle)",
+                f"{a:.3f} s",
+                f"{h:.3f} s by hand",
+                f"{a / h:.2f}",
+                "<= 1.10",
+            )
+        )
         a, h = ready_row(agent, "benchng", args.repeat, work)
-        rows.append(("instance ready, --without-mingle --without-gossip", f"{a:.3f} s",
-                     f"{h:.3f} s by hand", f"{a / h:.2f}", "<= 1.10"))
+        rows.append(
+            (
+                "instance ready, --without-mingle --without-gossip",
+                f"{a:.3f} s",
+                f"{h:.3f} s by hand",
+                f"{a / h:.2f}",
+                "<= 1.10",
+            )
+        )
         m = by_hand_defaults(args.repeat, work)
         rows.append(("  reference: by hand, Celery defaults (mingle, gossip)", "", f"{m:.3f} s", "", ""))
         c = crash_agent(agent, "bench", min(args.repeat, 3))
     finally:
         agent.stop()
-    argv = [sys.executable, "-m", "celery", "-b", BROKER, "worker", "-n", f"NAME@{HOST}",
-            "-Q", "dq.NAME", "--autoscale=1,1", "--pidfile", "DIR/worker.pid",
-            "--logfile", "DIR/worker.log", "--without-mingle"]
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-b",
+        BROKER,
+        "worker",
+        "-n",
+        f"NAME@{HOST}",
+        "-Q",
+        "dq.NAME",
+        "--autoscale=1,1",
+        "--pidfile",
+        "DIR/worker.pid",
+        "--logfile",
+        "DIR/worker.log",
+        "--without-mingle",
+    ]
     s = crash_supervisord(min(args.repeat, 3), work, argv)
-    rows.append(("crash recovery (kill -9 until it answers)", f"{c:.3f} s",
-                 f"{s:.3f} s supervisord", f"{c / s:.2f}", "<= 1.0"))
+    rows.append(
+        ("crash recovery (kill -9 until it answers)", f"{c:.3f} s", f"{s:.3f} s supervisord", f"{c / s:.2f}", "<= 1.0")
+    )
     for n, wall, trips in wake_rows(sizes, work):
-        rows.append((f"one wake-up, {n} instance(s)", f"{wall * 1000:.1f} ms",
-                     f"{trips:g} round trips", "", "< 1 s; trips constant"))
+        rows.append(
+            (
+                f"one wake-up, {n} instance(s)",
+                f"{wall * 1000:.1f} ms",
+                f"{trips:g} round trips",
+                "",
+                "< 1 s; trips constant",
+            )
+        )
 
     header = ("measurement", "agent", "reference", "ratio", "target")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
     line = "+".join("-" * (w + 2) for w in widths)
     print(line)
-    print("|".join(f" {h:<{w}} " for h, w in zip(header, widths)))
+    print("|".join(f" {h:<{w}} " for h, w in zip(header, widths, strict=True)))
     print(line)
     for r in rows:
-        print("|".join(f" {c:<{w}} " for c, w in zip(r, widths)))
+        print("|".join(f" {c:<{w}} " for c, w in zip(r, widths, strict=True)))
     print(line)
     print(f"repeat={args.repeat} (medians); host {HOST}; {os.cpu_count()} CPUs")
     shutil.rmtree(work, ignore_errors=True)

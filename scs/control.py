@@ -143,7 +143,7 @@ class CeleryControl:
         for app in apps.values():
             try:
                 app.close()
-            except Exception:  # pragma: no cover - best effort at shutdown
+            except Exception:  # noqa: BLE001 - best effort at shutdown  # pragma: no cover
                 self.log.failure("closing celery app")
 
     # -- batch calls (one round trip per broker) --------------------------
@@ -159,9 +159,7 @@ class CeleryControl:
 
         return self._run(broker_url, call)
 
-    def active_queues(
-        self, broker_url: str, nodes: Sequence[str], timeout: float
-    ) -> Deferred[dict[str, list[str]]]:
+    def active_queues(self, broker_url: str, nodes: Sequence[str], timeout: float) -> Deferred[dict[str, list[str]]]:
         """``{node: [queue names]}`` for the nodes that answered."""
         app = self.app(broker_url)
         destination = list(nodes)
@@ -176,9 +174,7 @@ class CeleryControl:
 
         return self._run(broker_url, call)
 
-    def stats(
-        self, broker_url: str, nodes: Sequence[str], timeout: float
-    ) -> Deferred[dict[str, dict[str, Any]]]:
+    def stats(self, broker_url: str, nodes: Sequence[str], timeout: float) -> Deferred[dict[str, dict[str, Any]]]:
         """``{node: stats}`` for the nodes that answered."""
         app = self.app(broker_url)
         destination = list(nodes)
@@ -231,35 +227,27 @@ class CeleryControl:
                     reply=True,
                     timeout=timeout,
                 ),
-            )
+            ),
         )
 
-    def cancel_consumer(
-        self, broker_url: str, node: str, queue: str, *, timeout: float = 1.0
-    ) -> Deferred[str]:
+    def cancel_consumer(self, broker_url: str, node: str, queue: str, *, timeout: float = 1.0) -> Deferred[str]:
         app = self.app(broker_url)
         return self._run(
             broker_url,
             self._command(
                 node,
-                lambda: app.control.cancel_consumer(
-                    queue, destination=[node], reply=True, timeout=timeout
-                ),
-            )
+                lambda: app.control.cancel_consumer(queue, destination=[node], reply=True, timeout=timeout),
+            ),
         )
 
-    def autoscale(
-        self, broker_url: str, node: str, max: int, min: int, *, timeout: float = 1.0
-    ) -> Deferred[str]:
+    def autoscale(self, broker_url: str, node: str, max: int, min: int, *, timeout: float = 1.0) -> Deferred[str]:
         app = self.app(broker_url)
         return self._run(
             broker_url,
             self._command(
                 node,
-                lambda: app.control.autoscale(
-                    max, min, destination=[node], reply=True, timeout=timeout
-                ),
-            )
+                lambda: app.control.autoscale(max, min, destination=[node], reply=True, timeout=timeout),
+            ),
         )
 
     # -- the broker itself --------------------------------------------------
@@ -284,7 +272,7 @@ class CeleryControl:
             try:
                 conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=timeout)
                 return True
-            except Exception:
+            except Exception:  # noqa: BLE001 - any failure to connect is "not alive"
                 return False
             finally:
                 conn.release()

@@ -74,12 +74,16 @@ class Health:
         broker_error = None
         for timeout in self.policy.ping_timeouts:
             self.log.info(
-                "pingWithTimeout: {timeout}", timeout=timeout, broker=url, nodes=sorted(missing), event="pingWithTimeout"
+                "pingWithTimeout: {timeout}",
+                timeout=timeout,
+                broker=url,
+                nodes=sorted(missing),
+                event="pingWithTimeout",
             )
             sent = self.clock.seconds()
             try:
                 answered = await self.control.ping(url, sorted(missing), timeout)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - whatever failed, _silent asks the broker
                 broker_error = e
                 break
             if missing <= answered:
@@ -121,7 +125,9 @@ class Health:
         if error is not None:
             # The broker accepts connections but the ping itself failed:
             # that says nothing about the workers.
-            self.log.warn("[Supervisor] ping via {broker} failed: {error}", broker=url, error=str(error), event="ping.error")
+            self.log.warn(
+                "[Supervisor] ping via {broker} failed: {error}", broker=url, error=str(error), event="ping.error"
+            )
             return
         for lc in silent:
             lc.missed_ping()
@@ -134,9 +140,7 @@ class Health:
 
     def _round_trip(self, url: str, sent: float) -> None:
         """A ping every node answered: a round trip, not a waited-out timeout."""
-        self.log.debug(
-            "ping answered in {rtt:.3f} s", rtt=self.clock.seconds() - sent, broker=url, event="ping.done"
-        )
+        self.log.debug("ping answered in {rtt:.3f} s", rtt=self.clock.seconds() - sent, broker=url, event="ping.done")
 
     # -- the start probe --------------------------------------------------------
 
@@ -152,9 +156,7 @@ class Health:
     def _tick(self, url: str) -> None:
         self.probes[url] = None  # running; no second loop for this broker
         now = self.clock.seconds()
-        starting = {
-            lc.node: lc for lc in self._starting(url) if now - lc.spawned_at < self.policy.start_timeout
-        }
+        starting = {lc.node: lc for lc in self._starting(url) if now - lc.spawned_at < self.policy.start_timeout}
         if not starting or self._stopped:
             # Past start_timeout the wake-up's check takes over.
             del self.probes[url]

@@ -167,9 +167,7 @@ class Leftovers:
         and symlinks (which could lead out of it) are not instances."""
         try:
             with os.scandir(self.instance_dir) as entries:
-                return sorted(
-                    e.name for e in entries if e.is_dir(follow_symlinks=False) and _is_instance_name(e.name)
-                )
+                return sorted(e.name for e in entries if e.is_dir(follow_symlinks=False) and _is_instance_name(e.name))
         except OSError:
             return []
 

@@ -51,7 +51,7 @@ from scs.records import InstanceSpec, WorkerStatus
 from scs.worker import UnsafeName, UnsafeSpec, WorkerProcess, build_argv, spawn_worker
 
 
-class WorkerState(str, enum.Enum):
+class WorkerState(str, enum.Enum):  # noqa: UP042 - a str Enum: JSON and dict keys see the strings
     """``WorkerStatus.state``: the strings of the API and the admin page."""
 
     STARTING = "starting"
@@ -359,7 +359,7 @@ class WorkerLifecycle:
             self._process = None
             self._refuse(e)
             return
-        except Exception:
+        except Exception:  # noqa: BLE001 - any spawn failure is a failed start
             self.log.failure("[Supervisor] {name} could not be spawned", name=spec.name)
             self._process = None
             self._transition(S.RESTARTING, "spawn failed")

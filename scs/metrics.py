@@ -58,15 +58,11 @@ class AgentCollector:
             ),
             GaugeMetricFamily("scs_peers", "Other agents of the cluster by liveness.", labels=["alive"]),
             GaugeMetricFamily("scs_srs_connected", "1 when this agent is connected to the cluster."),
-            CounterMetricFamily(
-                "scs_srs_rejected", "Cluster messages dropped, by reason.", labels=["reason"]
-            ),
+            CounterMetricFamily("scs_srs_rejected", "Cluster messages dropped, by reason.", labels=["reason"]),
         ]
 
     def collect(self) -> Iterator[Metric]:
-        by_state = GaugeMetricFamily(
-            "scs_instances", "Instances of this agent by state.", labels=["state"]
-        )
+        by_state = GaugeMetricFamily("scs_instances", "Instances of this agent by state.", labels=["state"])
         restarts = CounterMetricFamily(
             "scs_instance_restarts", "Restarts of each instance's worker.", labels=["app", "instance"]
         )
@@ -99,15 +95,11 @@ class AgentCollector:
         yield peers
 
         srs = getattr(self.agent, "srs", None)
-        connected = GaugeMetricFamily(
-            "scs_srs_connected", "1 when this agent is connected to the cluster."
-        )
+        connected = GaugeMetricFamily("scs_srs_connected", "1 when this agent is connected to the cluster.")
         connected.add_metric([], 1 if srs is not None and srs.is_connected() else 0)
         yield connected
 
-        rejected = CounterMetricFamily(
-            "scs_srs_rejected", "Cluster messages dropped, by reason.", labels=["reason"]
-        )
+        rejected = CounterMetricFamily("scs_srs_rejected", "Cluster messages dropped, by reason.", labels=["reason"])
         counts = srs.rejected_counts() if srs is not None else {}
         for reason in REJECTION_REASONS:
             rejected.add_metric([reason], counts.get(reason, 0))
@@ -127,9 +119,7 @@ class AgentMetrics:
             ["route", "method", "status"],
             registry=self.registry,
         )
-        self.worker_starts = Counter(
-            "scs_worker_starts", "Worker processes spawned.", registry=self.registry
-        )
+        self.worker_starts = Counter("scs_worker_starts", "Worker processes spawned.", registry=self.registry)
         self.worker_exits = Counter(
             "scs_worker_exits",
             "Worker processes that ended, by how: exit code or signal.",

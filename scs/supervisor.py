@@ -226,7 +226,7 @@ class Supervisor(Service):
         being started."""
         try:
             urls = {s.broker.url for s in self._desired()}
-        except Exception:
+        except Exception:  # noqa: BLE001 - warming is an optimisation; the wake-up reports errors
             self.log.failure("[Supervisor] reading desired instances")
             return
         for url in sorted(urls):

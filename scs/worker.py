@@ -59,12 +59,8 @@ def check_path_component(name: object, what: str = "instance") -> str:
     as names the API accepts."""
     if not isinstance(name, str):
         raise UnsafeName(f"{what} name must be a string, not {type(name).__name__}", parameter=what)
-    if name in ("", ".", "..") or any(c in name for c in ("/", "\\", "\0")) or (
-        os.altsep and os.altsep in name
-    ):
-        raise UnsafeName(
-            f"{what} name {name!r} is not a single path component", parameter=what
-        )
+    if name in ("", ".", "..") or any(c in name for c in ("/", "\\", "\0")) or (os.altsep and os.altsep in name):
+        raise UnsafeName(f"{what} name {name!r} is not a single path component", parameter=what)
     from scs.validation import check_instance_name  # here: validation may grow imports
 
     try:
@@ -104,11 +100,7 @@ def is_plain_binding(q: QueueBinding) -> bool:
     through ``add_consumer`` (which carries exchange and routing key), or the
     worker would consume a queue bound the wrong way.
     """
-    return (
-        q.exchange in (q.name, "")
-        and q.routing_key in (q.name, "")
-        and q.exchange_type in (None, "", "direct")
-    )
+    return q.exchange in (q.name, "") and q.routing_key in (q.name, "") and q.exchange_type in (None, "", "direct")
 
 
 # --without-mingle: measured on this machine (celery 5.7, RabbitMQ on

@@ -24,7 +24,7 @@ class InlinePool:
         self.ran += 1
         try:
             result = f(*a, **kw)
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - as Twisted's thread pool: every error goes to onResult
             from twisted.python.failure import Failure
 
             onResult(False, Failure())
@@ -38,7 +38,7 @@ class InlineReactor:
 
 
 class StubInspect:
-    def __init__(self, owner: "StubControl", destination: list[str], timeout: float) -> None:
+    def __init__(self, owner: StubControl, destination: list[str], timeout: float) -> None:
         owner.calls.append(("inspect", destination, timeout))
         self.owner = owner
 
@@ -126,16 +126,23 @@ class ControlTests(SynchronousTestCase):
     def test_add_consumer_carries_binding(self) -> None:
         self.stub.replies["add_consumer"] = [{"a@h": {"ok": "add consumer q"}}]
         got = self.successResultOf(
-            self.control.add_consumer(URL, "a@h", "q", exchange="ex", routing_key="rk",
-                                      exchange_type="topic", timeout=2.0)
+            self.control.add_consumer(
+                URL, "a@h", "q", exchange="ex", routing_key="rk", exchange_type="topic", timeout=2.0
+            )
         )
         self.assertEqual(got, "add consumer q")
-        (name, args, kw), = self.stub.calls
+        ((name, args, kw),) = self.stub.calls
         self.assertEqual(args, ("q",))
         self.assertEqual(
             kw,
-            {"exchange": "ex", "exchange_type": "topic", "routing_key": "rk",
-             "destination": ["a@h"], "reply": True, "timeout": 2.0},
+            {
+                "exchange": "ex",
+                "exchange_type": "topic",
+                "routing_key": "rk",
+                "destination": ["a@h"],
+                "reply": True,
+                "timeout": 2.0,
+            },
         )
 
     def test_add_consumer_defaults_to_queue_name(self) -> None:
@@ -224,7 +231,5 @@ class AppCacheTests(SynchronousTestCase):
         control = CeleryControl(reactor=InlineReactor(), threadpool=InlinePool())
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))
-            alive = self.successResultOf(
-                control.broker_alive(f"amqp://guest:guest@127.0.0.1:{port}//", timeout=0.5)
-            )
+            alive = self.successResultOf(control.broker_alive(f"amqp://guest:guest@127.0.0.1:{port}//", timeout=0.5))
         self.assertIs(alive, False)

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from surfaces_support import BROKER, Surfaces
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger, LogPublisher
 
@@ -18,7 +19,6 @@ from scs.metrics import AgentMetrics, MetricsService
 from scs.store import Store
 from scs.supervisor import COUNTED_EVENTS, SupervisionPolicy, Supervisor
 from scs.testing import FakeControl, FakeProcessTable, FakeSpawner
-from surfaces_support import BROKER, Surfaces
 
 
 def scrape(site: Surfaces) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -215,9 +215,22 @@ def test_events_are_counted_by_their_event_key_and_fields_only() -> None:
 
 def test_counted_supervisor_events_come_from_the_supervisor() -> None:
     assert COUNTED_EVENTS == {
-        "wake-up", "node.restart", "successfully started", "successfully restarted", "unresponsive",
-        "unresponsive.kill", "failed", "backoff", "reconfigure", "broker.down", "broker.up",
-        "node.consume_from", "node.cancel_consume_from", "node.autoscale", "control.error", "ping.error",
+        "wake-up",
+        "node.restart",
+        "successfully started",
+        "successfully restarted",
+        "unresponsive",
+        "unresponsive.kill",
+        "failed",
+        "backoff",
+        "reconfigure",
+        "broker.down",
+        "broker.up",
+        "node.consume_from",
+        "node.cancel_consume_from",
+        "node.autoscale",
+        "control.error",
+        "ping.error",
     }
 
 

@@ -28,13 +28,13 @@ def spec(name="w1", **kw):
     return InstanceSpec(name=name, **kw)
 
 
-
 def tmpdir(tc) -> str:
     """A fresh directory under the system temp dir, removed after the test
     (trial's mktemp() would put it in the current directory under pytest)."""
     d = tempfile.mkdtemp(prefix="scs-test-")
     tc.addCleanup(shutil.rmtree, d, True)
     return d
+
 
 class Harness:
     """A Supervisor wired to fakes; ``specs`` is what desired() returns."""
@@ -188,8 +188,7 @@ class RestartPolicyTests(SynchronousTestCase):
         self.assertEqual(len(h.named("successfully restarted")), 1)
 
     def test_young_deaths_back_off_doubling_with_jitter(self) -> None:
-        h = Harness(self, [spec()], max_rapid_failures=10, backoff_base=1.0, backoff_cap=5.0,
-                    backoff_jitter=0.5)
+        h = Harness(self, [spec()], max_rapid_failures=10, backoff_base=1.0, backoff_cap=5.0, backoff_jitter=0.5)
         h.wake()
         # First young death: at once.
         h.proc().exit(code=1)
@@ -337,8 +336,9 @@ class PingTests(SynchronousTestCase):
         h.control.calls.clear()
         h.wake()
         pings = [c for c in h.control.calls if c[0] == "ping"]
-        self.assertEqual(sorted((c[1], tuple(c[2])) for c in pings),
-                         sorted([(URL, ("a@h", "b@h")), (other.url, ("c@h",))]))
+        self.assertEqual(
+            sorted((c[1], tuple(c[2])) for c in pings), sorted([(URL, ("a@h", "b@h")), (other.url, ("c@h",))])
+        )
         # One active_queues and one stats per broker too, whatever the count.
         self.assertEqual(h.control.count("active_queues"), 2)
         self.assertEqual(h.control.count("stats"), 2)
@@ -385,7 +385,7 @@ class PingTests(SynchronousTestCase):
         h.running()
         old = h.proc()
         h.control.nodes["w1@h"]["responsive"] = False
-        for i in range(2):
+        for _ in range(2):
             d = h.sup.wake()
             h.clock.advance(2)
             self.successResultOf(d)
@@ -747,8 +747,16 @@ class ServiceTests(SynchronousTestCase):
         mine = os.path.join(h.dir, "w1", "worker.pid")
         h.table.processes[4242] = ["python", "-m", "celery", "worker", "-n", "w1@h", "--pidfile", mine]
         # Another agent's worker (another instance directory) is not ours.
-        h.table.processes[4343] = ["python", "-m", "celery", "worker", "-n", "w1@h",
-                                   "--pidfile", "/elsewhere/w1/worker.pid"]
+        h.table.processes[4343] = [
+            "python",
+            "-m",
+            "celery",
+            "worker",
+            "-n",
+            "w1@h",
+            "--pidfile",
+            "/elsewhere/w1/worker.pid",
+        ]
         h.sup.startService()
         self.assertEqual(h.table.killed, [(4242, 15)])
         self.assertEqual(len(h.spawner.processes), 1)
@@ -759,8 +767,6 @@ class ServiceTests(SynchronousTestCase):
         h.table.processes[4242] = ["python", "-m", "celery", "worker", "-n", "gone@h"]
         h.sup.startService()
         self.assertEqual(h.table.killed, [(4242, 15)])
-
-
 
 
 HOSTILE = ["../A-escape", "", ".", "..", "a/b", "a\\b", "a\0b", "/abs", ".scs-store.sqlite"]

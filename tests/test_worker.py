@@ -14,9 +14,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from scs.errors import BadParameter
+from scs.leftovers import ProcessTable, is_worker_for
 from scs.records import BrokerInfo, InstanceSpec, QueueBinding
 from scs.testing import FakeSpawner
-from scs.leftovers import ProcessTable, is_worker_for
 from scs.worker import (
     UnsafeName,
     WorkerProcess,
@@ -37,13 +37,13 @@ def spec(**kw):
     return InstanceSpec(**kw)
 
 
-
 def tmpdir(tc) -> str:
     """A fresh directory under the system temp dir, removed after the test
     (trial's mktemp() would put it in the current directory under pytest)."""
     d = tempfile.mkdtemp(prefix="scs-test-")
     tc.addCleanup(shutil.rmtree, d, True)
     return d
+
 
 class BuildArgvTests(SynchronousTestCase):
     def test_full_command_line(self) -> None:
@@ -58,15 +58,26 @@ class BuildArgvTests(SynchronousTestCase):
         self.assertEqual(
             argv,
             [
-                sys.executable, "-m", "celery", "-A", "proj.celery",
-                "-b", "amqp://guest:guest@127.0.0.1:5672/%2F", "worker",
-                "-n", "w1@host.example",
-                "-Q", "dq.w1,tasks,t2",
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "proj.celery",
+                "-b",
+                "amqp://guest:guest@127.0.0.1:5672/%2F",
+                "worker",
+                "-n",
+                "w1@host.example",
+                "-Q",
+                "dq.w1,tasks,t2",
                 "--autoscale=4,2",
-                "--pidfile", "/data/w1/worker.pid",
-                "--logfile", "/data/w1/worker.log",
+                "--pidfile",
+                "/data/w1/worker.pid",
+                "--logfile",
+                "/data/w1/worker.log",
                 "--without-mingle",
-                "--loglevel=INFO", "-E",
+                "--loglevel=INFO",
+                "-E",
             ],
         )
 
@@ -228,9 +239,7 @@ class InstancePathTests(SynchronousTestCase):
     def test_plain_names(self) -> None:
         base = tmpdir(self)
         self.assertEqual(instance_path(base, "w1"), os.path.join(base, "w1"))
-        self.assertEqual(
-            instance_path(base, "wörker-1", "worker.pid"), os.path.join(base, "wörker-1", "worker.pid")
-        )
+        self.assertEqual(instance_path(base, "wörker-1", "worker.pid"), os.path.join(base, "wörker-1", "worker.pid"))
         # The directory as given (relative or not), not its resolved form.
         self.assertEqual(instance_path("/data", "w1", "worker.log"), "/data/w1/worker.log")
 

@@ -61,7 +61,7 @@ DEFAULT_POLICY = SupervisionPolicy()
 def _restart_key(spec: InstanceSpec) -> tuple[Any, ...]:
     """What the running worker took from its command line and can only change
     by a restart; queues and concurrency are changed live instead."""
-    return (spec.broker.url, spec.celery_app, spec.arguments)
+    return (spec.broker, spec.celery_app, spec.arguments)
 
 
 class Supervisor(Service):

@@ -10,7 +10,7 @@ ARGS ?=
 # Arguments for pytest, e.g. make test PYTEST_ARGS="tests/test_api.py -x"
 PYTEST_ARGS ?=
 
-.PHONY: run test install system-packages rabbitmq clean
+.PHONY: run test lint install system-packages rabbitmq clean
 
 $(BIN)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,13 @@ rabbitmq:
 run: install rabbitmq
 	$(BIN)/scs-agent $(ARGS)
 
+# The linter and formatter first (ruff.toml): the tree stays clean under them.
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
 test: SYSTEM_PACKAGES = chromium
-test: install rabbitmq
+test: install lint rabbitmq
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -35,6 +35,7 @@ setup(
             "supervisor>=4.2.5",
             "playwright>=1.44",
             "wheel>=0.43",  # the normal-install test builds a wheel offline
+            "ruff>=0.6",  # linter and formatter, run by make test
         ],
     },
     entry_points={"console_scripts": ["scs-agent = scs.tap:main"]},

@@ -4,19 +4,24 @@
 # --- SRS: in-memory AMQP network (owner: SRS transport) -------------------
 # FakeAMQPNetwork is a tiny broker in one process: exchanges (direct, fanout
 # and the default one), exclusive queues, deliveries scheduled on an injected
-# clock. FakeTransport implements scs.srs.ISRSTransport on it and refuses what
+# clock. FakeTransport implements scs.srs_wire.ISRSTransport on it and refuses what
 # txAMQP 0.8.2 would corrupt (non-bytes or non-ASCII bodies, non-ASCII or
 # unknown properties), so unit tests catch what only the real broker would.
 
-from typing import Any as _Any, Optional as _Optional
+from typing import Any as _Any
 
 import attr as _attr
 from twisted.application.service import Service as _Service
 from twisted.internet import defer as _defer
+from twisted.internet.error import (
+    ProcessDone as _ProcessDone,
+    ProcessExitedAlready as _ProcessExitedAlready,
+    ProcessTerminated as _ProcessTerminated,
+)
 from twisted.python.failure import Failure as _Failure
 from zope.interface import implementer as _implementer
 
-from scs import srs as _srs
+from scs import srs_wire as _srs
 from scs.errors import Unavailable as _Unavailable
 
 # The properties the SRS transports may set (txAMQP spells them hyphenated).
@@ -45,9 +50,9 @@ class FakeAMQPNetwork:
         self.reconnect_delay = reconnect_delay
         self.running = True
         self.exchanges: dict[str, tuple[str, set[tuple[str, str]]]] = {}
-        self.queues: dict[str, "FakeTransport"] = {}
+        self.queues: dict[str, FakeTransport] = {}
         self.published: list[FakeDelivery] = []
-        self.transports: list["FakeTransport"] = []
+        self.transports: list[FakeTransport] = []
         self._queue_counter = 0
 
     def transport(self) -> "FakeTransport":
@@ -104,10 +109,10 @@ class FakeTransport(_Service):
 
     def __init__(self, network: FakeAMQPNetwork) -> None:
         self.network = network
-        self.agent_id: _Optional[str] = None
-        self.cluster: _Optional[str] = None
+        self.agent_id: str | None = None
+        self.cluster: str | None = None
         self.receiver: _Any = None
-        self.reply_queue: _Optional[str] = None
+        self.reply_queue: str | None = None
         self.crashed = False
         self._pending_connect: _Any = None
 
@@ -215,23 +220,26 @@ class FakeTransport(_Service):
 # an in-memory set of Celery nodes; FakeProcessTable stands in for
 # scs.leftovers.ProcessTable (pid files of workers left by a crashed agent).
 
-from twisted.internet.error import (
-    ProcessDone as _ProcessDone,
-    ProcessExitedAlready as _ProcessExitedAlready,
-    ProcessTerminated as _ProcessTerminated,
-)
-
 _SIGNUMS = {"TERM": 15, "KILL": 9, "INT": 2, "STOP": 19, "CONT": 18, "HUP": 1}
 
 
 class FakeProcess:
     """The transport a FakeSpawner gives a ProcessProtocol."""
 
-    def __init__(self, spawner: "FakeSpawner", protocol: _Any, pid: int, executable: str,
-                 args: list, env: _Any, path: _Any, childFDs: _Any) -> None:
+    def __init__(
+        self,
+        spawner: "FakeSpawner",
+        protocol: _Any,
+        pid: int,
+        executable: str,
+        args: list,
+        env: _Any,
+        path: _Any,
+        childFDs: _Any,
+    ) -> None:
         self.spawner = spawner
         self.proto = protocol
-        self.pid: _Optional[int] = pid
+        self.pid: int | None = pid
         self.executable = executable
         self.args = list(args)
         self.env = env
@@ -247,7 +255,7 @@ class FakeProcess:
         if sig == "KILL" or (sig in ("TERM", "INT") and not self.spawner.ignore_term):
             self.spawner._schedule(self.exit, None, _SIGNUMS.get(sig, 15))
 
-    def exit(self, code: _Optional[int] = 0, signal: _Optional[int] = None) -> None:
+    def exit(self, code: int | None = 0, signal: int | None = None) -> None:
         """The process ends with exit ``code`` or by ``signal``."""
         if self.ended:
             return
@@ -281,9 +289,18 @@ class FakeSpawner:
         self.fail = False
         self._next_pid = 1000
 
-    def spawnProcess(self, processProtocol: _Any, executable: str, args: _Any = (), env: _Any = None,
-                     path: _Any = None, uid: _Any = None, gid: _Any = None, usePTY: bool = False,
-                     childFDs: _Any = None) -> FakeProcess:
+    def spawnProcess(
+        self,
+        processProtocol: _Any,
+        executable: str,
+        args: _Any = (),
+        env: _Any = None,
+        path: _Any = None,
+        uid: _Any = None,
+        gid: _Any = None,
+        usePTY: bool = False,
+        childFDs: _Any = None,
+    ) -> FakeProcess:
         if self.fail:
             raise OSError("fake spawn failure")
         self._next_pid += 1
@@ -325,8 +342,11 @@ class FakeControl:
         self.closed = False
 
     def up(self, node: str, queues: _Any = (), max: int = 1, min: int = 1) -> dict:
-        n = {"queues": list(queues), "autoscaler": {"max": max, "min": min, "current": min, "qty": 0},
-             "responsive": True}
+        n = {
+            "queues": list(queues),
+            "autoscaler": {"max": max, "min": min, "current": min, "qty": 0},
+            "responsive": True,
+        }
         self.nodes[node] = n
         return n
 
@@ -345,7 +365,7 @@ class FakeControl:
                 return
             try:
                 value = compute()
-            except Exception:
+            except Exception:  # noqa: BLE001 - the fake hands any failure to the caller, as Celery's would
                 d.errback(_Failure())
             else:
                 d.callback(value)
@@ -384,25 +404,38 @@ class FakeControl:
     def stats(self, broker_url: str, nodes: _Any, timeout: float) -> _defer.Deferred:
         nodes = list(nodes)
         self.calls.append(("stats", broker_url, nodes, timeout))
-        return self._result(lambda: {n: {"autoscaler": dict(self.nodes[n]["autoscaler"]), "pid": 1}
-                                     for n in self._answering(nodes)})
+        return self._result(
+            lambda: {n: {"autoscaler": dict(self.nodes[n]["autoscaler"]), "pid": 1} for n in self._answering(nodes)}
+        )
 
     def _one(self, node: str, change: _Any) -> _defer.Deferred:
         def compute() -> str:
             if not self._answering([node]):
                 from scs.errors import GatewayTimeout
+
                 raise GatewayTimeout("%s did not answer" % node)
             return change(self.nodes[node])
+
         return self._result(compute)
 
-    def add_consumer(self, broker_url: str, node: str, queue: str, *, exchange: _Any = None,
-                     routing_key: _Any = None, exchange_type: _Any = None, timeout: float = 1.0) -> _defer.Deferred:
+    def add_consumer(
+        self,
+        broker_url: str,
+        node: str,
+        queue: str,
+        *,
+        exchange: _Any = None,
+        routing_key: _Any = None,
+        exchange_type: _Any = None,
+        timeout: float = 1.0,
+    ) -> _defer.Deferred:
         self.calls.append(("add_consumer", broker_url, node, queue, exchange, routing_key, exchange_type))
 
         def change(n: dict) -> str:
             if queue not in n["queues"]:
                 n["queues"].append(queue)
             return "add consumer %s" % queue
+
         return self._one(node, change)
 
     def cancel_consumer(self, broker_url: str, node: str, queue: str, *, timeout: float = 1.0) -> _defer.Deferred:
@@ -412,6 +445,7 @@ class FakeControl:
             if queue in n["queues"]:
                 n["queues"].remove(queue)
             return "no longer consuming from %s" % queue
+
         return self._one(node, change)
 
     def autoscale(self, broker_url: str, node: str, max: int, min: int, *, timeout: float = 1.0) -> _defer.Deferred:
@@ -420,6 +454,7 @@ class FakeControl:
         def change(n: dict) -> str:
             n["autoscaler"].update(max=max, min=min)
             return "autoscale now max=%d min=%d" % (max, min)
+
         return self._one(node, change)
 
     def warm(self, broker_url: str) -> _defer.Deferred:
@@ -442,13 +477,13 @@ class FakeProcessTable:
     the signal; a process leaves the table on KILL, and on TERM unless its
     pid is in ``ignore_term``."""
 
-    def __init__(self, processes: _Optional[dict] = None) -> None:
+    def __init__(self, processes: dict | None = None) -> None:
         self.processes: dict[int, list[str]] = dict(processes or {})
         self.ignore_term: set[int] = set()
         self.killed: list[tuple[int, int]] = []
         self.pidfiles: dict[str, int] = {}
 
-    def cmdline(self, pid: int) -> _Optional[list[str]]:
+    def cmdline(self, pid: int) -> list[str] | None:
         return self.processes.get(pid)
 
     def pids(self) -> list[int]:
@@ -459,7 +494,7 @@ class FakeProcessTable:
         if sig == 9 or (sig == 15 and pid not in self.ignore_term):
             self.processes.pop(pid, None)
 
-    def read_pidfile(self, path: str) -> _Optional[int]:
+    def read_pidfile(self, path: str) -> int | None:
         if path in self.pidfiles:
             return self.pidfiles[path]
         try:

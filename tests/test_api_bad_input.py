@@ -22,8 +22,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from sqlalchemy import create_engine, event
 from sqlalchemy.pool import StaticPool
 from treq.testing import StubTreq

@@ -15,8 +15,7 @@ from typing import Any
 
 import click
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from scs.errors import BadParameter
 from scs.records import BrokerInfo, InstanceSpec

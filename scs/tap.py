@@ -411,12 +411,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         reactor = global_reactor
     from scs.agent import Agent, ClusterQueues, LocalAgent
 
-    if options["logfile"] and not options.get("console-logging"):
-        # Under plain twistd, -f adds a log file of its own at -l's level.
-        from twisted.logger import globalLogPublisher
-
-        globalLogPublisher.addObserver(_file_observer(options))
-
+    _add_twistd_logfile(options)
     instance_dir = os.path.abspath(options["instance-dir"])
     store = open_store(instance_dir, reset=options["reset-store"])
     supervisor = _build_supervisor(options, store, instance_dir, reactor)
@@ -466,6 +461,14 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         srs=srs is not None,
     )
     return top
+
+
+def _add_twistd_logfile(options: Options) -> None:
+    """Under plain twistd, -f adds a log file of its own at -l's level."""
+    if options["logfile"] and not options.get("console-logging"):
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.addObserver(_file_observer(options))
 
 
 def _build_supervisor(options: Options, store: Any, instance_dir: str, reactor: Any) -> Any:

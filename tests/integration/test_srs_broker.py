@@ -307,7 +307,7 @@ class PrivateBrokerRestartTests(SRSBrokerTestCase):
 
         a1, a2 = agent("agent1"), agent("agent2")
         reconnections: list[str] = []
-        a1.connected_callbacks.append(lambda: reconnections.append("up"))
+        a1.on_connected.append(lambda: reconnections.append("up"))
         await wait_until(lambda: a1.live_agents() == a2.live_agents() == ["agent1", "agent2"], 10, "cluster up")
 
         await broker.stop()

@@ -193,6 +193,8 @@ class Agent:
         if self.local.instance_owned(name):
             body = await _as_deferred(getattr(self.local, operation)(**arguments))
             return Reply(body)
+        # An agent that holds instances and cannot be asked may have it.
+        missing = sorted({*missing, *self.srs.absent_holders()})
         if missing:
             raise Unavailable(
                 f"no agent that answered has instance {name!r}; no answer from {', '.join(sorted(missing))}",

@@ -109,7 +109,7 @@ class Membership:
             or not url.isprintable()
             or isinstance(interval, bool)
             or not isinstance(interval, (int, float))
-            or interval != interval
+            or not 0 < interval < MAX_PERIOD * 1000
             or not isinstance(summary, dict)
         ):
             raise BadHeartbeat("bad heartbeat")
@@ -163,6 +163,11 @@ class Membership:
 
     def alive(self, now: float, connected: bool) -> list[Member]:
         return [m for m in self if connected and m.heard_recently(now)]
+
+    def absent_holders(self, now: float) -> list[str]:
+        """Members not heard from (dead, or gone with a bye) whose last
+        heartbeat said they held instances: any name may be theirs."""
+        return sorted(m.id for m in self if m.instances > 0 and not m.heard_recently(now))
 
     def transitions(self, now: float, connected: bool) -> list[tuple[Member, bool]]:
         """Members whose liveness changed since last asked, with it."""

@@ -129,6 +129,9 @@ class Placement:
         owners = sorted(a for a, owned in answers.items() if owned is True)
         if owners:
             return owners[0]
+        # An agent that holds instances and cannot be asked (dead, stopped)
+        # may have this one: creating it elsewhere could make a copy.
+        missing = sorted({*missing, *self.srs.absent_holders()})
         if missing:
             raise Unavailable(
                 f"cannot tell whether instance {name!r} exists: no answer from {', '.join(missing)}",
@@ -142,11 +145,15 @@ class Placement:
             return await self._create_on(on, arguments)
         candidates = self.live_agents()
         self.random.shuffle(candidates)
+        # Another agent is tried when one did not get the request; after a
+        # timeout only for a fresh random name: a named instance may still be
+        # being created where the request went.
+        retry_on = (Unavailable,) if arguments.get("name") is not None else (GatewayTimeout, Unavailable)
         last_error: SCSError | None = None
         for agent in candidates:
             try:
                 return await self._create_on(agent, arguments)
-            except (GatewayTimeout, Unavailable) as e:
+            except retry_on as e:
                 log.warn("placement on {agent} failed: {error}", agent=agent, error=e.message)
                 last_error = e
         raise last_error or Unavailable("no live agent to place the instance on")

@@ -48,8 +48,9 @@ class BrokerInfo:
             raise ValueError("broker URL must not have a query or fragment")
         try:
             port = parts.port or DEFAULT_PORTS[transport]
-        except ValueError as e:
-            raise ValueError(f"bad port in broker URL: {e}") from None
+        except ValueError:
+            # Not urllib's text: it may quote part of the password.
+            raise ValueError("bad port in broker URL") from None
         # amqp://host// names the vhost "/"; amqp://host/x names "x".
         path = parts.path
         if path in ("", "/"):

@@ -204,6 +204,10 @@ class SRS(MultiService):
         rows.sort(key=lambda row: row["id"])
         return rows
 
+    def absent_holders(self) -> list[str]:
+        """Agents known to hold instances that cannot be asked now."""
+        return self.membership.absent_holders(self._reactor.seconds())
+
     def live_agents(self) -> list[str]:
         """Ids believed alive that accept our requests, self included (even
         while disconnected: the local agent can always serve its own)."""

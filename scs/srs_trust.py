@@ -68,6 +68,8 @@ DEFAULT_WINDOW = 30.0
 # early (and a replay of those would still have to be fresh).
 MAX_REMEMBERED_NONCES = 100_000
 MIN_SECRET_BYTES = 16
+# Timestamps are seconds since the epoch; anything past this is not one.
+MAX_TIMESTAMP = 1e11
 
 # Why a message was dropped; the keys of ``scs_srs_rejected_total{reason}``.
 REASONS = (
@@ -155,6 +157,7 @@ class MessageCodec:
         self.cluster = cluster
         self.signed = secret is not None
         self._clock = clock
+        self._born = clock()
         self._window = window
         self._random_bytes = random_bytes
         self._max_nonces = max_nonces
@@ -224,7 +227,7 @@ class MessageCodec:
             outer = json.loads(body)
         except (ValueError, RecursionError):
             raise Rejected("malformed", "not JSON") from None
-        if not isinstance(outer, dict) or not isinstance(outer.get("m"), str):
+        if not isinstance(outer, dict) or not isinstance(outer.get("m"), str) or not outer["m"].isascii():
             raise Rejected("malformed", "not an SRS envelope")
         text: str = outer["m"]
         if self.signed:
@@ -256,6 +259,11 @@ class MessageCodec:
         now = self._clock()
         if abs(now - ts) > self._window:
             raise Rejected("stale", f"{now - ts:.1f} s old", sender)
+        if ts < self._born:
+            # Sent before this codec existed: the nonces it would be checked
+            # against are gone with the previous run (a restart, or an agent
+            # that just joined), so it could be a replay.
+            raise Rejected("stale", "sent before this agent started", sender)
         if not isinstance(nonce, str) or not 8 <= len(nonce) <= 64:
             raise Rejected("malformed", "bad nonce", sender)
         self._forget_expired(now)
@@ -300,7 +308,7 @@ def _checked_header(inner: dict[str, Any]) -> dict[str, Any]:
             raise Rejected("malformed", f"bad {name}")
         fields[name] = value
     ts = inner.get("ts")
-    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or ts != ts:
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not 0 <= ts < MAX_TIMESTAMP:
         raise Rejected("malformed", "bad ts", fields["sender"])
     fields["ts"] = float(ts)
     for name in _HEADER_FIELDS:

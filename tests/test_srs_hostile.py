@@ -528,3 +528,76 @@ class SecretsTests(SynchronousTestCase):
             with self.assertRaises(errors.BadParameter) as caught:
                 check_broker_url(url)
             self.assertNotIn("hunter2", json.dumps(caught.exception.to_json()))
+
+
+class ReviewFindingsTests(SynchronousTestCase):
+    """What a red-team read of this suite's first version found."""
+
+    def test_a_message_from_before_a_restart_is_not_taken_by_the_new_run(self) -> None:
+        bus = Bus(self, "agent1", "agent2")
+        a1 = bus.agents["agent1"]
+        self.successResultOf(bus.run(a1.instance_create("foo", on="agent2")))
+        captured = [d.body for d in bus.network.published if d.routing_key == srs.routing_key("agent2")]
+        bus.agents["agent2"].srs.stopService()
+        bus.clock.advance(5)  # well inside the 30 s window
+        again = bus.add("agent2")
+        bus.settle()
+        for body in captured:
+            bus.inject(body, to="agent2")
+        self.assertEqual(again.local.instance_list("foo"), [])
+        self.assertGreaterEqual(bus.rejected("agent2")["stale"], 1)
+
+    def test_a_named_create_that_timed_out_is_not_sent_elsewhere(self) -> None:
+        bus = Bus(self, "agent1", "agent2", "agent3")
+        for other in ("agent2", "agent3"):
+            # They say they do not have it, then never answer the create.
+            bus.agents[other].srs.handler = lambda op, args: False if op == "instance_owned" else defer.Deferred()
+        a1 = bus.agents["agent1"]
+        # agent1 decides, and places elsewhere
+        a1.placement._coordinator = lambda: "agent1"  # type: ignore[method-assign]
+        a1.placement.live_agents = lambda: ["agent2", "agent3"]  # type: ignore[method-assign]
+        d = defer.Deferred.fromCoroutine(a1.instance_create("foo", "w1"))
+        for _ in range(100):
+            bus.clock.advance(0.1)
+        self.failureResultOf(d, errors.GatewayTimeout)
+        creates = [
+            p
+            for p in bus.network.published
+            if json.loads(json.loads(p.body)["m"]).get("to") in ("agent2", "agent3")
+            and json.loads(json.loads(p.body)["m"])["type"] == "request"
+        ]
+        self.assertEqual(len(creates), 1)
+
+    def test_an_agent_that_holds_instances_and_is_gone_makes_its_names_503(self) -> None:
+        bus = Bus(self, "agent1", "agent2")
+        a1 = bus.agents["agent1"]
+        self.successResultOf(bus.run(a1.instance_create("foo", "w1", on="agent2")))
+        bus.clock.advance(INTERVAL)  # agent2's heartbeat now says it holds one
+        bus.agents["agent2"].srs.stopService()  # says bye
+        bus.settle()
+        for coroutine in (a1.instance_create("foo", "w1"), a1.instance_operation("instance_get", "w1", "foo")):
+            failure = self.failureResultOf(bus.run(coroutine), errors.Unavailable)
+            self.assertEqual(failure.value.details["missing_agents"], ["agent2"])
+        self.assertFalse(a1.local.instance_owned("w1"))
+
+    def test_odd_numbers_and_text_are_malformed_not_exceptions(self) -> None:
+        bus = Bus(self, "agent1", secret=None)
+        codec = MessageCodec("scs", None, clock=bus.clock.seconds)
+        inner = json.loads(json.loads(codec.encode("heartbeat", "odd", "i", "*", {}))["m"])
+        bodies = [
+            json.dumps({"m": json.dumps(dict(inner, ts=10**400))}).encode(),
+            json.dumps({"m": "é"}, ensure_ascii=False).encode(),
+            forged("heartbeat", "odd", {"url": "", "interval": 10**400, "summary": {}}, clock=bus.clock),
+        ]
+        for body in bodies:
+            bus.agents["agent1"].srs.message_received(body, {})
+        self.assertEqual(bus.rejected("agent1")["malformed"], 3)
+        self.assertEqual(bus.agents["agent1"].srs.live_agents(), ["agent1"])
+        self.assertFalse([e for e in bus.events if "log_failure" in e])
+
+    def test_a_bad_port_does_not_echo_the_password(self) -> None:
+        from scs.validation import check_broker_url
+
+        with self.assertRaises(errors.BadParameter) as caught:
+            check_broker_url("amqp://guest:se/cret-pw@h/")
+        self.assertNotIn("se", caught.exception.message.replace("user", "").replace("host", ""))

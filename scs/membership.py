@@ -181,23 +181,25 @@ class Membership:
 
     def rows(self, now: float, connected: bool) -> list[dict[str, Any]]:
         """The members as ``GET /agents/`` lists them."""
-        return [
-            {
-                "id": m.id,
-                "url": m.url,
-                "alive": connected and m.heard_recently(now),
-                "last_seen": m.last_seen,
-                "instances": m.instances,
-                "requires_token": m.requires_token,
-            }
-            for m in self
-        ]
+        return [member_row(m, connected and m.heard_recently(now)) for m in self]
 
     def forget_long_dead(self, now: float) -> list[Member]:
         gone = [m for m in self.members.values() if now - (m.last_seen or 0.0) > self.forget_after]
         for member in gone:
             del self.members[member.id]
         return gone
+
+
+def member_row(member: Member, alive: bool) -> dict[str, Any]:
+    """A member as ``GET /agents/`` lists it."""
+    return {
+        "id": member.id,
+        "url": member.url,
+        "alive": alive,
+        "last_seen": member.last_seen,
+        "instances": member.instances,
+        "requires_token": member.requires_token,
+    }
 
 
 def trusts(requires_token: bool, member: Member | None) -> bool:

@@ -76,6 +76,7 @@ from scs.membership import (
     accepts_us,
     count,
     log_liveness,
+    member_row,
     trusts,
 )
 from scs.srs_outbox import Outbox
@@ -190,19 +191,11 @@ class SRS(MultiService):
     def members(self) -> list[dict[str, Any]]:
         """The membership table, this agent included, sorted by id."""
         now = self._reactor.seconds()
-        rows = [
-            {
-                "id": self.agent_id,
-                "url": self.url,
-                "alive": self._connected,
-                "last_seen": now if self._connected else self._last_connected,
-                "instances": count(_summary_of(self.summary, self.log).get("instances")),
-                "requires_token": self.requires_token,
-            }
-        ]
-        rows.extend(self.membership.rows(now, self._connected))
-        rows.sort(key=lambda row: row["id"])
-        return rows
+        me = Member(self.agent_id, self.url, last_seen=now if self._connected else self._last_connected)
+        me.instances = count(_summary_of(self.summary, self.log).get("instances"))
+        me.requires_token = self.requires_token
+        rows = [member_row(me, self._connected), *self.membership.rows(now, self._connected)]
+        return sorted(rows, key=lambda row: row["id"])
 
     def absent_holders(self) -> list[str]:
         """Agents known to hold instances that cannot be asked now."""

@@ -172,12 +172,13 @@ def check_broker_url(value: Any, what: str = "broker") -> str:
     try:
         parts = urlsplit(value)
         port = parts.port
-        info = BrokerInfo.from_url(value)
     except ValueError:
         # Not urllib's text: it may quote part of the password.
-        raise BadParameter(
-            f"{what}: not a valid URL (user, password, host, port, virtual host)", parameter=what
-        ) from None
+        raise BadParameter(f"{what}: not a valid URL (bad host or port)", parameter=what) from None
+    try:
+        info = BrokerInfo.from_url(value)
+    except ValueError as e:  # BrokerInfo's own messages never quote the URL
+        raise BadParameter(f"{what}: {e}", parameter=what) from None
     if port == 0:
         raise BadParameter(f"{what}: port 0 is not a broker port", parameter=what)
     host = parts.hostname

@@ -326,6 +326,31 @@ class Agent:
 
         return await self._logged("Node.list", {"app": app}, run())
 
+    async def app_list(self) -> Reply:
+        """The names of the apps known to the cluster."""
+
+        async def run() -> Reply:
+            results, missing = await self._gather("app_names", {}, self.local.app_names())
+            return Reply(sorted({name for names in results.values() for name in names}), missing=missing)
+
+        return await self._logged("App.list", {}, run())
+
+    async def instance_list_details(self, app: str) -> Reply:
+        """Every instance object of ``app`` on every agent, in one scatter."""
+
+        async def run() -> Reply:
+            results, missing = await self._gather("instance_details", {"app": app}, self.local.instance_details(app))
+            seen: set[str] = set()
+            instances = []
+            for agent in sorted(results):
+                for instance in sorted(results[agent], key=lambda i: i["name"]):
+                    if instance["name"] not in seen:
+                        seen.add(instance["name"])
+                        instances.append(instance)
+            return Reply(instances, missing=missing)
+
+        return await self._logged("Node.list", {"app": app, "details": True}, run())
+
     async def instance_details(self) -> tuple[dict[str, list[dict[str, Any]]], tuple[str, ...]]:
         """Every instance of every agent, by agent (for the admin page)."""
         return await self._gather("instance_details", {}, self.local.instance_details())

@@ -7,6 +7,7 @@ the cluster façade (``scs.agent.Agent``) calls it for what this agent owns.
 
 from __future__ import annotations
 
+import socket
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,7 @@ from scs.errors import NotFound, Unavailable, WorkerFailed
 from scs.records import UNSET, AppRecord, InstanceSpec, QueueBinding, WorkerStatus
 from scs.store import Store
 from scs.validation import check_concurrency_range
+from scs.worker import node_name
 
 log = Logger(namespace="scs.agent")
 
@@ -30,8 +32,9 @@ DEFAULT_READY_TIMEOUT = 15.0
 DEFAULT_STOP_TIMEOUT = 20.0
 
 
-def instance_json(spec: InstanceSpec, status: WorkerStatus, agent_id: str) -> dict[str, Any]:
-    """The instance object the API answers (the first prototype's fields first)."""
+def instance_json(spec: InstanceSpec, status: WorkerStatus, agent_id: str, node: str) -> dict[str, Any]:
+    """The instance object the API answers (the first prototype's fields
+    first); ``node`` is the Celery node name its worker answers to."""
     return {
         "name": spec.name,
         "is_enabled": spec.is_enabled,
@@ -45,6 +48,7 @@ def instance_json(spec: InstanceSpec, status: WorkerStatus, agent_id: str) -> di
         "pid": status.pid,
         "restarts": status.restarts,
         "arguments": list(spec.node_arguments),
+        "node": node,
     }
 
 
@@ -90,7 +94,7 @@ class LocalAgent:
         return self.supervisor.status(name)
 
     def _json(self, spec: InstanceSpec) -> dict[str, Any]:
-        return instance_json(spec, self.status(spec.name), self.agent_id)
+        return instance_json(spec, self.status(spec.name), self.agent_id, self.node_name(spec.name))
 
     def _changed(self) -> Deferred:
         """Tell the supervisor that desired state changed; fires when it acted."""
@@ -100,6 +104,13 @@ class LocalAgent:
 
     def _resolve_queue_here(self, app: str, queue: str) -> Deferred:
         return succeed(self.store.find_queue(app, queue))
+
+    def node_name(self, name: str) -> str:
+        """The Celery node name the worker of instance ``name`` answers to."""
+        return node_name(name, getattr(self.supervisor, "hostname", None) or socket.gethostname())
+
+    def app_names(self) -> list[str]:
+        return [app.name for app in self.store.list_apps()]
 
     def instances(self) -> list[tuple[InstanceSpec, WorkerStatus]]:
         """This agent's instances with their workers' status (metrics)."""
@@ -222,7 +233,7 @@ class LocalAgent:
     async def instance_delete(self, name: str, app: str | None = None) -> dict[str, Any]:
         spec = self.store.delete_node(name, app)
         await self._settle()
-        body = instance_json(spec, self.status(name), self.agent_id)
+        body = instance_json(spec, self.status(name), self.agent_id, self.node_name(name))
         body["is_enabled"] = False
         return body
 

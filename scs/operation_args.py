@@ -61,6 +61,7 @@ _OPERATIONS: dict[str, dict[str, tuple[bool, Callable[[Any], Any]]]] = {
     },
     "app_get": {"app": (True, _APP)},
     "app_export": {},
+    "app_names": {},
     "app_delete": {"app": (True, _APP)},
     "instance_owned": {"name": (True, _INSTANCE)},
     "instance_create": {

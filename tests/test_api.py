@@ -366,3 +366,24 @@ def test_slow_worker_is_still_201_starting() -> None:
     client = Client(Slow())
     status, body, _ = client.request("PUT", "/foo/instances/w1/")
     assert (status, body["state"]) == (201, "starting")
+
+
+def test_root_lists_the_apps(client: Client) -> None:
+    client.request("PUT", "/foo/")
+    client.request("PUT", "/bar/instances/w1/")
+    assert client.request("GET", "/")[:2] == (200, ["bar", "foo"])
+
+
+def test_instance_listing_with_details_and_node(client: Client) -> None:
+    client.request("PUT", "/foo/instances/w1/")
+    client.request("PUT", "/foo/instances/w2/", params={"max_concurrency": "2"})
+    client.request("PUT", "/bar/instances/other/")
+    status, body, _ = client.request("GET", "/foo/instances/", params={"details": "1"})
+    assert status == 200
+    assert [i["name"] for i in body] == ["w1", "w2"]
+    assert body[1]["max_concurrency"] == 2
+    import socket
+
+    assert body[0]["node"] == f"w1@{socket.gethostname()}"
+    assert client.request("GET", "/foo/instances/")[1] == ["w1", "w2"]
+    assert client.request("GET", "/foo/instances/", params={"details": "maybe"})[0] == 400

@@ -246,6 +246,7 @@ INSTANCE_SETTINGS = (
 QUEUE_SETTINGS = ("exchange", "routing_key", "exchange_type", "options")
 
 ROUTES: tuple[Route, ...] = (
+    Route("GET", "/"),
     Route("GET", "/ping/"),
     Route("GET", "/agents/"),
     Route("PUT", "/{app}/", ("broker", "celery_app", "arguments")),
@@ -572,12 +573,19 @@ def test_unknown_methods(h: Harness, template: str, method: str) -> None:
     assert h.dump() == before
 
 
-@pytest.mark.parametrize("path", ["/", "/app1/instances/w1/x/y/", "/app1/queues/q1/x/"])
+@pytest.mark.parametrize("path", ["/app1/x/y/z/", "/app1/instances/w1/x/y/", "/app1/queues/q1/x/"])
 @pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
 def test_unknown_paths_answer_json(h: Harness, path: str, method: str) -> None:
-    """Regression: "/" got Werkzeug's HTML 404."""
+    """Regression: "/" got Werkzeug's HTML 404 (it lists the apps now)."""
     before = h.dump()
     assert_refused(h.request(method, path), 404)
+    assert h.dump() == before
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "POST"])
+def test_the_root_only_lists(h: Harness, method: str) -> None:
+    before = h.dump()
+    assert_refused(h.request(method, "/"), 405)
     assert h.dump() == before
 
 

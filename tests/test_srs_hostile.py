@@ -601,3 +601,25 @@ class ReviewFindingsTests(SynchronousTestCase):
         with self.assertRaises(errors.BadParameter) as caught:
             check_broker_url("amqp://guest:se/cret-pw@h/")
         self.assertNotIn("se", caught.exception.message.replace("user", "").replace("host", ""))
+
+
+class ClusterListingTests(SynchronousTestCase):
+    def test_apps_and_instance_details_of_every_agent_in_one_scatter(self) -> None:
+        bus = Bus(self, "agent1", "agent2", "agent3")
+        a1 = bus.agents["agent1"]
+        for name, agent in (("w1", "agent1"), ("w2", "agent2"), ("w3", "agent3")):
+            self.successResultOf(bus.run(a1.instance_create("foo", name, on=agent)))
+        bus.agents["agent3"].local.app_put("only-here")
+        before = len(bus.published(type="request"))
+        reply = self.successResultOf(bus.run(a1.instance_list_details("foo")))
+        self.assertEqual(len(bus.published(type="request")) - before, 1)
+        self.assertEqual(
+            [(i["name"], i["agent"]) for i in reply.body], [("w1", "agent1"), ("w2", "agent2"), ("w3", "agent3")]
+        )
+        self.assertTrue(all(i["node"].startswith(i["name"] + "@") for i in reply.body))
+        apps = self.successResultOf(bus.run(a1.app_list()))
+        self.assertEqual(apps.body, ["foo", "only-here"])
+        # a silent agent is named, its instances missing
+        bus.agents["agent3"].srs.handler = lambda op, args: defer.Deferred()
+        reply = self.successResultOf(bus.run(a1.instance_list_details("foo")))
+        self.assertEqual(([i["name"] for i in reply.body], reply.missing), (["w1", "w2"], ("agent3",)))

@@ -165,6 +165,11 @@ class API:
             return write_error(request, NotFound(f"this agent serves no {name}", path=name))
         return resource
 
+    @endpoint("/", "GET")
+    async def app_list(self, params: dict[str, Any]) -> Reply:
+        v.only(params, ())
+        return await self.agent.app_list()
+
     @endpoint("/ping/", "GET")
     async def ping(self, params: dict[str, Any]) -> Reply:
         v.only(params, ())
@@ -227,7 +232,9 @@ class API:
 
     @endpoint("/<app>/instances/", "GET")
     async def instance_list(self, params: dict[str, Any], app: str) -> Reply:
-        v.only(params, ())
+        v.only(params, ("details",))
+        if v.check_bool(params.get("details", "0"), "details"):
+            return await self.agent.instance_list_details(v.check_app_name(app))
         return await self.agent.instance_list(v.check_app_name(app))
 
     @endpoint("/<app>/instances/<name>/", "PUT", "POST")

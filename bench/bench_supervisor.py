@@ -184,26 +184,21 @@ def ready_row(agent: Agent, app: str, repeat: int, work: Path) -> tuple[float, f
     return statistics.median(agent_times), statistics.median(hand_times)
 
 
+def reference_argv(name: str, *extra: str) -> list[str]:
+    """A ``celery worker`` started without the agent, as the references are:
+    the node name, private queue and autoscale the agent would give it."""
+    return [
+        sys.executable, "-m", "celery", "-b", BROKER, "worker",
+        "-n", f"{name}@{HOST}", "-Q", f"dq.{name}", "--autoscale=1,1", *extra,
+    ]  # fmt: skip
+
+
 def by_hand_defaults(repeat: int, work: Path) -> float:
     """Reference: plain ``celery worker`` with Celery's defaults (mingle on)."""
     times = []
     for _ in range(repeat):
         name = f"hm{uuid.uuid4().hex[:8]}"
-        argv = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-b",
-            BROKER,
-            "worker",
-            "-n",
-            f"{name}@{HOST}",
-            "-Q",
-            f"dq.{name}",
-            "--autoscale=1,1",
-            "--logfile",
-            str(work / f"{name}.log"),
-        ]
+        argv = reference_argv(name, "--logfile", str(work / f"{name}.log"))
         t0 = time.monotonic()
         p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         times.append(wait_ping(f"{name}@{HOST}") - t0)
@@ -386,24 +381,7 @@ def main() -> None:
         c = crash_agent(agent, "bench", min(args.repeat, 3))
     finally:
         agent.stop()
-    argv = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-b",
-        BROKER,
-        "worker",
-        "-n",
-        f"NAME@{HOST}",
-        "-Q",
-        "dq.NAME",
-        "--autoscale=1,1",
-        "--pidfile",
-        "DIR/worker.pid",
-        "--logfile",
-        "DIR/worker.log",
-        "--without-mingle",
-    ]
+    argv = reference_argv("NAME", "--pidfile", "DIR/worker.pid", "--logfile", "DIR/worker.log", "--without-mingle")
     s = crash_supervisord(min(args.repeat, 3), work, argv)
     rows.append(
         ("crash recovery (kill -9 until it answers)", f"{c:.3f} s", f"{s:.3f} s supervisord", f"{c / s:.2f}", "<= 1.0")

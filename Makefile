@@ -5,19 +5,20 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Arguments for scs-agent, e.g. make run ARGS=":8001 -i agent1 -D /tmp/agent1"
+# Arguments for scs-agent, e.g. make run ARGS=":8001 -i agent1 -D $HOME/scs-data/agent1"
 ARGS ?=
 # Arguments for pytest, e.g. make test PYTEST_ARGS="tests/test_api.py -x"
 PYTEST_ARGS ?=
 
 .PHONY: run test lint install system-packages rabbitmq clean
 
+# pip -q still shows pip's warnings, not the build's own output: that
+# building this project prints no warning is a test of its own
+# (tests/integration/test_cli_usability.py).
 $(BIN)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "pip>=24"
-	# compat mode: the flat twisted/plugins layout stays visible to twistd
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]' \
-		--config-settings editable_mode=compat
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
 install: system-packages $(BIN)/.installed
@@ -28,8 +29,10 @@ system-packages:
 rabbitmq:
 	scripts/ensure-rabbitmq
 
+# The agent gets the terminal to itself (scripts/run-in-foreground): Ctrl-C
+# reaches it alone, it stops its workers and exits 0, and so does make.
 run: install rabbitmq
-	$(BIN)/scs-agent $(ARGS)
+	$(BIN)/python scripts/run-in-foreground $(BIN)/scs-agent $(ARGS)
 
 # The linter and formatter first (ruff.toml): the tree stays clean under them.
 lint: $(BIN)/.installed

@@ -38,6 +38,64 @@ log = Logger(namespace="scs.agent")
 # checked arguments (scs.operation_args).
 REMOTE_OPERATIONS = OPERATIONS
 
+# The operations that change something, with the name their log lines use
+# on the agent that runs them for a peer.
+LOGGED_REMOTE_OPERATIONS = {
+    "app_put": "App.put",
+    "app_delete": "App.delete",
+    "app_enable": "App.enable",
+    "app_disable": "App.disable",
+    "app_restart": "App.restart",
+    "instance_create": "Node.add",
+    "instance_delete": "Node.instance_delete",
+    "instance_enable": "Node.instance_enable",
+    "instance_disable": "Node.instance_disable",
+    "instance_restart": "Node.instance_restart",
+    "instance_restart_ready": "Node.instance_restart",
+    "autoscale_set": "Node.autoscale_set",
+    "consume": "Node.consume",
+    "cancel": "Node.cancel",
+    "queue_declare": "Queue.add",
+    "queue_delete": "Queue.queue_delete",
+    "queue_purge": "Queue.queue_purge",
+}
+
+
+def _loggable(arguments: dict[str, Any]) -> dict[str, Any]:
+    """``arguments`` fit for a log line: a broker URL masked, the values of
+    environment variables left out (they may hold secrets)."""
+    shown = dict(arguments)
+    if isinstance(shown.get("broker"), str):
+        shown["broker"] = BrokerInfo.from_url(shown["broker"]).to_json(masked=True)
+    if isinstance(shown.get("env"), dict):
+        shown["env"] = sorted(shown["env"])
+    return shown
+
+
+async def _as_reply(result: Deferred) -> Reply:
+    return Reply(await result)
+
+
+# The fields of a queue object that are its declaration (QueueBinding).
+_BINDING_FIELDS = ("name", "exchange", "routing_key", "exchange_type", "options")
+
+
+def _env_names_only(body: Any) -> Any:
+    """An app object as the log shows it: its ``env`` by names alone (the
+    values may be credentials; the API answers them, the log does not)."""
+    if isinstance(body, dict) and isinstance(body.get("env"), dict):
+        return {**body, "env": sorted(body["env"])}
+    return body
+
+
+def _log_body(body: Any) -> Any:
+    """An answer as its ``<--`` log line shows it: env values left out, a
+    worker log's lines counted rather than copied into the agent's log."""
+    body = _env_names_only(body)
+    if isinstance(body, dict) and isinstance(body.get("lines"), list):
+        return {**body, "lines": f"<{len(body['lines'])} lines>"}
+    return body
+
 
 class ClusterQueues:
     """Finds a queue's declaration here, else on any agent of the cluster
@@ -58,7 +116,8 @@ class ClusterQueues:
         for agent in sorted(answers):
             answer = answers[agent]
             if isinstance(answer, dict):
-                return QueueBinding(**answer)
+                # The declaration alone: the answer adds the broker's figures.
+                return QueueBinding(**{k: answer[k] for k in _BINDING_FIELDS if k in answer})
         return None
 
 
@@ -128,7 +187,7 @@ class Agent:
             "{{{request}}} <-- ok={body}",
             request=request,
             operation=operation,
-            body=reply.body,
+            body=_log_body(reply.body),
             status=reply.status,
             event="operation",
         )
@@ -144,9 +203,28 @@ class Agent:
             if operation == "instance_create_named":
                 return Deferred.fromCoroutine(self.placement.create_named_for_peer(arguments))
             clean = check_operation(operation, arguments)
-            return _as_deferred(getattr(self.local, operation)(**clean))
+            ours = self._ours(operation, clean)
+            result = _as_deferred(getattr(self.local, operation)(**clean))
+            if operation not in LOGGED_REMOTE_OPERATIONS:
+                return result
+            if not ours:
+                return result  # a scatter looking for the owner: not ours
+            # What a peer asks us to change is logged here too, so that the
+            # owner's log tells the instance's story (--> Node.add(...) ...).
+            label = LOGGED_REMOTE_OPERATIONS[operation]
+            logged = Deferred.fromCoroutine(self._logged(label, _loggable(clean), _as_reply(result)))
+            return logged.addCallback(lambda reply: reply.body)
 
         return maybeDeferred(run)
+
+    def _ours(self, operation: str, arguments: dict[str, Any]) -> bool:
+        """Whether a peer's request is about something this agent has
+        (scatters ask every agent for an instance or queue's owner)."""
+        if operation.startswith("queue_") and operation != "queue_declare":
+            return self.store.find_queue(arguments["app"], arguments["name"]) is not None
+        if "name" in arguments and operation != "instance_create":
+            return self.local.instance_owned(arguments["name"])
+        return True
 
     def _clustered(self) -> bool:
         return self.srs is not None and self.srs.is_connected()
@@ -158,7 +236,7 @@ class Agent:
         return tuple(m["id"] for m in self.srs.members() if m["id"] != self.agent_id)
 
     async def _gather(
-        self, operation: str, arguments: dict[str, Any], local_result: Any
+        self, operation: str, arguments: dict[str, Any], local_result: Any, timeout: float | None = None
     ) -> tuple[dict[str, Any], tuple[str, ...]]:
         """Run a listing on every live agent: ({agent: result}, missing)."""
         results: dict[str, Any] = {self.agent_id: local_result}
@@ -166,7 +244,10 @@ class Agent:
             return results, ()
         if not self.srs.is_connected():
             return results, self._peers_missing()
-        answers, missing = await self.srs.scatter(operation, arguments)
+        if timeout is None:
+            answers, missing = await self.srs.scatter(operation, arguments)
+        else:
+            answers, missing = await self.srs.scatter(operation, arguments, timeout=timeout)
         for agent, answer in answers.items():
             if not isinstance(answer, Exception):
                 results[agent] = answer
@@ -224,6 +305,10 @@ class Agent:
         broker: str | None = None,
         celery_app: Any = UNSET,
         arguments: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        workdir: Any = UNSET,
+        python: Any = UNSET,
+        task_events: bool | None = None,
     ) -> Reply:
         arguments_json: dict[str, Any] = {"app": app}
         if broker is not None:
@@ -232,17 +317,43 @@ class Agent:
             arguments_json["celery_app"] = celery_app
         if arguments is not None:
             arguments_json["arguments"] = list(arguments)
+        # Left out: unchanged; workdir/python None: back to the agent's own.
+        if env is not None:
+            arguments_json["env"] = dict(env)
+        if workdir is not UNSET:
+            arguments_json["workdir"] = workdir
+        if python is not UNSET:
+            arguments_json["python"] = python
+        if task_events is not None:
+            arguments_json["task_events"] = task_events
 
         async def run() -> Reply:
-            result = self.local.app_put(**arguments_json)
-            if self.srs is not None:
-                # Apps live on every agent.
+            result = self.local.app_put(**arguments_json, roll=True)
+            changed = result["changed"]
+            missing: tuple[str, ...] = self._peers_missing()
+            if self._clustered() and not result["created"]:
+                # Apps live on every agent.  Each must have the new settings
+                # before the rolling restart below reaches its workers.
+                answers, missing_list = await self.srs.scatter(
+                    "app_put", {**arguments_json, "roll": True}, timeout=self.call_timeout
+                )
+                missing = tuple(missing_list)
+                changed = changed or any(isinstance(a, dict) and a.get("changed") for a in answers.values())
+            elif self.srs is not None:
                 self.srs.broadcast("app_put", arguments_json)
-            return Reply(result["app"], status=201 if result["created"] else 200)
+            body = result["app"]
+            if changed:
+                # New settings reach running workers by a rolling restart.
+                rolled = await self._rolling_restart(app)
+                body = {**body, "restarted": rolled.body}
+            return Reply(body, status=201 if result["created"] else 200, missing=missing)
 
         logged = dict(arguments_json)
         if broker is not None:
             logged["broker"] = BrokerInfo.from_url(broker).to_json(masked=True)
+        if env is not None:
+            # The names alone: values may be credentials.
+            logged["env"] = sorted(env)
         return await self._logged("App.put", logged, run())
 
     async def app_get(self, app: str) -> Reply:
@@ -359,6 +470,97 @@ class Agent:
         arguments = {"name": name, "app": app, **extra}
         return await self._logged(f"Node.{operation}", arguments, self._on_owner(name, operation, arguments))
 
+    # -- every instance of an app ---------------------------------------------
+
+    async def app_instances(self, app: str, operation: str, rolling: bool = False) -> Reply:
+        """``enable``, ``disable`` or ``restart`` every instance of ``app`` in
+        the cluster: ``{"instances": [names], "failed": {name: why}}``.
+
+        A plain restart restarts them all at once, each agent its own.  A
+        rolling one (:meth:`_rolling_restart`) replaces one at a time."""
+        if operation not in ("enable", "disable", "restart"):
+            raise ValueError(operation)
+
+        async def run() -> Reply:
+            await self._require_app(app)
+            if operation == "restart" and rolling:
+                return await self._rolling_restart(app)
+            local = _as_deferred(getattr(self.local, f"app_{operation}")(app))
+            # An agent restarting its workers answers once they are ready.
+            wait = self.local.stop_timeout + self.local.ready_timeout + self.call_timeout
+            results, missing = await self._gather(f"app_{operation}", {"app": app}, None, timeout=wait)
+            results[self.agent_id] = await local
+            instances: list[str] = []
+            failed: dict[str, str] = {}
+            for agent in sorted(results):
+                answer = results[agent]
+                if isinstance(answer, dict):
+                    instances += answer.get("instances", [])
+                    failed.update(answer.get("failed", {}))
+            return Reply({"instances": sorted(set(instances)), "failed": failed}, missing=missing)
+
+        label = f"App.{operation}" + (" rolling" if rolling else "")
+        return await self._logged(label, {"app": app}, run())
+
+    async def _require_app(self, app: str) -> None:
+        if self.store.has_app(app):
+            return
+        if self._clustered():
+            answers, _missing = await self.srs.scatter("app_get", {"app": app})
+            if any(isinstance(answer, dict) for answer in answers.values()):
+                return
+        raise NotFound(f"no app named {app!r}", app=app)
+
+    async def _rolling_restart(self, app: str) -> Reply:
+        """Restart the app's enabled instances one at a time, cluster-wide,
+        each only once the previous one's new worker answered a ping; so at
+        every moment all but one of them can work.  A worker that does not
+        come back stops the roll: it is ``failed`` and the rest ``skipped``."""
+        details, missing = await self._gather("instance_details", {"app": app}, self.local.instance_details(app))
+        owners: dict[str, str] = {}
+        for agent in sorted(details):
+            for instance in details[agent]:
+                if instance["is_enabled"]:
+                    owners.setdefault(instance["name"], agent)
+        restarted: list[str] = []
+        failed: dict[str, str] = {}
+        skipped: list[str] = []
+        step_timeout = self.local.stop_timeout + self.local.ready_timeout + self.call_timeout
+        for index, name in enumerate(sorted(owners), start=1):
+            if failed:
+                skipped.append(name)
+                continue
+            agent = owners[name]
+            try:
+                if agent == self.agent_id:
+                    body = await self.local.instance_restart_ready(name, app)
+                else:
+                    body = await self.srs.call(
+                        agent, "instance_restart_ready", {"name": name, "app": app}, timeout=step_timeout
+                    )
+            except SCSError as e:
+                failed[name] = e.message
+            else:
+                if body.get("ready"):
+                    restarted.append(name)
+                else:
+                    failed[name] = (
+                        f"its new worker did not answer a ping within {self.local.ready_timeout:g} s "
+                        f"(state {body.get('state')})"
+                    )
+            log.info(
+                "rolling restart of {app}: {name} on {agent} ({index}/{total}) {outcome}",
+                app=app,
+                name=name,
+                agent=agent,
+                index=index,
+                total=len(owners),
+                outcome="failed: " + failed[name] if name in failed else "ready",
+                event="app.rolling_restart.step",
+            )
+        body = {"instances": restarted, "failed": failed, "skipped": skipped}
+        return Reply(body, missing=missing)
+
     async def queue_declare(self, app: str, binding: QueueBinding) -> Reply:
         async def run() -> Reply:
             # A queue lives on the agent it was declared on; re-declaring it
@@ -392,7 +594,7 @@ class Agent:
 
         async def run() -> Reply:
             if self.store.find_queue(app, name) is not None or not self._clustered():
-                return Reply(getattr(self.local, operation)(**arguments))
+                return Reply(await _as_deferred(getattr(self.local, operation)(**arguments)))
             answers, missing = await self.srs.scatter(operation, arguments)
             answer = _owners_answer(answers)
             if answer is not None:

@@ -82,7 +82,7 @@ class CeleryControl:
         self._threadpool = threadpool
         self._connect_timeout = connect_timeout
         self._apps: dict[str, Any] = {}
-        self._semaphores: dict[str, DeferredSemaphore] = {}
+        self._semaphores: dict[tuple[str, str], DeferredSemaphore] = {}
 
     # -- plumbing ---------------------------------------------------------
 
@@ -112,9 +112,10 @@ class CeleryControl:
     def _pool(self) -> Any:
         return self._threadpool if self._threadpool is not None else self._reactor.getThreadPool()
 
-    def _run(self, broker_url: str, f: Callable[..., T]) -> Deferred[T]:
+    def _run(self, broker_url: str, f: Callable[..., T], lane: str = "control") -> Deferred[T]:
         """Run ``f`` in the thread pool, at most MAX_CONCURRENT at a time per
-        broker.
+        broker and ``lane`` (the queue operations have a lane of their own,
+        so that many of them never hold up the supervisor's control calls).
 
         Why the limit: a control call holds one connection from kombu's
         process-wide pool for that broker and its producer takes a second;
@@ -133,9 +134,10 @@ class CeleryControl:
             except errors as e:
                 raise BrokerUnavailable(f"broker unavailable: {e}") from e
 
-        sem = self._semaphores.get(broker_url)
+        key = (lane, broker_url)
+        sem = self._semaphores.get(key)
         if sem is None:
-            sem = self._semaphores[broker_url] = DeferredSemaphore(MAX_CONCURRENT)
+            sem = self._semaphores[key] = DeferredSemaphore(MAX_CONCURRENT)
         return sem.run(deferToThreadPool, self._reactor, pool, call)
 
     def close(self) -> None:
@@ -279,3 +281,67 @@ class CeleryControl:
 
         # Not through the semaphore: it opens its own connection.
         return deferToThreadPool(self._reactor, self._pool(), call)
+
+    # -- queues on the broker ------------------------------------------------
+
+    def _on_queue(self, broker_url: str, timeout: float, operate: Callable[[Any], T]) -> Deferred[T | None]:
+        """Run ``operate(channel)`` on a connection of its own to the broker,
+        every wait on it bounded by ``timeout``; None when the broker says
+        the queue does not exist (a 404 channel error).
+
+        A connection of its own, not one of kombu's pool: its socket gets
+        read and write timeouts, and the channel error that a missing queue
+        causes closes that channel, which must never be handed to the next
+        caller.
+        """
+        app = self.app(broker_url)
+
+        def call() -> T | None:
+            from amqp.exceptions import ChannelError, NotFound as QueueNotFound
+
+            conn = app.connection_for_write(
+                connect_timeout=timeout,
+                transport_options={"read_timeout": timeout, "write_timeout": timeout},
+            )
+            try:
+                # Not kombu's default (a retry two seconds later): one quick
+                # second try at most.
+                conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=timeout)
+                try:
+                    return operate(conn.channel())
+                except QueueNotFound:
+                    return None
+                except ChannelError as e:
+                    # Refused (a queue another connection holds exclusively,
+                    # no permission): the broker's words, no URL.
+                    raise CommandFailed(f"the broker refused: {e}") from e
+            finally:
+                conn.release()
+
+        return self._run(broker_url, call, lane="queues")
+
+    def queue_stats(self, broker_url: str, queue: str, timeout: float = 1.0) -> Deferred[dict[str, int] | None]:
+        """``{"messages", "consumers"}`` of ``queue`` (a passive declare:
+        nothing is created), or None when it does not exist on the broker."""
+
+        def operate(channel: Any) -> dict[str, int]:
+            _name, messages, consumers = channel.queue_declare(queue=queue, passive=True)
+            return {"messages": int(messages), "consumers": int(consumers)}
+
+        return self._on_queue(broker_url, timeout, operate)
+
+    def queue_purge(self, broker_url: str, queue: str, timeout: float = 1.0) -> Deferred[int | None]:
+        """Drop every ready message of ``queue``: how many, or None when it
+        does not exist on the broker."""
+        return self._on_queue(broker_url, timeout, lambda channel: int(channel.queue_purge(queue=queue) or 0))
+
+    def queue_delete(self, broker_url: str, queue: str, timeout: float = 1.0) -> Deferred[int | None]:
+        """Delete ``queue`` from the broker: the messages it dropped, or None
+        when it did not exist (RabbitMQ deletes a missing queue without a
+        word, so a passive declare asks first)."""
+
+        def operate(channel: Any) -> int:
+            channel.queue_declare(queue=queue, passive=True)
+            return int(channel.queue_delete(queue=queue) or 0)
+
+        return self._on_queue(broker_url, timeout, operate)

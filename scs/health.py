@@ -108,7 +108,7 @@ class Health:
         now = self.clock.seconds()
         if not alive:
             if url not in self._down:
-                self.log.warn("[Supervisor] broker {broker} is down", broker=url, event="broker.down")
+                self.log.warn("{{Supervisor}} broker {broker} is down", broker=url, event="broker.down")
             self._down[url] = now
             self._revived.pop(url, None)
             return
@@ -116,7 +116,7 @@ class Health:
         revived = self._revived.get(url)
         if revived is not None and now - revived < self.policy.wait_after_broker_revived:
             self.log.info(
-                "[Supervisor] broker {broker} revived {ago:.1f}s ago: not blaming silent workers",
+                "{{Supervisor}} broker {broker} revived {ago:.1f}s ago: not blaming silent workers",
                 broker=url,
                 ago=now - revived,
                 event="broker.grace",
@@ -126,7 +126,7 @@ class Health:
             # The broker accepts connections but the ping itself failed:
             # that says nothing about the workers.
             self.log.warn(
-                "[Supervisor] ping via {broker} failed: {error}", broker=url, error=str(error), event="ping.error"
+                "{{Supervisor}} ping via {broker} failed: {error}", broker=url, error=str(error), event="ping.error"
             )
             return
         for lc in silent:
@@ -136,7 +136,7 @@ class Health:
         if url in self._down:
             del self._down[url]
             self._revived[url] = self.clock.seconds()
-            self.log.info("[Supervisor] broker {broker} is back", broker=url, event="broker.up")
+            self.log.info("{{Supervisor}} broker {broker} is back", broker=url, event="broker.up")
 
     def _round_trip(self, url: str, sent: float) -> None:
         """A ping every node answered: a round trip, not a waited-out timeout."""
@@ -168,7 +168,7 @@ class Health:
             ready = [starting[node] for node in sorted(answered & set(starting)) if starting[node].answered()]
             if ready:
                 ensureDeferred(self._configure(url, ready)).addErrback(
-                    lambda f: self.log.failure("[Supervisor] configuring new workers", f)
+                    lambda f: self.log.failure("{{Supervisor}} configuring new workers", f)
                 )
 
         def again(_: object) -> None:
@@ -179,7 +179,7 @@ class Health:
 
         d = self.control.ping(url, sorted(starting), self.policy.probe_timeout)
         d.addCallbacks(got, lambda f: None)
-        d.addErrback(lambda f: self.log.failure("[Supervisor] probe", f))
+        d.addErrback(lambda f: self.log.failure("{{Supervisor}} probe", f))
         d.addBoth(again)
 
 

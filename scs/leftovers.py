@@ -178,7 +178,7 @@ class Leftovers:
             return instance_path(self.instance_dir, name, PIDFILE)
         except UnsafeName as e:
             self.log.warn(
-                "[Supervisor] leftover scan skips {name!r}: {error}",
+                "{{Supervisor}} leftover scan skips {name!r}: {error}",
                 name=name,
                 error=e.message,
                 event="unsafe-path",
@@ -187,7 +187,7 @@ class Leftovers:
 
     async def _end(self, name: str, pid: int, pidfile: str) -> None:
         self.log.warn(
-            "[Supervisor] {name}: worker pid {pid} left from a previous run, replacing it",
+            "{{Supervisor}} {name}: worker pid {pid} left from a previous run, replacing it",
             name=name,
             pid=pid,
             event="leftover",
@@ -202,7 +202,7 @@ class Leftovers:
                 if not is_worker_for(self.table.cmdline(pid), name):
                     self._remove_pidfile(pidfile, pid)
                     self.log.info(
-                        "[Supervisor] {name}: leftover pid {pid} is gone",
+                        "{{Supervisor}} {name}: leftover pid {pid} is gone",
                         name=name,
                         pid=pid,
                         event="leftover.gone",
@@ -210,7 +210,7 @@ class Leftovers:
                     return
                 await deferLater(self.clock, self.policy.leftover_poll)
         self.log.error(
-            "[Supervisor] {name}: leftover pid {pid} survived KILL", name=name, pid=pid, event="leftover.stuck"
+            "{{Supervisor}} {name}: leftover pid {pid} survived KILL", name=name, pid=pid, event="leftover.stuck"
         )
 
     def _remove_pidfile(self, path: str, pid: int) -> None:

@@ -10,7 +10,8 @@ through a few verbs (:meth:`WorkerLifecycle.start`, ``stop``, ``replace``,
 
     from          to            when
     stopped       starting      spawned
-    stopped       failed        its spec is refused (unsafe name, arguments)
+    stopped       failed        its spec is refused (unsafe name, arguments,
+                                a workdir or python missing on this machine)
     starting      running       it answered a ping
     starting      restarting    it exited, or is being ended to be replaced
                                 (start_timeout passed, forced restart)
@@ -48,7 +49,15 @@ from twisted.python.failure import Failure
 
 from scs.policy import SupervisionPolicy, backoff_delay
 from scs.records import InstanceSpec, WorkerStatus
-from scs.worker import UnsafeName, UnsafeSpec, WorkerProcess, build_argv, spawn_worker
+from scs.worker import (
+    UnsafeName,
+    UnsafeSpec,
+    WorkerProcess,
+    build_argv,
+    spawn_worker,
+    worker_directory,
+    worker_env,
+)
 
 
 class WorkerState(str, enum.Enum):  # noqa: UP042 - a str Enum: JSON and dict keys see the strings
@@ -192,7 +201,7 @@ class WorkerLifecycle:
             raise IllegalTransition(f"{self.name}: {old.value} -> {new.value} ({why})")
         self.state = new
         self.log.debug(
-            "[Supervisor] {name}: {old} -> {new} ({why})",
+            "{{Supervisor}} {name}: {old} -> {new} ({why})",
             name=self.name,
             old=old.value,
             new=new.value,
@@ -229,7 +238,7 @@ class WorkerLifecycle:
         self.reset()
         if self._closed:
             return succeed(None)
-        self.log.info("[Supervisor] {name} forced restart", name=self.name, event="restart")
+        self.log.info("{{Supervisor}} {name} forced restart", name=self.name, event="restart")
         if self._process is not None:
             return self.replace()
         if self.state is S.STOPPED:
@@ -264,11 +273,12 @@ class WorkerLifecycle:
         self._transition(S.RUNNING, "answered")
         if first:
             restarted = self._spawns > 1
+            # The seed's words for both: starting a node is its node.restart.
+            # The event tells a first start from a restart apart.
             self.log.info(
-                "[Supervisor] {name} successfully {how}",
+                "{{Supervisor}} {name} successfully restarted (pid {pid})",
                 name=self.name,
                 pid=self.pid,
-                how="restarted" if restarted else "started",
                 event="successfully restarted" if restarted else "successfully started",
             )
         self._fire_ready(True)
@@ -280,7 +290,7 @@ class WorkerLifecycle:
         if self.state is S.STARTING:
             if self.clock.seconds() - self.spawned_at >= self.policy.start_timeout:
                 self.log.warn(
-                    "[Supervisor] {name} did not answer within {timeout}s of its start",
+                    "{{Supervisor}} {name} did not answer within {timeout}s of its start",
                     name=self.name,
                     timeout=self.policy.start_timeout,
                     event="unresponsive.kill",
@@ -293,7 +303,7 @@ class WorkerLifecycle:
         self._missed += 1
         self._transition(S.UNRESPONSIVE, "missed a ping")
         self.log.warn(
-            "[Supervisor] {name} did not answer ({missed}/{max})",
+            "{{Supervisor}} {name} did not answer ({missed}/{max})",
             name=self.name,
             missed=self._missed,
             max=self.policy.max_missed_pings,
@@ -302,7 +312,7 @@ class WorkerLifecycle:
         if self._missed >= self.policy.max_missed_pings:
             # A hung worker cannot do a warm shutdown; KILL at once.
             self.log.warn(
-                "[Supervisor] {name} unresponsive, killing pid {pid}",
+                "{{Supervisor}} {name} unresponsive, killing pid {pid}",
                 name=self.name,
                 pid=self.pid,
                 event="unresponsive.kill",
@@ -341,10 +351,14 @@ class WorkerLifecycle:
         spec = self.spec
         try:
             argv = build_argv(spec, self.instance_dir, self.hostname, mingle=self.mingle)
+            # The app's env, workdir and python: a workdir or python missing
+            # on this machine fails this instance alone (SettingUnavailable).
+            env = worker_env(spec)
+            path = worker_directory(spec)
         except UnsafeSpec as e:
             self._refuse(e)
             return
-        self.log.info("[Supervisor] {name} node.restart", name=spec.name, event="node.restart")
+        self.log.info("{{Supervisor}} {name} node.restart", name=spec.name, event="node.restart")
         proto = WorkerProcess(spec.name, self._ended)
         self._process = proto
         self._missed = 0
@@ -354,13 +368,13 @@ class WorkerLifecycle:
         self._spawns += 1
         self._transition(S.STARTING, "spawned")
         try:
-            spawn_worker(self.spawner, proto, argv, self.instance_dir, spec.name)
+            spawn_worker(self.spawner, proto, argv, self.instance_dir, spec.name, env=env, path=path)
         except UnsafeName as e:  # a symlink planted since build_argv looked
             self._process = None
             self._refuse(e)
             return
         except Exception:  # noqa: BLE001 - any spawn failure is a failed start
-            self.log.failure("[Supervisor] {name} could not be spawned", name=spec.name)
+            self.log.failure("{{Supervisor}} {name} could not be spawned", name=spec.name)
             self._process = None
             self._transition(S.RESTARTING, "spawn failed")
             self._died(young=True)
@@ -370,12 +384,18 @@ class WorkerLifecycle:
     def _refuse(self, error: UnsafeSpec) -> None:
         """A spec the supervisor will not run (a name whose files would not
         stay inside the instance directory, a symlink there redirecting
-        them, stored arguments outside the allow-list): ``failed`` at once,
-        no retries."""
+        them, stored arguments outside the allow-list, an app's workdir or
+        python that this machine lacks): ``failed`` at once, no retries.
+        The event names the refused ``parameter``."""
         self._rapid_failures = 0
         self._transition(S.FAILED, "refused")
         self.log.error(
-            "[Supervisor] {name!r} not started: {error}", name=self.name, error=error.message, event=error.event
+            "{{Supervisor}} {name!r} not started: {error}",
+            name=self.name,
+            app=self.spec.app,
+            error=error.message,
+            parameter=error.details.get("parameter"),
+            event=error.event,
         )
         self._fire_ready(False)
 
@@ -407,7 +427,7 @@ class WorkerLifecycle:
         if self._rapid_failures >= self.policy.max_rapid_failures:
             self._transition(S.FAILED, "rapid failures")
             self.log.error(
-                "[Supervisor] {name} failed: died {count} times within {uptime}s of starting",
+                "{{Supervisor}} {name} failed: died {count} times within {uptime}s of starting",
                 name=self.name,
                 count=self._rapid_failures,
                 uptime=self.policy.min_uptime,
@@ -422,7 +442,7 @@ class WorkerLifecycle:
             self._spawn()
             return
         self.log.warn(
-            "[Supervisor] {name} died young ({count} in a row), restarting in {delay:.2f}s",
+            "{{Supervisor}} {name} died young ({count} in a row), restarting in {delay:.2f}s",
             name=self.name,
             count=self._rapid_failures,
             delay=delay,
@@ -449,7 +469,7 @@ class WorkerLifecycle:
             proto.signal("KILL")
         elif self._kill_call is None:
             self.log.info(
-                "[Supervisor] {name} stopping pid {pid} ({intent})",
+                "{{Supervisor}} {name} stopping pid {pid} ({intent})",
                 name=self.name,
                 pid=proto.pid,
                 intent="stop" if self.state is S.STOPPING else "replace",
@@ -463,7 +483,7 @@ class WorkerLifecycle:
         self._kill_call = None
         if self._process is proto:
             self.log.warn(
-                "[Supervisor] {name} pid {pid} ignored TERM for {timeout}s: KILL",
+                "{{Supervisor}} {name} pid {pid} ignored TERM for {timeout}s: KILL",
                 name=self.name,
                 pid=proto.pid,
                 timeout=self.policy.kill_timeout,

@@ -12,14 +12,15 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 
-from scs.errors import NotFound, Unavailable, WorkerFailed
+from scs.errors import BadParameter, NotFound, Unavailable, WorkerFailed
 from scs.records import UNSET, AppRecord, InstanceSpec, QueueBinding, WorkerStatus
 from scs.store import Store
-from scs.validation import check_concurrency_range
-from scs.worker import node_name
+from scs.validation import check_concurrency_range, check_lines
+from scs.worker import node_name, private_queue
+from scs.worker_log import DEFAULT_LINES as DEFAULT_LOG_LINES, read_tail
 
 log = Logger(namespace="scs.agent")
 
@@ -28,8 +29,13 @@ QueueResolver = Callable[[str, str], Deferred]
 
 # How long instance creation waits for the new worker's first ping.
 DEFAULT_READY_TIMEOUT = 15.0
+# How long the supervisor leaves an app's outdated workers to the agent
+# rolling them (LocalAgent.app_put(roll=True)) before replacing them itself.
+ROLL_HOLD = 600.0
 # How long a DELETE waits for the supervisor to stop the worker.
 DEFAULT_STOP_TIMEOUT = 20.0
+# How long a queue's figures, purge or deletion waits for the broker.
+DEFAULT_QUEUE_TIMEOUT = 2.0
 
 
 def instance_json(spec: InstanceSpec, status: WorkerStatus, agent_id: str, node: str) -> dict[str, Any]:
@@ -73,7 +79,16 @@ class LocalAgent:
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
         clock: Any = None,
         resolve_queue: QueueResolver | None = None,
+        instance_dir: str | None = None,
+        control: Any = None,
+        queue_timeout: float = DEFAULT_QUEUE_TIMEOUT,
     ) -> None:
+        # Asks the broker about queues (scs.control.CeleryControl); without
+        # it a queue's figures are null and a purge is 503.
+        self.control = control
+        self.queue_timeout = queue_timeout
+        # Where the workers' files are (worker.log): by default the supervisor's.
+        self.instance_dir = instance_dir if instance_dir is not None else getattr(supervisor, "instance_dir", None)
         self.store = store
         self.agent_id = agent_id
         self.default_broker = default_broker
@@ -134,14 +149,34 @@ class LocalAgent:
         broker: str | None = None,
         celery_app: Any = UNSET,
         arguments: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        workdir: Any = UNSET,
+        python: Any = UNSET,
+        task_events: bool | None = None,
+        roll: bool = False,
     ) -> dict[str, Any]:
+        """Create or update an app.  ``roll``: an agent restarts the app's
+        workers one at a time for the new settings (a rolling restart), so
+        the supervisor leaves them be meanwhile (``hold_reconfigure``)."""
+        before = self.store.get_app(app) if self.store.has_app(app) else None
+        if roll and before is not None and self.supervisor is not None:
+            self.supervisor.hold_reconfigure(app, ROLL_HOLD)
         record, created = self.store.put_app(
-            app, self.default_broker, broker=broker, celery_app=celery_app, arguments=arguments
+            app,
+            self.default_broker,
+            broker=broker,
+            celery_app=celery_app,
+            arguments=arguments,
+            env=env,
+            workdir=workdir,
+            python=python,
+            task_events=task_events,
         )
         if not created:
             # The workers of this app must run with its new settings.
             self._changed()
-        return {"app": record.to_json(), "created": created}
+        changed = before is not None and before != record and bool(self.store.node_names(app))
+        return {"app": record.to_json(), "created": created, "changed": changed}
 
     def app_get(self, app: str) -> dict[str, Any]:
         return self.store.get_app(app).to_json()
@@ -158,6 +193,10 @@ class LocalAgent:
                 "broker": a.broker.url,
                 "celery_app": a.celery_app,
                 "arguments": list(a.arguments),
+                "env": dict(a.env),
+                "workdir": a.workdir,
+                "python": a.python,
+                "task_events": a.task_events,
             }
             for a in self.store.list_apps()
         ]
@@ -233,6 +272,7 @@ class LocalAgent:
     async def instance_delete(self, name: str, app: str | None = None) -> dict[str, Any]:
         spec = self.store.delete_node(name, app)
         await self._settle()
+        await self._delete_private_queue(spec)
         body = instance_json(spec, self.status(name), self.agent_id, self.node_name(name))
         body["is_enabled"] = False
         return body
@@ -255,6 +295,59 @@ class LocalAgent:
             await self.supervisor.restart(name)
         return self.instance_get(name, app)
 
+    async def instance_restart_ready(self, name: str, app: str | None = None) -> dict[str, Any]:
+        """Restart and wait (bounded by ``ready_timeout``) for the new worker
+        to answer a ping: one step of a rolling restart.  The instance
+        object has ``ready`` added: False when it did not answer in time."""
+        body = await self.instance_restart(name, app)
+        ready = False
+        if self.supervisor is not None and body["is_enabled"]:
+            ready = await self.supervisor.wait_ready(name, self.ready_timeout)
+        body = self.instance_get(name, app)
+        body["ready"] = ready
+        return body
+
+    # -- every instance of an app on this agent --------------------------------
+
+    def _app_specs(self, app: str) -> list[InstanceSpec]:
+        return sorted(self.store.list_nodes(app), key=lambda spec: spec.name)
+
+    async def app_enable(self, app: str) -> dict[str, Any]:
+        """Enable every instance of ``app`` here; fires once the supervisor acted."""
+        names = [spec.name for spec in self._app_specs(app)]
+        for name in names:
+            self.store.set_enabled(name, True, app)
+            if self.supervisor is not None:
+                self.supervisor.reset(name)
+        await self._changed()
+        return {"instances": names, "failed": {}}
+
+    async def app_disable(self, app: str) -> dict[str, Any]:
+        """Disable every instance of ``app`` here; waits (bounded) for the stops."""
+        names = [spec.name for spec in self._app_specs(app)]
+        for name in names:
+            self.store.set_enabled(name, False, app)
+        await self._settle()
+        return {"instances": names, "failed": {}}
+
+    async def app_restart(self, app: str) -> dict[str, Any]:
+        """Restart every enabled instance of ``app`` here at once, then wait
+        (bounded by ``ready_timeout``) for each to answer a ping; those that
+        do not are ``failed``."""
+        names = [spec.name for spec in self._app_specs(app) if spec.is_enabled]
+        if self.supervisor is None:
+            return {"instances": names, "failed": {}}
+        await DeferredList([self.supervisor.restart(name) for name in names], consumeErrors=True)
+        results = await DeferredList(
+            [self.supervisor.wait_ready(name, self.ready_timeout) for name in names], consumeErrors=True
+        )
+        failed = {
+            name: f"did not answer a ping within {self.ready_timeout:g} s of its restart"
+            for name, (ok, ready) in zip(names, results, strict=True)
+            if not (ok and ready)
+        }
+        return {"instances": names, "failed": failed}
+
     def autoscale_get(self, name: str, app: str | None = None) -> dict[str, Any]:
         spec = self.store.get_node(name, app)
         return {"max": spec.max_concurrency, "min": spec.min_concurrency}
@@ -266,6 +359,14 @@ class LocalAgent:
         max: int | None = None,
         min: int | None = None,
     ) -> dict[str, Any]:
+        current = self.store.get_node(name, app)
+        new_max = current.max_concurrency if max is None else max
+        new_min = current.min_concurrency if min is None else min
+        if new_min > new_max:
+            # Either alone keeps the other: name the one that was given.
+            raise BadParameter(
+                f"min ({new_min}) would be greater than max ({new_max})", parameter="max" if min is None else "min"
+            )
         spec = self.store.set_autoscale(name, max, min, app)
         self._changed()
         return {"max": spec.max_concurrency, "min": spec.min_concurrency}
@@ -301,14 +402,99 @@ class LocalAgent:
             raise Unavailable("this agent runs no supervisor", instance=name)
         return await self.supervisor.stats(name)
 
+    def instance_log(self, name: str, app: str | None = None, lines: int = DEFAULT_LOG_LINES) -> dict[str, Any]:
+        """The last ``lines`` lines of the worker's worker.log (none when it
+        has not written one yet).  Read here, in the reactor thread: the
+        read is bounded (``scs.worker_log``), a few MiB at most."""
+        spec = self.store.get_node(name, app)
+        found = [] if self.instance_dir is None else read_tail(self.instance_dir, spec.name, check_lines(lines))
+        return {"name": spec.name, "agent": self.agent_id, "lines": found}
+
     # -- queues ----------------------------------------------------------
 
     def queue_declare(self, app: str, binding: dict[str, Any]) -> dict[str, Any]:
         record, created = self.store.declare_queue(app, QueueBinding(**binding), self.default_broker)
         return {"queue": queue_json(record), "created": created}
 
-    def queue_get(self, app: str, name: str) -> dict[str, Any]:
-        return queue_json(self.store.get_queue(app, name))
+    async def queue_get(self, app: str, name: str) -> dict[str, Any]:
+        """The declaration with the broker's ``messages`` and ``consumers``
+        (both null when the broker cannot say: unreachable, slow, or the
+        queue not on it yet)."""
+        body = queue_json(self.store.get_queue(app, name))
+        body.update(messages=None, consumers=None)
+        if self.control is None:
+            return body
+        try:
+            stats = await self._on_broker(
+                self.control.queue_stats(self.store.get_app(app).broker.url, name, self.queue_timeout)
+            )
+        except Exception as e:  # noqa: BLE001 - figures are best effort: null, never a 500
+            log.info(
+                "queue {queue} of {app}: no figures from the broker: {error}",
+                app=app,
+                queue=name,
+                error=_error_text(e),
+                event="queue.figures.unavailable",
+            )
+            return body
+        if stats is not None:
+            body.update(messages=stats["messages"], consumers=stats["consumers"])
+        return body
+
+    async def queue_purge(self, app: str, name: str) -> dict[str, Any]:
+        """Drop the ready messages of a declared queue on the app's broker."""
+        self.store.get_queue(app, name)
+        if self.control is None:
+            raise Unavailable("this agent cannot ask the broker", queue=name)
+        try:
+            purged = await self._on_broker(
+                self.control.queue_purge(self.store.get_app(app).broker.url, name, self.queue_timeout)
+            )
+        except Exception as e:  # noqa: BLE001 - any broker failure is a 503 naming the queue
+            raise Unavailable(f"the broker could not purge the queue: {_error_text(e)}", queue=name) from e
+        # None: not on the broker (no worker or publisher declared it yet).
+        purged = purged or 0
+        log.info(
+            "queue {queue} of {app} purged: {purged} messages",
+            app=app,
+            queue=name,
+            purged=purged,
+            event="queue.purged",
+        )
+        return {"purged": purged}
+
+    def _on_broker(self, d: Deferred) -> Deferred:
+        """Bound a broker call on this agent's clock (the call bounds its
+        own socket waits as well)."""
+        if self.clock is not None:
+            d.addTimeout(self.queue_timeout, self.clock)
+        return d
+
+    async def _delete_private_queue(self, spec: InstanceSpec) -> None:
+        """Delete a deleted instance's ``dq.<name>`` from its broker; a
+        broker that cannot be asked is logged, never an error."""
+        if self.control is None:
+            return
+        queue = private_queue(spec.name)
+        try:
+            dropped = await self._on_broker(self.control.queue_delete(spec.broker.url, queue, self.queue_timeout))
+        except Exception as e:  # noqa: BLE001 - the instance is deleted whatever the broker says
+            log.warn(
+                "{instance}: could not delete its queue {queue}: {error}",
+                instance=spec.name,
+                queue=queue,
+                error=_error_text(e),
+                event="instance.queue.delete_failed",
+            )
+            return
+        log.info(
+            "{instance}: deleted its queue {queue}, {messages} messages dropped",
+            instance=spec.name,
+            queue=queue,
+            messages=dropped or 0,
+            existed=dropped is not None,
+            event="instance.queue.deleted",
+        )
 
     def queue_list(self, app: str) -> list[str]:
         return self.store.queue_names(app)
@@ -332,3 +518,9 @@ class LocalAgent:
 def default_binding(queue: str) -> QueueBinding:
     """What ``-Q queue`` declares: exchange and routing key named as the queue."""
     return QueueBinding(name=queue, exchange=queue, routing_key=queue)
+
+
+def _error_text(error: BaseException) -> str:
+    """A broker failure for a log line or an answer: short, and never a URL
+    (the control layer's messages hold none)."""
+    return (str(error) or type(error).__name__)[:200]

@@ -27,7 +27,8 @@ class Broker(Base):
 
 
 class App(Base):
-    """A Celery application: its default broker and its ``-A`` target."""
+    """A Celery application: its default broker, its ``-A`` target and the
+    settings every worker of it runs with."""
 
     __tablename__ = "app"
 
@@ -37,6 +38,15 @@ class App(Base):
     celery_app: Mapped[str | None] = mapped_column(String(255), nullable=True)
     # JSON list of extra ``celery worker`` arguments for every instance.
     arguments: Mapped[str] = mapped_column(Text, default="[]", server_default="[]")
+    # JSON object of environment variables for its workers, merged over the
+    # agent's own environment.
+    env: Mapped[str] = mapped_column(Text, default="{}", server_default="{}")
+    # The workers' working directory; None: the agent's.
+    workdir: Mapped[str | None] = mapped_column(String(4096), nullable=True)
+    # The interpreter that runs ``-m celery``; None: the agent's.
+    python: Mapped[str | None] = mapped_column(String(4096), nullable=True)
+    # Start the workers with ``--task-events`` (``-E``) for monitors.
+    task_events: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
 
     broker: Mapped[Broker] = relationship(lazy="joined")
     nodes: Mapped[list[Node]] = relationship(back_populates="app", cascade="all, delete-orphan", passive_deletes=True)

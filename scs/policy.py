@@ -33,6 +33,9 @@ class SupervisionPolicy:
     - ``leftover_poll``/``leftover_kill_wait``: how often a leftover worker
       of a previous run is looked for after a signal, and how long after
       KILL before giving up on it.
+    - ``worker_log_max_bytes``/``worker_log_backups``: at each wake-up a
+      live worker's ``worker.log`` larger than this is rotated, keeping
+      this many older files (:func:`scs.worker_log.rotate`).
     """
 
     interval: float = 5.0
@@ -51,6 +54,8 @@ class SupervisionPolicy:
     control_timeout: float = 1.0
     leftover_poll: float = 0.05
     leftover_kill_wait: float = 10.0
+    worker_log_max_bytes: int = 10 * 1024 * 1024
+    worker_log_backups: int = 3
 
 
 def backoff_delay(policy: SupervisionPolicy, failures: int, random_value: float) -> float:

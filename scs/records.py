@@ -142,6 +142,11 @@ class InstanceSpec:
     arguments: tuple[str, ...] = ()
     # The instance's own extra arguments alone (what the API was given).
     node_arguments: tuple[str, ...] = ()
+    # The app's settings for its workers (see ``AppRecord``).
+    env: tuple[tuple[str, str], ...] = ()
+    workdir: str | None = None
+    python: str | None = None
+    task_events: bool = False
 
     @property
     def queue_names(self) -> tuple[str, ...]:
@@ -156,6 +161,15 @@ class AppRecord:
     broker: BrokerInfo
     celery_app: str | None = None
     arguments: tuple[str, ...] = ()
+    # Environment variables of its workers, merged over the agent's, as
+    # sorted (name, value) pairs; shown as they are (no secrets here: see
+    # the README).
+    env: tuple[tuple[str, str], ...] = ()
+    # The workers' working directory and interpreter; None: the agent's.
+    workdir: str | None = None
+    python: str | None = None
+    # Workers started with --task-events, so that monitors see tasks.
+    task_events: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -163,6 +177,10 @@ class AppRecord:
             "broker": self.broker.to_json(),
             "celery_app": self.celery_app,
             "arguments": list(self.arguments),
+            "env": dict(self.env),
+            "workdir": self.workdir,
+            "python": self.python,
+            "task_events": self.task_events,
         }
 
 

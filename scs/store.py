@@ -21,7 +21,7 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -286,7 +286,7 @@ class Store:
     def _app_or_create(self, session: Session, name: str, default_broker: str) -> App:
         app = session.scalar(select(App).where(App.name == name))
         if app is None:
-            app = App(name=name, broker=self._broker(session, default_broker), arguments="[]")
+            app = App(name=name, broker=self._broker(session, default_broker), arguments="[]", env="{}")
             session.add(app)
             session.flush()
         return app
@@ -299,8 +299,16 @@ class Store:
         broker: str | None = None,
         celery_app: Any = UNSET,
         arguments: Sequence[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        workdir: Any = UNSET,
+        python: Any = UNSET,
+        task_events: bool | None = None,
     ) -> tuple[AppRecord, bool]:
-        """Create or update an app; returns it and whether it was created."""
+        """Create or update an app; returns it and whether it was created.
+
+        A setting left out (None, or UNSET where None means "the agent's
+        default") keeps its stored value; ``env`` replaces the whole set of
+        variables (``{}`` clears it)."""
         with self.transaction() as session:
             existing = session.scalar(select(App).where(App.name == name))
             app = self._app_or_create(session, name, broker or default_broker)
@@ -310,6 +318,14 @@ class Store:
                 app.celery_app = celery_app
             if arguments is not None:
                 app.arguments = json.dumps(list(arguments))
+            if env is not None:
+                app.env = json.dumps(dict(sorted(env.items())))
+            if workdir is not UNSET:
+                app.workdir = workdir
+            if python is not UNSET:
+                app.python = python
+            if task_events is not None:
+                app.task_events = task_events
             session.flush()
             return _app_record(app), existing is None
 
@@ -543,12 +559,20 @@ class Store:
         return tables
 
 
+def _app_env(app: App) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(json.loads(app.env or "{}").items()))
+
+
 def _app_record(app: App) -> AppRecord:
     return AppRecord(
         name=app.name,
         broker=BrokerInfo.from_url(app.broker.url),
         celery_app=app.celery_app,
         arguments=tuple(json.loads(app.arguments or "[]")),
+        env=_app_env(app),
+        workdir=app.workdir,
+        python=app.python,
+        task_events=bool(app.task_events),
     )
 
 
@@ -588,4 +612,8 @@ def _instance_spec(node: Node) -> InstanceSpec:
         queues=tuple(_queue_binding(c) for c in node.consumptions),
         arguments=app_arguments + node_arguments,
         node_arguments=node_arguments,
+        env=_app_env(node.app),
+        workdir=node.app.workdir,
+        python=node.app.python,
+        task_events=bool(node.app.task_events),
     )

@@ -36,7 +36,8 @@ from scs.leftovers import Leftovers, ProcessTable
 from scs.lifecycle import LIVE_STATES, WorkerLifecycle, WorkerState, fire, ready_waiter
 from scs.policy import PING_TIMEOUTS, SupervisionPolicy
 from scs.records import InstanceSpec, WorkerStatus
-from scs.worker import node_name
+from scs.worker import UnsafeName, node_name
+from scs.worker_log import rotate_instance_log
 
 COUNTED_EVENTS = (
     lifecycle.COUNTED_EVENTS
@@ -57,11 +58,23 @@ the label's cardinality bounded)."""
 
 DEFAULT_POLICY = SupervisionPolicy()
 
+NOT_READY_STATES = frozenset({WorkerState.STARTING, WorkerState.RESTARTING, WorkerState.STOPPING})
+"""A worker in one of these is on its way up or down (see _may_reconfigure)."""
+
 
 def _restart_key(spec: InstanceSpec) -> tuple[Any, ...]:
     """What the running worker took from its command line and can only change
-    by a restart; queues and concurrency are changed live instead."""
-    return (spec.broker, spec.celery_app, spec.arguments)
+    by a restart (its command line, environment, working directory and
+    interpreter); queues and concurrency are changed live instead."""
+    return (
+        spec.broker,
+        spec.celery_app,
+        spec.arguments,
+        spec.env,
+        spec.workdir,
+        spec.python,
+        spec.task_events,
+    )
 
 
 class Supervisor(Service):
@@ -113,6 +126,8 @@ class Supervisor(Service):
         self._adopted = True
         self._adopt_waiters: list[Deferred[None]] = []
         self._shutting_down = False
+        # app -> until when its reconfiguration is left to a rolling restart.
+        self._held: dict[str, float] = {}
 
     @property
     def log(self) -> Logger:
@@ -227,7 +242,7 @@ class Supervisor(Service):
         try:
             urls = {s.broker.url for s in self._desired()}
         except Exception:  # noqa: BLE001 - warming is an optimisation; the wake-up reports errors
-            self.log.failure("[Supervisor] reading desired instances")
+            self.log.failure("{{Supervisor}} reading desired instances")
             return
         for url in sorted(urls):
             self._control.warm(url).addErrback(lambda f: None)
@@ -287,12 +302,12 @@ class Supervisor(Service):
         self._wake_started = self._reactor.seconds()
         d = ensureDeferred(self._reconcile())
         # Errors end here: a failing wake-up must never stop the LoopingCall.
-        d.addErrback(lambda f: self.log.failure("[Supervisor] wake-up failed", f))
+        d.addErrback(lambda f: self.log.failure("{{Supervisor}} wake-up failed", f))
         d.addBoth(self._wake_done)
 
     def _wake_done(self, _: object) -> None:
         self.log.debug(
-            "[Supervisor] wake-up done in {duration:.3f} s",
+            "{{Supervisor}} wake-up done in {duration:.3f} s",
             duration=self._reactor.seconds() - self._wake_started,
             event="wake-up.done",
         )
@@ -305,16 +320,41 @@ class Supervisor(Service):
 
     async def _reconcile(self) -> None:
         await self._when_adopted()
-        self.log.info("[Supervisor] wake-up", event="wake-up")
+        self.log.info("{{Supervisor}} wake-up", event="wake-up")
         if self._shutting_down:
             return
         specs = {s.name: s for s in self._desired()}
         stops = self._stop_undesired(specs)
         self._start_desired(specs)
+        self._rotate_logs()
         checks = [ensureDeferred(self._health.check(url, lcs)) for url, lcs in self._due_for_ping().items()]
         for ok, value in await DeferredList(stops + checks, consumeErrors=True):
             if not ok:
-                self.log.failure("[Supervisor] wake-up step failed", value)
+                self.log.failure("{{Supervisor}} wake-up step failed", value)
+
+    def _rotate_logs(self) -> None:
+        """Rotate the worker.log of every worker with a process, by size
+        (``policy.worker_log_max_bytes``, ``policy.worker_log_backups``).
+        A log that cannot be rotated is logged and left for the next
+        wake-up; the others are not affected."""
+        for name, lc in list(self._lifecycles.items()):
+            if not lc.has_process:
+                continue
+            try:
+                rotate_instance_log(
+                    self.instance_dir,
+                    name,
+                    self.policy.worker_log_max_bytes,
+                    self.policy.worker_log_backups,
+                    self.log,
+                )
+            except (OSError, UnsafeName) as e:
+                self.log.warn(
+                    "{{Supervisor}} {name} worker.log not rotated: {error}",
+                    name=name,
+                    error=str(e),
+                    event="worker.log.rotate-failed",
+                )
 
     def _stop_undesired(self, specs: dict[str, InstanceSpec]) -> list[Deferred[Any]]:
         """Stop the workers of disabled and deleted instances; the deleted
@@ -346,13 +386,33 @@ class Supervisor(Service):
                 continue
             lc = self._lifecycle(spec)
             if lc.state in LIVE_STATES and lc.spawned_spec is not None:
-                if _restart_key(lc.spawned_spec) != _restart_key(spec):
+                if _restart_key(lc.spawned_spec) != _restart_key(spec) and self._may_reconfigure(spec.app, lc):
                     self.log.info(
-                        "[Supervisor] {name} configuration changed, restarting", name=spec.name, event="reconfigure"
+                        "{{Supervisor}} {name} configuration changed, restarting", name=spec.name, event="reconfigure"
                     )
                     lc.replace()
             else:
                 lc.start()
+
+    def hold_reconfigure(self, app: str, seconds: float) -> None:
+        """Leave the workers of ``app`` whose settings changed as they are
+        for ``seconds``: an agent is restarting them one by one across the
+        cluster (a rolling restart).  Whatever is still outdated after that
+        is replaced here, one worker of the app at a time."""
+        self._held[app] = self._reactor.seconds() + seconds
+
+    def _may_reconfigure(self, app: str, lc: WorkerLifecycle) -> bool:
+        """Replace ``lc`` for new settings now?  Not while the app is held,
+        nor while another worker of the app here is not ready yet: a
+        settings change rolls through the app's workers, it does not stop
+        them all at once."""
+        if self._held.get(app, 0.0) > self._reactor.seconds():
+            return False
+        self._held.pop(app, None)
+        return not any(
+            other is not lc and other.spec.app == app and other.state in NOT_READY_STATES
+            for other in self._lifecycles.values()
+        )
 
     def _lifecycle(self, spec: InstanceSpec) -> WorkerLifecycle:
         """The lifecycle of ``spec``'s instance (made on first sight), now
@@ -423,7 +483,7 @@ class Supervisor(Service):
             for ok, value in await DeferredList(sends, consumeErrors=True):
                 if not ok:
                     self.log.warn(
-                        "[Supervisor] control command failed: {error}",
+                        "{{Supervisor}} control command failed: {error}",
                         error=value.getErrorMessage(),
                         event="control.error",
                     )
@@ -431,7 +491,9 @@ class Supervisor(Service):
     def _send(self, url: str, lc: WorkerLifecycle, c: Correction) -> Deferred[str]:
         timeout = self.policy.control_timeout
         if isinstance(c, AddConsumer):
-            self.log.info("node.consume_from: {queue}", name=lc.name, queue=c.queue, event=c.event)
+            self.log.info(
+                "{{Supervisor}} {name} node.consume_from: {queue}", name=lc.name, queue=c.queue, event=c.event
+            )
             return self._control.add_consumer(
                 url,
                 lc.node,
@@ -442,9 +504,17 @@ class Supervisor(Service):
                 timeout=timeout,
             )
         if isinstance(c, CancelConsumer):
-            self.log.info("node.cancel_consume_from: {queue}", name=lc.name, queue=c.queue, event=c.event)
+            self.log.info(
+                "{{Supervisor}} {name} node.cancel_consume_from: {queue}", name=lc.name, queue=c.queue, event=c.event
+            )
             return self._control.cancel_consumer(url, lc.node, c.queue, timeout=timeout)
-        self.log.info("node.autoscale: max={max} min={min}", name=lc.name, max=c.max, min=c.min, event=c.event)
+        self.log.info(
+            "{{Supervisor}} {name} node.autoscale: max={max} min={min}",
+            name=lc.name,
+            max=c.max,
+            min=c.min,
+            event=c.event,
+        )
         return self._control.autoscale(url, lc.node, c.max, c.min, timeout=timeout)
 
 

@@ -7,6 +7,7 @@ options, run in the foreground with logging set up from ``-l``/``-f``.
 
 from __future__ import annotations
 
+import errno
 import getopt
 import ipaddress
 import os
@@ -119,6 +120,21 @@ def _seconds(value: str) -> float:
         raise ValueError(f"--interval must be a number of seconds, got {value!r}") from None
 
 
+def _whole_number(option: str, low: int) -> Any:
+    """A coerce function for ``--<option>``: an integer of at least ``low``."""
+
+    def coerce(value: str) -> int:
+        try:
+            number = int(value.strip())
+        except ValueError:
+            raise ValueError(f"--{option} must be a whole number, got {value!r}") from None
+        if number < low:
+            raise ValueError(f"--{option} must be at least {low}, got {number}")
+        return number
+
+    return coerce
+
+
 class Options(usage.Options):
     synopsis = "[ADDR] [options]"
     longdesc = (
@@ -133,6 +149,20 @@ class Options(usage.Options):
         ["instance-dir", "D", None, "Store, pid and log files (default: ./scs-data/<id>)."],
         ["broker", "b", DEFAULT_BROKER, "AMQP broker for SRS and new apps."],
         ["interval", None, 5.0, "Supervisor wake-up period in seconds.", _seconds],
+        [
+            "worker-log-max-bytes",
+            None,
+            10 * 1024 * 1024,
+            "Rotate a worker's worker.log once it is larger than this.",
+            _whole_number("worker-log-max-bytes", 1),
+        ],
+        [
+            "worker-log-backups",
+            None,
+            3,
+            "Rotated worker logs kept (worker.log.1 ...); 0 keeps none.",
+            _whole_number("worker-log-backups", 0),
+        ],
         ["manhole", None, None, "Telnet manhole endpoint, e.g. tcp:2323:interface=127.0.0.1."],
         ["manhole-passwd", None, None, "user:password file for the manhole."],
         ["loglevel", "l", "info", f"Log level: {', '.join(LOG_LEVELS)}."],
@@ -436,6 +466,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         supervisor,
         clock=reactor,
         resolve_queue=None if srs is None else ClusterQueues(store, srs),
+        # The supervisor's CeleryControl: one Celery app per broker for both.
+        control=supervisor._control,
     )
     agent = Agent(local, srs, url=url)
 
@@ -479,7 +511,11 @@ def _build_supervisor(options: Options, store: Any, instance_dir: str, reactor: 
     supervisor = Supervisor(
         store.list_nodes,
         instance_dir,
-        policy=SupervisionPolicy(interval=options["interval"]),
+        policy=SupervisionPolicy(
+            interval=options["interval"],
+            worker_log_max_bytes=options["worker-log-max-bytes"],
+            worker_log_backups=options["worker-log-backups"],
+        ),
         reactor=reactor,
         control=CeleryControl(reactor=reactor),
         spawner=reactor,
@@ -543,7 +579,11 @@ def _manhole_service(options: Options, agent: Any, metrics: Any, reactor: Any) -
         else "NOT loopback (--manhole-allow-remote): telnet sends passwords in clear",
         passwd=options["manhole-passwd"],
     )
-    return manhole_service(options["manhole"], options["manhole-passwd"], agent, reactor=reactor, metrics=metrics)
+    service = manhole_service(options["manhole"], options["manhole-passwd"], agent, reactor=reactor, metrics=metrics)
+    # A busy manhole port stops the start (main says so in one line), as a
+    # busy HTTP port does, instead of a logged traceback and no manhole.
+    service._raiseSynchronously = True
+    return service
 
 
 def http_resource(agent: Any, metrics: Any, auth: Any = None, allowed_hosts: Any = ()) -> Any:
@@ -654,4 +694,28 @@ def main(argv: list[str] | None = None) -> None:
     options = config.subOptions
     options["console-logging"] = True
     config["logger"] = lambda: _file_observer(options)
-    twistd.runApp(config)
+    from twisted.internet.error import CannotListenError
+
+    # twistd.runApp without its last step: after a signal stopped the
+    # reactor (Ctrl-C, kill) it kills itself again with that signal, so a
+    # clean stop would show as 130 or 143.  Every service has stopped in
+    # order by the time run() returns: the agent exits 0.
+    try:
+        twistd._SomeApplicationRunner(config).run()
+    except CannotListenError as e:
+        # Logging has begun and took sys.stderr over: the line goes to the
+        # terminal's stderr, without the traceback.
+        print(f"scs-agent: {cannot_listen_message(e)}", file=sys.__stderr__, flush=True)
+        sys.exit(1)
+
+
+def cannot_listen_message(error: Any) -> str:
+    """One line for a port that cannot be listened on (busy, or not ours)."""
+    host = error.interface or "*"
+    if ":" in host:
+        host = f"[{host}]"
+    socket_error = error.socketError
+    reason = getattr(socket_error, "strerror", None) or str(socket_error)
+    if getattr(socket_error, "errno", None) == errno.EADDRINUSE:
+        reason += " (another agent or program holds it)"
+    return f"cannot listen on {host}:{error.port}: {reason[:1].lower()}{reason[1:]}"

@@ -329,7 +329,8 @@ class FakeControl:
     With a ``clock``, a ping that misses a node takes its whole ``timeout``
     on that clock, as Celery's does.  ``paused = True`` holds every call's
     Deferred in ``held`` until ``release()``.  ``calls`` records
-    ``(method, broker_url, args...)``.
+    ``(method, broker_url, args...)``.  ``broker_queues`` holds the broker's
+    queues for ``queue_stats``, ``queue_purge`` and ``queue_delete``.
     """
 
     def __init__(self, clock: _Any = None) -> None:
@@ -340,6 +341,8 @@ class FakeControl:
         self.paused = False
         self.held: list[tuple[_defer.Deferred, _Any]] = []
         self.closed = False
+        # The broker's queues: name -> {"messages": n, "consumers": n}.
+        self.broker_queues: dict[str, dict[str, int]] = {}
 
     def up(self, node: str, queues: _Any = (), max: int = 1, min: int = 1) -> dict:
         n = {
@@ -464,6 +467,31 @@ class FakeControl:
     def broker_alive(self, broker_url: str, timeout: float = 1.0) -> _defer.Deferred:
         self.calls.append(("broker_alive", broker_url))
         return _defer.succeed(self.broker_up)
+
+    def queue_stats(self, broker_url: str, queue: str, timeout: float = 1.0) -> _defer.Deferred:
+        self.calls.append(("queue_stats", broker_url, queue, timeout))
+        return self._result(lambda: dict(self.broker_queues[queue]) if queue in self.broker_queues else None)
+
+    def queue_purge(self, broker_url: str, queue: str, timeout: float = 1.0) -> _defer.Deferred:
+        self.calls.append(("queue_purge", broker_url, queue, timeout))
+
+        def compute() -> int | None:
+            q = self.broker_queues.get(queue)
+            if q is None:
+                return None
+            purged, q["messages"] = q["messages"], 0
+            return purged
+
+        return self._result(compute)
+
+    def queue_delete(self, broker_url: str, queue: str, timeout: float = 1.0) -> _defer.Deferred:
+        self.calls.append(("queue_delete", broker_url, queue, timeout))
+
+        def compute() -> int | None:
+            q = self.broker_queues.pop(queue, None)
+            return None if q is None else q["messages"]
+
+        return self._result(compute)
 
     def close(self) -> None:
         self.closed = True

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
 import shlex
+import stat
 import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -135,6 +137,15 @@ def check_concurrency(value: Any, what: str) -> int:
     return check_int(value, what, low, MAX_CONCURRENCY)
 
 
+DEFAULT_LOG_LINES = 100
+MAX_LOG_LINES = 10_000
+
+
+def check_lines(value: Any) -> int:
+    """``lines`` of a worker log to answer: 1 to ``MAX_LOG_LINES``."""
+    return check_int(value, "lines", 1, MAX_LOG_LINES)
+
+
 def check_concurrency_range(max_concurrency: int, min_concurrency: int) -> None:
     if min_concurrency > max_concurrency:
         raise BadParameter(
@@ -240,6 +251,161 @@ def check_arguments(value: Any) -> tuple[str, ...]:
         raise BadParameter(e.message, parameter="arguments", option=e.option) from None
 
 
+# -- app settings for its workers: env, workdir, python --------------------------
+
+MAX_ENV_VARIABLES = 100
+MAX_ENV_NAME_LENGTH = 128
+MAX_ENV_VALUE_LENGTH = 4096
+MAX_ENV_LENGTH = 32768  # the whole object as JSON text
+MAX_PATH_LENGTH = 4096
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Variables an app may not set for its workers.  The dynamic loader's
+# (LD_PRELOAD and the like) would load native code into the worker and into
+# the agent's session launcher; Celery's own (CELERY_LOADER,
+# CELERY_CUSTOM_WORKER_POOL, CELERY_RDB_HOST...) would configure the worker
+# around the agent's command line and the allow-list of ``arguments``; and
+# the interpreter's that change which Python runs or make it interactive
+# are the ``python`` setting's business.  PYTHONPATH, PATH and the app's own
+# variables are allowed: an app's code may need them.
+REFUSED_ENV_PREFIXES = ("LD_", "DYLD_", "CELERY_")
+REFUSED_ENV_NAMES = frozenset(
+    {
+        "PYTHONHOME",
+        "PYTHONSTARTUP",
+        "PYTHONINSPECT",
+        "PYTHONEXECUTABLE",
+        "C_FORCE_ROOT",
+        "C_FAKEFORK",
+        "FORKED_BY_MULTIPROCESSING",
+        "MP_MAIN_FILE",
+    }
+)
+# The literal that sets ``workdir`` or ``python`` back to the agent's own
+# (a form cannot send "no value": an empty field means "not given").
+DEFAULT_SETTING = "default"
+
+
+def check_env(value: Any) -> dict[str, str] | None:
+    """``env``: a JSON object of environment variables (or its JSON text, as
+    a form field sends it), names like ``[A-Za-z_][A-Za-z0-9_]*``, values
+    printable strings.  None: not given; ``{}`` clears.  Messages name a
+    bad variable, never quote a value (values may be credentials)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        if len(value) > MAX_ENV_LENGTH:
+            raise BadParameter(f"env is too long (at most {MAX_ENV_LENGTH} characters)", parameter="env")
+        try:
+            value = json.loads(value, parse_constant=_refuse_constant)
+        except (ValueError, RecursionError):
+            raise BadParameter("env must be a JSON object of names to strings", parameter="env") from None
+    if not isinstance(value, dict):
+        raise BadParameter("env must be a JSON object of names to strings", parameter="env")
+    if len(value) > MAX_ENV_VARIABLES:
+        raise BadParameter(f"env: at most {MAX_ENV_VARIABLES} variables", parameter="env")
+    clean: dict[str, str] = {}
+    for name, text in value.items():
+        if not isinstance(name, str) or len(name) > MAX_ENV_NAME_LENGTH or not _ENV_NAME.fullmatch(name):
+            raise BadParameter(
+                f"env: variable name {str(name)[:40]!r} must be ASCII letters, digits and '_' "
+                f"(not starting with a digit), at most {MAX_ENV_NAME_LENGTH} characters",
+                parameter="env",
+            )
+        if name.upper() in REFUSED_ENV_NAMES or name.upper().startswith(REFUSED_ENV_PREFIXES):
+            raise BadParameter(
+                f"env: {name} may not be set for workers (dynamic loader, Celery's own or interpreter variables)",
+                parameter="env",
+                variable=name,
+            )
+        if not isinstance(text, str):
+            raise BadParameter(f"env: the value of {name} must be a string", parameter="env", variable=name)
+        if len(text) > MAX_ENV_VALUE_LENGTH or not text.isprintable():
+            raise BadParameter(
+                f"env: the value of {name} must be printable (no control characters or newlines) "
+                f"and at most {MAX_ENV_VALUE_LENGTH} characters",
+                parameter="env",
+                variable=name,
+            )
+        clean[name] = text
+    if len(json.dumps(clean)) > MAX_ENV_LENGTH:
+        raise BadParameter(f"env is too long (at most {MAX_ENV_LENGTH} characters as JSON)", parameter="env")
+    return clean
+
+
+def _check_path_form(value: Any, what: str) -> str | None:
+    """An absolute, normalised path of printable characters; None for
+    ``default`` (or JSON null, or "") meaning "the agent's own"."""
+    if value is None or value == "" or value == DEFAULT_SETTING:
+        return None
+    if not isinstance(value, str):
+        raise BadParameter(f"{what} must be an absolute path or {DEFAULT_SETTING!r}", parameter=what)
+    if len(value) > MAX_PATH_LENGTH or not value.isprintable():
+        raise BadParameter(
+            f"{what} must be printable (no control characters) and at most {MAX_PATH_LENGTH} characters",
+            parameter=what,
+        )
+    if not value.startswith("/"):
+        raise BadParameter(f"{what} must be an absolute path (or {DEFAULT_SETTING!r}), got {value!r}", parameter=what)
+    if os.path.normpath(value) != value or value.startswith("//"):
+        raise BadParameter(
+            f"{what} must be a normalised path (no '.', '..', '//' or trailing '/'), got {value!r}", parameter=what
+        )
+    return value
+
+
+def _stat(path: str, what: str) -> os.stat_result:
+    try:
+        return os.stat(path)
+    except OSError as e:
+        raise BadParameter(f"{what} {path!r} cannot be used on this agent: {e.strerror}", parameter=what) from None
+
+
+def check_workdir(value: Any, *, on_this_machine: bool = True) -> str | None:
+    """``workdir``: the workers' working directory, an absolute normalised
+    path; None means the agent's own (``default``).
+
+    With ``on_this_machine`` (the API's door) it must also exist here, be a
+    directory the agent can enter, and not be writable by every user:
+    ``python -m celery`` puts it first on the workers' ``sys.path``, so in a
+    directory such as /tmp anyone could plant a module the worker imports.
+    A peer's copy of an app is checked for its form only (the directory may
+    not exist on every machine); a worker whose directory is missing where
+    it runs is ``failed`` (see ``scs.worker.check_worker_paths``)."""
+    path = _check_path_form(value, "workdir")
+    if path is None or not on_this_machine:
+        return path
+    info = _stat(path, "workdir")
+    if not stat.S_ISDIR(info.st_mode):
+        raise BadParameter(f"workdir {path!r} is not a directory", parameter="workdir")
+    if not os.access(path, os.X_OK):
+        raise BadParameter(f"workdir {path!r} cannot be entered by the agent", parameter="workdir")
+    if info.st_mode & stat.S_IWOTH:
+        raise BadParameter(
+            f"workdir {path!r} is writable by every user: anyone could plant modules the workers import",
+            parameter="workdir",
+        )
+    return path
+
+
+def check_python(value: Any, *, on_this_machine: bool = True) -> str | None:
+    """``python``: the interpreter that runs ``-m celery`` (a virtualenv's
+    ``bin/python``, say; symlinks are followed), an absolute normalised path;
+    None means the agent's own (``default``).  With ``on_this_machine`` it
+    must be an executable regular file here, not writable by every user; a
+    peer's copy is checked for its form only, as for ``workdir``."""
+    path = _check_path_form(value, "python")
+    if path is None or not on_this_machine:
+        return path
+    info = _stat(path, "python")
+    if not stat.S_ISREG(info.st_mode):
+        raise BadParameter(f"python {path!r} is not a regular file", parameter="python")
+    if not os.access(path, os.X_OK):
+        raise BadParameter(f"python {path!r} is not executable", parameter="python")
+    if info.st_mode & stat.S_IWOTH:
+        raise BadParameter(f"python {path!r} is writable by every user", parameter="python")
+    return path
+
+
 def check_queue_list(value: Any) -> tuple[str, ...]:
     """``queues``: a comma-separated string or a JSON list of names."""
     if value is None or value == "":
@@ -328,8 +494,14 @@ def queue_binding(name: str, params: Mapping[str, Any]) -> QueueBinding:
     )
 
 
-def only(params: Mapping[str, Any], allowed: Iterable[str]) -> None:
-    """Refuse parameters a route does not know, naming them."""
+class EmptyField(str):
+    """An empty query or form field (``max=``): "not given".  It reads as
+    ``""`` until :func:`only` drops it."""
+
+
+def only(params: MutableMapping[str, Any], allowed: Iterable[str]) -> None:
+    """Refuse parameters a route does not know, naming them; then drop the
+    empty form fields (:class:`EmptyField`), which mean "not given"."""
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise BadParameter(
@@ -337,3 +509,5 @@ def only(params: Mapping[str, Any], allowed: Iterable[str]) -> None:
             parameter=unknown[0],
             allowed=sorted(allowed),
         )
+    for name in [name for name, value in params.items() if isinstance(value, EmptyField)]:
+        del params[name]

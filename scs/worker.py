@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from twisted.internet.error import ProcessExitedAlready
@@ -47,6 +47,16 @@ class UnsafeName(UnsafeSpec):
     somewhere else (a symlink planted in the instance directory)."""
 
     event = "unsafe-path"
+
+
+class SettingUnavailable(UnsafeSpec):
+    """An app's ``workdir`` or ``python`` that cannot be used on this
+    machine (missing, not a directory, not executable...): the API checked
+    it where it was set, but apps are copied to every agent and this one
+    may lack it.  The instance is ``failed`` until it is restarted; the
+    others are not affected."""
+
+    event = "setting-unavailable"
 
 
 def check_path_component(name: object, what: str = "instance") -> str:
@@ -116,6 +126,52 @@ def is_plain_binding(q: QueueBinding) -> bool:
 # Celery has no option to turn mingle back on, so it is a property of the
 # agent, not of an app: the Supervisor's ``mingle=True`` switches it.
 WITHOUT_MINGLE = "--without-mingle"
+# The app's ``task_events``: the worker sends task events, which monitors
+# such as Flower read (``-E``).
+TASK_EVENTS = "--task-events"
+
+
+def worker_python(spec: InstanceSpec) -> str:
+    """The interpreter that runs the worker: the app's ``python``, checked on
+    this machine (``SettingUnavailable``), else the agent's own."""
+    if spec.python is None:
+        return sys.executable
+    from scs.validation import check_python
+
+    try:
+        python = check_python(spec.python)
+    except BadParameter as e:
+        raise SettingUnavailable(f"app {spec.app!r}: {e.message}", parameter="python") from None
+    return python or sys.executable
+
+
+def worker_directory(spec: InstanceSpec) -> str | None:
+    """The worker's working directory: the app's ``workdir``, checked on this
+    machine (``SettingUnavailable``), else None (the agent's own)."""
+    if spec.workdir is None:
+        return None
+    from scs.validation import check_workdir
+
+    try:
+        return check_workdir(spec.workdir)
+    except BadParameter as e:
+        raise SettingUnavailable(f"app {spec.app!r}: {e.message}", parameter="workdir") from None
+
+
+def worker_env(spec: InstanceSpec, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The worker's environment: ``base`` (the agent's, by default) with the
+    app's ``env`` over it.  The stored variables are checked again (the
+    store is a door too); ``UnsafeSpec`` names the refused variable, never
+    a value."""
+    from scs.validation import check_env
+
+    try:
+        check_env(dict(spec.env))
+    except BadParameter as e:
+        raise UnsafeSpec(f"stored env of app {spec.app!r} is refused: {e.message}", parameter="env") from None
+    env = dict(os.environ if base is None else base)
+    env.update(spec.env)
+    return env
 
 
 def build_argv(
@@ -129,7 +185,9 @@ def build_argv(
     """The worker's command line as an argv list (it never goes through a shell).
 
     ``-A`` and ``-b`` are Celery's global options: Celery 5's ``worker``
-    subcommand rejects ``-b``, so both come before ``worker``.
+    subcommand rejects ``-b``, so both come before ``worker``.  The
+    interpreter is ``python`` if given, else the app's (checked on this
+    machine: ``SettingUnavailable``), else the agent's.
     """
     name = spec.name
     try:
@@ -138,7 +196,7 @@ def build_argv(
         check_worker_arguments(spec.arguments)
     except RefusedArgument as e:
         raise UnsafeSpec(f"stored arguments of {name!r} are refused: {e}", parameter="arguments") from None
-    argv = [python or sys.executable, "-m", "celery"]
+    argv = [python or worker_python(spec), "-m", "celery"]
     if spec.celery_app:
         argv += ["-A", spec.celery_app]
     argv += ["-b", spec.broker.url, "worker"]
@@ -157,6 +215,8 @@ def build_argv(
     ]
     if not mingle and WITHOUT_MINGLE not in spec.arguments:
         argv.append(WITHOUT_MINGLE)
+    if spec.task_events and not {TASK_EVENTS, "-E"} & set(spec.arguments):
+        argv.append(TASK_EVENTS)
     argv += list(spec.arguments)
     ssl_options = spec.broker.kombu_ssl
     if ssl_options is not None:
@@ -244,15 +304,16 @@ def spawn_worker(
     argv: Sequence[str],
     instance_dir: str,
     name: str,
-    env: dict[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
+    path: str | None = None,
 ) -> None:
     """Create the instance directory and spawn ``argv`` with ``spawner``
     (an ``IReactorProcess``).  stdout/stderr are appended to worker.log;
-    stdin is /dev/null.  The child inherits ``env`` (default: the agent's
-    environment, so a ``celery_app`` module on its PYTHONPATH is found) and
-    the agent's working directory (``python -m celery`` puts it on sys.path,
-    so ``-A proj`` finds ./proj as it would for ``celery -A proj worker``
-    typed there)."""
+    stdin is /dev/null.  The child gets ``env`` (default: the agent's
+    environment, so a ``celery_app`` module on its PYTHONPATH is found; see
+    :func:`worker_env`) and runs in ``path`` (default: the agent's working
+    directory; ``python -m celery`` puts it on sys.path, so ``-A proj``
+    finds ./proj as it would for ``celery -A proj worker`` typed there)."""
     directory = instance_path(instance_dir, name)
     os.makedirs(directory, exist_ok=True)
     # Checked again now that the directory exists; O_NOFOLLOW: a worker.log
@@ -270,7 +331,7 @@ def spawn_worker(
             launch[0],
             launch,
             env=dict(os.environ if env is None else env),
-            path=None,
+            path=path,
             childFDs={0: nullfd, 1: logfd, 2: logfd},
         )
     finally:

@@ -47,6 +47,9 @@ class FakeSupervisor:
     def wait_ready(self, name: str, timeout: float) -> Deferred:
         return succeed(True)
 
+    def hold_reconfigure(self, app: str, seconds: float) -> None:
+        self.held = getattr(self, "held", []) + [(app, seconds)]
+
     def reset(self, name: str) -> None:
         pass
 

@@ -39,6 +39,9 @@ class RecordingSupervisor:
         self.ready_asked.append((name, timeout))
         return succeed(True)
 
+    def hold_reconfigure(self, app: str, seconds: float) -> None:
+        self.held = getattr(self, "held", []) + [(app, seconds)]
+
     def reset(self, name: str) -> None:
         self.resets.append(name)
 

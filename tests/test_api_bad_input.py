@@ -38,6 +38,7 @@ from scs.http.params import DEFAULT_MAX_BODY, APIRequest
 from scs.metrics import AgentMetrics
 from scs.store import Store
 from scs.tap import http_resource
+from scs.testing import FakeControl
 
 BROKER = "amqp://guest:guest@127.0.0.1:5672//"
 ORIGIN = "http://127.0.0.1:8001"
@@ -119,7 +120,8 @@ class Harness:
         token: str | None = None,
     ) -> None:
         self.store = store if store is not None else copy_store(template_store(seed))
-        agent = Agent(LocalAgent(self.store, "agent1", BROKER))
+        # A fake broker (no queues on it) behind the queue figures and purge.
+        agent = Agent(LocalAgent(self.store, "agent1", BROKER, control=FakeControl()))
         self.api = API(agent, max_body=max_body)
         if site:
             # The whole site the daemon serves: the API with the admin page
@@ -244,13 +246,14 @@ INSTANCE_SETTINGS = (
     "nowait",
 )
 QUEUE_SETTINGS = ("exchange", "routing_key", "exchange_type", "options")
+APP_SETTINGS = ("broker", "celery_app", "arguments", "env", "workdir", "python", "task_events")
 
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/"),
     Route("GET", "/ping/"),
     Route("GET", "/agents/"),
-    Route("PUT", "/{app}/", ("broker", "celery_app", "arguments")),
-    Route("POST", "/{app}/", ("broker", "celery_app", "arguments")),
+    Route("PUT", "/{app}/", APP_SETTINGS),
+    Route("POST", "/{app}/", APP_SETTINGS),
     Route("GET", "/{app}/"),
     Route("DELETE", "/{app}/"),
     Route("PUT", "/{app}/instances/", INSTANCE_SETTINGS),
@@ -276,11 +279,14 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/{app}/instances/{name}/queues/{queue}/"),
     Route("DELETE", "/{app}/instances/{name}/queues/{queue}/"),
     Route("GET", "/{app}/instances/{name}/stats/"),
+    Route("GET", "/{app}/instances/{name}/log/", ("lines",)),
     Route("PUT", "/{app}/queues/{queue}/", QUEUE_SETTINGS),
     Route("POST", "/{app}/queues/{queue}/", QUEUE_SETTINGS),
     Route("GET", "/{app}/queues/"),
     Route("GET", "/{app}/queues/{queue}/"),
     Route("DELETE", "/{app}/queues/{queue}/"),
+    Route("POST", "/{app}/queues/{queue}/purge/"),
+    Route("PUT", "/{app}/queues/{queue}/purge/"),
 )
 NAMED_ROUTES = tuple(r for r in ROUTES if r.slots)
 NAMED_IDS = [str(r) for r in NAMED_ROUTES]
@@ -722,7 +728,8 @@ def test_unicode_names_in_queue_lists_and_json(h: Harness) -> None:
 # -- concurrency ----------------------------------------------------------------------
 
 BAD_CONCURRENCY_TEXT = [
-    "",
+    # "" is not here: an empty form field means "not given" (issue 10);
+    # in a JSON body it is a value, and a bad one (below).
     " ",
     "abc",
     "-1",
@@ -742,6 +749,7 @@ BAD_CONCURRENCY_TEXT = [
     "1\n2",
 ]
 BAD_CONCURRENCY_JSON: list[Any] = [
+    "",
     -1,
     257,
     10**30,
@@ -763,12 +771,13 @@ BAD_CONCURRENCY_JSON: list[Any] = [
 @pytest.mark.parametrize("parameter", ["max_concurrency", "min_concurrency"])
 def test_bad_concurrency(h: Harness, route: Route, parameter: str) -> None:
     path = route.path(name="w2")
-    values: list[Any] = list(BAD_CONCURRENCY_TEXT) + BAD_CONCURRENCY_JSON
+    values: list[tuple[Any, bool]] = [(v, False) for v in BAD_CONCURRENCY_TEXT]
+    values += [(v, True) for v in BAD_CONCURRENCY_JSON]
     if parameter == "max_concurrency":
-        values += ["0", 0]
-    for value in values:
+        values += [("0", False), (0, True)]
+    for value, as_json in values:
         before = h.dump()
-        if isinstance(value, str):
+        if not as_json:
             response = h.request(route.method, f"{path}?{urlencode({parameter: value})}")
         else:
             response = h.json_request(route.method, path, {parameter: value})
@@ -877,7 +886,8 @@ def test_bad_broker_urls(h: Harness, broker: Any, mention: str) -> None:
         ("POST", "/app3/instances/w2/"),
     ):
         before = h.dump()
-        if isinstance(broker, str):
+        # An empty form field means "not given": "" is a bad value in JSON only.
+        if isinstance(broker, str) and broker:
             response = h.request(method, f"{path}?{urlencode({'broker': broker})}")
         else:
             response = h.json_request(method, path, {"broker": broker})
@@ -1052,6 +1062,27 @@ BAD_APP_SETTINGS: list[tuple[str, Any]] = [
     ("arguments", "worker_pool=evil:Pool"),
     ("arguments", '"unbalanced'),
     ("arguments", True),
+    ("env", "not json"),
+    ("env", "[]"),
+    ("env", ["A=1"]),
+    ("env", {"LD_PRELOAD": "/tmp/x.so"}),
+    ("env", {"CELERY_LOADER": "evil:Loader"}),
+    ("env", {"1A": "x"}),
+    ("env", {"A": "two\nlines"}),
+    ("env", {"A": 1}),
+    ("workdir", "relative/dir"),
+    ("workdir", "/usr/../tmp"),
+    ("workdir", "/no/such/directory/for/scs"),
+    ("workdir", "/tmp"),  # writable by every user
+    ("workdir", "/dev/null"),
+    ("workdir", 5),
+    ("python", "python3"),
+    ("python", "/no/such/python/for/scs"),
+    ("python", "/etc"),
+    ("python", "/dev/null"),
+    ("python", "/usr/bin/python3\n"),
+    ("task_events", "maybe"),
+    ("task_events", 2),
 ]
 
 

@@ -315,11 +315,55 @@ class RestartPolicyTests(SynchronousTestCase):
         h = Harness(self, [spec()])
         h.running()
         old = h.proc()
-        h.specs = [spec(arguments=("-E",))]
+        h.specs = [spec(arguments=("--without-gossip",))]
         h.wake()
         self.assertTrue(old.ended)
         new = h.proc()
-        self.assertIn("-E", new.args)
+        self.assertIn("--without-gossip", new.args)
+
+    def _three_running(self) -> Harness:
+        h = Harness(self, [spec("w1"), spec("w2"), spec("w3")])
+        h.wake()
+        for name in ("w1", "w2", "w3"):
+            h.up(name)
+        h.clock.advance(h.sup.policy.probe_interval)
+        self.assertEqual({h.sup.status(n).state for n in ("w1", "w2", "w3")}, {"running"})
+        return h
+
+    def test_new_app_settings_roll_one_worker_at_a_time(self) -> None:
+        """A settings change replaces the app's workers one by one: the next
+        only once the previous one's replacement answered."""
+        h = self._three_running()
+        h.specs = [spec(n, arguments=("--without-gossip",)) for n in ("w1", "w2", "w3")]
+        replaced: list[str] = []
+        for _ in range(3):
+            h.wake()
+            new = [e["name"] for e in h.named("reconfigure") if e["name"] not in replaced]
+            self.assertEqual(len(new), 1, new)  # one per wake-up, never two at once
+            replaced += new
+            h.wake()  # the replacement has not answered: nothing more is replaced
+            self.assertEqual(len(h.named("reconfigure")), len(replaced))
+            h.up(new[0])
+            h.clock.advance(h.sup.policy.probe_interval)
+            self.assertEqual(h.sup.status(new[0]).state, "running")
+        self.assertEqual(sorted(replaced), ["w1", "w2", "w3"])
+        self.assertTrue(all("--without-gossip" in p.args for p in h.spawner.alive))
+
+    def test_a_held_app_is_left_to_the_rolling_restart(self) -> None:
+        h = self._three_running()
+        h.sup.hold_reconfigure("foo", 60.0)
+        h.specs = [spec(n, arguments=("--without-gossip",)) for n in ("w1", "w2", "w3")]
+        h.wake()
+        self.assertEqual(h.named("reconfigure"), [])
+        # A restart asked for meanwhile runs the new settings.
+        self.successResultOf(h.sup.restart("w2"))
+        self.assertEqual(sum("--without-gossip" in p.args for p in h.spawner.alive), 1)
+        h.up("w2")
+        h.clock.advance(h.sup.policy.probe_interval)
+        # Once the hold ends, what is still outdated is replaced here.
+        h.clock.advance(61.0)
+        h.wake()
+        self.assertEqual(len(h.named("reconfigure")), 1)
 
 
 class PingTests(SynchronousTestCase):
@@ -514,7 +558,9 @@ class ReconcileTests(SynchronousTestCase):
         cancels = [c[3] for c in h.control.calls if c[0] == "cancel_consumer"]
         self.assertEqual(cancels, ["extra"])
         self.assertEqual([e["queue"] for e in h.named("node.consume_from")], ["odd"])
-        self.assertEqual(h.named("node.consume_from")[0]["log_format"], "node.consume_from: {queue}")
+        self.assertEqual(
+            h.named("node.consume_from")[0]["log_format"], "{{Supervisor}} {name} node.consume_from: {queue}"
+        )
 
     def test_private_queue_never_cancelled_and_readded(self) -> None:
         h = Harness(self, [spec()])

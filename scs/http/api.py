@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 from klein import Klein
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -104,15 +105,45 @@ class _UTF8PathGuard(Resource):
         return self.wrapped.render(request)
 
 
-def endpoint(path: str, *methods: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+WRITE_METHODS = frozenset({"PUT", "POST", "DELETE", "PATCH"})
+
+
+def _nowait(params: dict[str, Any]) -> bool:
+    """Take ``nowait`` out of a write route's parameters."""
+    value = params.pop("nowait", None)
+    if value is None or isinstance(value, v.EmptyField):
+        return False
+    return v.check_bool(value, "nowait")
+
+
+def _log_background_failure(failure: Failure, path: str) -> None:
+    # An SCSError has been logged by the operation itself ("<-- error=").
+    if not failure.check(SCSError):
+        log.failure("unexpected error in {path} (answered 202)", failure, path=path)
+
+
+def endpoint(path: str, *methods: str, own_nowait: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Route ``path`` (with or without its trailing slash) to a handler
-    ``f(self, params, **path_arguments)`` returning a ``Reply``."""
+    ``f(self, params, **path_arguments)`` returning a ``Reply``.
+
+    Every write route takes ``nowait``: once the request is checked (bad
+    input still gets its 4xx), the answer is 202 at once and the operation
+    goes on; its outcome is in the agent's log.  ``own_nowait`` routes
+    (instance creation) read ``nowait`` themselves and answer 202 with what
+    they created."""
 
     def register(f: Callable[..., Any]) -> Callable[..., Any]:
         async def handler(self: API, request: IRequest, **path_arguments: Any) -> bytes:
             try:
                 params = request_params(request, self.max_body)
-                reply = await f(self, params, **path_arguments)
+                nowait = False
+                if not own_nowait and request.method.decode("latin-1") in WRITE_METHODS:
+                    nowait = _nowait(params)
+                running = Deferred.fromCoroutine(f(self, params, **path_arguments))
+                if nowait and not running.called:
+                    running.addErrback(_log_background_failure, path)
+                    return write_json(request, {"accepted": True}, 202)
+                reply = await running
             except SCSError as e:
                 return write_error(request, e)
             except Exception:  # noqa: BLE001 - never a stack trace to the client
@@ -120,6 +151,8 @@ def endpoint(path: str, *methods: str) -> Callable[[Callable[..., Any]], Callabl
                 return write_json(request, {"error": "internal error"}, 500)
             if reply.missing:
                 write_missing_agents(request, reply.missing)
+            if nowait and reply.status < 300:
+                return write_json(request, reply.body, 202)
             return write_json(request, reply.body, reply.status)
 
         handler.__name__ = f.__name__
@@ -182,12 +215,16 @@ class API:
 
     @endpoint("/<app>/", "PUT", "POST")
     async def app_put(self, params: dict[str, Any], app: str) -> Reply:
-        v.only(params, ("broker", "celery_app", "arguments"))
+        v.only(params, ("broker", "celery_app", "arguments", "env", "workdir", "python", "task_events"))
         return await self.agent.app_put(
             v.check_app_name(app),
             broker=v.check_broker_url(params["broker"]) if "broker" in params else None,
             celery_app=v.check_celery_app(params["celery_app"]) if "celery_app" in params else UNSET,
             arguments=list(v.check_arguments(params["arguments"])) if "arguments" in params else None,
+            env=v.check_env(params["env"]) if "env" in params else None,
+            workdir=v.check_workdir(params["workdir"]) if "workdir" in params else UNSET,
+            python=v.check_python(params["python"]) if "python" in params else UNSET,
+            task_events=v.check_bool(params["task_events"], "task_events") if "task_events" in params else None,
         )
 
     @endpoint("/<app>/", "GET")
@@ -199,6 +236,22 @@ class API:
     async def app_delete(self, params: dict[str, Any], app: str) -> Reply:
         v.only(params, ())
         return await self.agent.app_delete(v.check_app_name(app))
+
+    @endpoint("/<app>/restart/", "POST", "PUT")
+    async def app_restart(self, params: dict[str, Any], app: str) -> Reply:
+        v.only(params, ("rolling",))
+        rolling = v.check_bool(params["rolling"], "rolling") if "rolling" in params else False
+        return await self.agent.app_instances(v.check_app_name(app), "restart", rolling=rolling)
+
+    @endpoint("/<app>/enable/", "POST", "PUT")
+    async def app_enable(self, params: dict[str, Any], app: str) -> Reply:
+        v.only(params, ())
+        return await self.agent.app_instances(v.check_app_name(app), "enable")
+
+    @endpoint("/<app>/disable/", "POST", "PUT")
+    async def app_disable(self, params: dict[str, Any], app: str) -> Reply:
+        v.only(params, ())
+        return await self.agent.app_instances(v.check_app_name(app), "disable")
 
     def _instance_settings(self, params: dict[str, Any]) -> dict[str, Any]:
         v.only(
@@ -225,7 +278,7 @@ class API:
             settings["nowait"] = v.check_bool(params["nowait"], "nowait")
         return settings
 
-    @endpoint("/<app>/instances/", "PUT", "POST")
+    @endpoint("/<app>/instances/", "PUT", "POST", own_nowait=True)
     async def instance_create(self, params: dict[str, Any], app: str) -> Reply:
         app = v.check_app_name(app)
         return await self.agent.instance_create(app, None, **self._instance_settings(params))
@@ -237,7 +290,7 @@ class API:
             return await self.agent.instance_list_details(v.check_app_name(app))
         return await self.agent.instance_list(v.check_app_name(app))
 
-    @endpoint("/<app>/instances/<name>/", "PUT", "POST")
+    @endpoint("/<app>/instances/<name>/", "PUT", "POST", own_nowait=True)
     async def instance_create_named(self, params: dict[str, Any], app: str, name: str) -> Reply:
         app = v.check_app_name(app)
         name = v.check_instance_name(name)
@@ -318,6 +371,12 @@ class API:
     async def stats(self, params: dict[str, Any], app: str, name: str) -> Reply:
         return await self._on_instance(params, "stats", app, name)
 
+    @endpoint("/<app>/instances/<name>/log/", "GET")
+    async def instance_log(self, params: dict[str, Any], app: str, name: str) -> Reply:
+        v.only(params, ("lines",))
+        lines = v.check_lines(params["lines"]) if "lines" in params else v.DEFAULT_LOG_LINES
+        return await self._on_instance({}, "instance_log", app, name, lines=lines)
+
     @endpoint("/<app>/queues/", "GET")
     async def queue_list(self, params: dict[str, Any], app: str) -> Reply:
         v.only(params, ())
@@ -337,6 +396,11 @@ class API:
     async def queue_delete(self, params: dict[str, Any], app: str, name: str) -> Reply:
         v.only(params, ())
         return await self.agent.queue_operation("queue_delete", v.check_app_name(app), v.check_queue_name(name))
+
+    @endpoint("/<app>/queues/<name>/purge/", "POST", "PUT")
+    async def queue_purge(self, params: dict[str, Any], app: str, name: str) -> Reply:
+        v.only(params, ())
+        return await self.agent.queue_operation("queue_purge", v.check_app_name(app), v.check_queue_name(name))
 
 
 def _method_not_allowed(allowed: set[str]) -> Callable[..., bytes]:

@@ -5,6 +5,14 @@ Refuses, with ``BadParameter``/``BodyTooLarge``, anything it cannot read
 without guessing: bytes that are not UTF-8, a body that is not a JSON
 object, a parameter given twice (also as a repeated key of a JSON object),
 NaN or Infinity, JSON nested too deep to read, a body over the size limit.
+
+Form clients (HTML forms, ``curl -d``) cannot send "no value": a query or
+form field that is empty (``max=``) means "not given", so the route uses its
+default or leaves the setting unchanged (``scs.validation.only`` drops it
+once it has checked the names).  A bare flag with no ``=`` at all
+(``?nowait``) means true for the boolean parameters (``FLAGS``) and "not
+given" for the others.  A JSON body says what it means: ``""`` there is a
+value, checked like any other.
 """
 
 from __future__ import annotations
@@ -12,14 +20,18 @@ from __future__ import annotations
 import json
 from io import BytesIO
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request
 
 from scs.errors import BadParameter, BodyTooLarge
+from scs.validation import EmptyField
 
 DEFAULT_MAX_BODY = 64 * 1024
+
+# Boolean parameters that a bare name (``?nowait``) turns on.
+FLAGS = frozenset({"nowait", "details", "rolling", "task_events"})
 
 
 class APIRequest(Request):
@@ -59,11 +71,25 @@ def _decode(raw: bytes, where: str) -> str:
 
 
 def _pairs(raw: bytes, where: str) -> list[tuple[str, str]]:
+    """The ``name=value`` fields of a query string or form body, without the
+    empty ones (see the module docstring)."""
     text = _decode(raw, where)
-    try:
-        return parse_qsl(text, keep_blank_values=True, errors="strict", strict_parsing=False)
-    except (UnicodeDecodeError, ValueError):
-        raise BadParameter(f"{where} holds percent-escapes that are not valid UTF-8") from None
+    pairs = []
+    for field in text.split("&"):
+        if not field:
+            continue
+        name, equals, value = field.partition("=")
+        try:
+            name = unquote_plus(name, errors="strict")
+            value = unquote_plus(value, errors="strict")
+        except UnicodeDecodeError:
+            raise BadParameter(f"{where} holds percent-escapes that are not valid UTF-8") from None
+        if value == "":
+            # Not given; kept as EmptyField so that ``only`` still names an
+            # unknown parameter before dropping it.
+            value = "1" if name in FLAGS and not equals else EmptyField()
+        pairs.append((name, value))
+    return pairs
 
 
 def _object_without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -1,6 +1,8 @@
 """A tiny Celery app for the supervisor's integration tests: workers are
 started with ``-A celeryapp_for_tests`` (this directory on PYTHONPATH)."""
 
+import os
+
 from celery import Celery
 
 app = Celery("celeryapp_for_tests", set_as_current=False)
@@ -17,3 +19,9 @@ def add(x: int, y: int) -> int:
 @app.task(name="scs_tests.hostname", bind=True)
 def hostname(self) -> str:
     return self.request.hostname
+
+
+@app.task(name="scs_tests.env_and_cwd")
+def env_and_cwd() -> list:
+    """What the worker was started with: an app's ``env`` and ``workdir``."""
+    return [os.environ.get("SCS_TEST_VAR"), os.getcwd()]

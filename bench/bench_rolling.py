@@ -37,7 +37,7 @@ kept.  Every agent started is stopped by pid (TERM, then KILL) and every
 worker left is killed by its pid file, even on error.  Every wait is
 bounded.
 
-Usage (from the repository root, about 2 minutes with the defaults):
+Usage (from the repository root; 2-3.5 minutes with the defaults on a 2-CPU VM):
 
     .venv/bin/python bench/bench_rolling.py [--rounds 4] [--instances 5]
 """

@@ -7,7 +7,6 @@ the cluster façade (``scs.agent.Agent``) calls it for what this agent owns.
 
 from __future__ import annotations
 
-import socket
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -122,7 +121,7 @@ class LocalAgent:
 
     def node_name(self, name: str) -> str:
         """The Celery node name the worker of instance ``name`` answers to."""
-        return node_name(name, getattr(self.supervisor, "hostname", None) or socket.gethostname())
+        return node_name(name, getattr(self.supervisor, "hostname", None) or self.agent_id)
 
     def app_names(self) -> list[str]:
         return [app.name for app in self.store.list_apps()]

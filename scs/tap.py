@@ -520,6 +520,10 @@ def _build_supervisor(options: Options, store: Any, instance_dir: str, reactor: 
         control=CeleryControl(reactor=reactor),
         spawner=reactor,
         process_table=ProcessTable(),
+        # Workers answer to <instance>@<agent id> (DESIGN §9.3): Celery locks
+        # a node name, so a copy on another agent of the same machine (a
+        # failover, a drain) needs a name of its own.
+        hostname=options["id"],
     )
     return supervisor
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.integration.agents import AgentProcess, kill_leftover_workers, pid_alive, wait_until, worker_pids
-from tests.integration.celery_probe import active_queues, inspect, node_name, ping
+from tests.integration.celery_probe import active_queues, inspect, of_instance, ping
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -74,8 +74,7 @@ def cell(row: Any, css_class: str) -> str:
 
 
 def stats(name: str) -> dict[str, Any] | None:
-    answer = inspect(name).stats() or {}
-    return answer.get(node_name(name))
+    return of_instance(inspect(name).stats(), name)
 
 
 def test_admin_page_drives_a_real_worker(agent: AgentProcess, page: Any) -> None:

@@ -21,7 +21,7 @@ from tests.integration.celery_probe import (
     active_queues,
     broadcast_ping_replies,
     inspect,
-    node_name,
+    of_instance,
     ping,
 )
 from tests.integration.rabbitmq_node import PrivateRabbitMQ, available
@@ -75,7 +75,7 @@ def test_consume_cancel_autoscale_disable_enable_delete(agent: AgentProcess) -> 
 
     def autoscaler() -> dict:
         stats = inspect("w1").stats() or {}
-        return stats.get(node_name("w1"), {}).get("autoscaler", {})
+        return (of_instance(stats, "w1") or {}).get("autoscaler", {})
 
     wait_until(lambda: (autoscaler().get("max"), autoscaler().get("min")) == (4, 2), 30, what="autoscale")
     assert agent.request("GET", "/foo/instances/w1/stats")[1]["autoscaler"]["max"] == 4
@@ -110,7 +110,7 @@ def test_agent_crash_then_restart_keeps_one_worker_per_name(tmp_path: Path) -> N
                 )
             replies = Counter(broadcast_ping_replies(timeout=2.0))
             for name in names:
-                assert replies[node_name(name)] == 1, replies
+                assert replies[f"{name}@agent1"] == 1, replies  # <instance>@<agent id>
         finally:
             second.stop()
     finally:

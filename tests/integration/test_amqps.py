@@ -16,7 +16,6 @@ from celery import Celery
 
 from scs.records import BrokerInfo
 from tests.integration.agents import AgentProcess, kill_leftover_workers, wait_until
-from tests.integration.celery_probe import node_name
 from tests.integration.rabbitmq_node import PrivateRabbitMQ, available, make_ca
 
 pytestmark = pytest.mark.skipif(not available(), reason="needs rabbitmq-server installed and root (a private TLS node)")
@@ -91,8 +90,9 @@ def test_agents_and_workers_on_an_amqps_broker(broker: PrivateRabbitMQ, tmp_path
         assert b'broker_use_ssl=(json){"server_hostname": "127.0.0.1"}' in cmdline, cmdline
         assert not any(arg.startswith(b"amqp://") for arg in cmdline), cmdline
         client = tls_client(broker)
-        replies = client.control.ping(destination=[node_name("tlsw")], timeout=5) or []
-        assert any(node_name("tlsw") in reply for reply in replies), replies
+        node = body["node"]  # <instance>@<agent id>
+        replies = client.control.ping(destination=[node], timeout=5) or []
+        assert any(node in reply for reply in replies), replies
         # The agent's own Celery control reaches it over amqps too.
         listed = agents[1].request("GET", "/foo/instances/tlsw")[1]
         assert listed["state"] == "running", listed

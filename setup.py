@@ -31,6 +31,10 @@ setup(
         "alembic>=1.13.0",
         "attrs>=23.2.0",
         "prometheus_client>=0.20.0",
+        # the `scs` command line (scs.cli) and its library (scs.client)
+        "click>=8.1",
+        "httpx>=0.27",
+        "rich>=13.7",
     ],
     extras_require={
         "test": [
@@ -41,8 +45,10 @@ setup(
             "wheel>=0.43",  # the normal-install test builds a wheel offline
             "ruff>=0.6",  # linter and formatter, run by make test
             "flower>=2.0",  # a task monitor, to check app task_events end to end
+            "openapi-spec-validator>=0.7",  # GET /openapi.json is a valid OpenAPI 3.1 document
+            "schemathesis>=4.0",  # generated requests against a live agent, checked against the document
         ],
     },
-    entry_points={"console_scripts": ["scs-agent = scs.tap:main"]},
+    entry_points={"console_scripts": ["scs-agent = scs.tap:main", "scs = scs.cli:main"]},
     zip_safe=False,
 )

@@ -52,6 +52,7 @@ LOGGED_REMOTE_OPERATIONS = {
     "instance_disable": "Node.instance_disable",
     "instance_restart": "Node.instance_restart",
     "instance_restart_ready": "Node.instance_restart",
+    "instance_adopt": "Node.adopt",
     "autoscale_set": "Node.autoscale_set",
     "consume": "Node.consume",
     "cancel": "Node.cancel",
@@ -141,7 +142,11 @@ class Agent:
         self.call_timeout = call_timeout
         self.create_timeout = create_timeout or local.ready_timeout + 5.0
         self._calls = 0
+        # Instances a drain sent to each agent (its heartbeat lags behind).
+        self._placed: dict[str, int] = {}
         self.placement = Placement(local, srs, self.random, call_timeout, self.create_timeout)
+        self.placement.draining = self.is_draining
+        self.placement.may_hold = self.may_hold
 
     @property
     def agent_id(self) -> str:
@@ -203,6 +208,14 @@ class Agent:
             if operation == "instance_create_named":
                 return Deferred.fromCoroutine(self.placement.create_named_for_peer(arguments))
             clean = check_operation(operation, arguments)
+            if operation == "instance_adopt_once":
+                return Deferred.fromCoroutine(self.adopt_once(clean["target"], clean["document"], clean["moved_from"]))
+            if operation == "agent_drain":
+                return Deferred.fromCoroutine(self.drain(self.agent_id)).addCallback(lambda reply: reply.body)
+            if operation == "agent_undrain":
+                return Deferred.fromCoroutine(self.drain(self.agent_id, undrain=True)).addCallback(
+                    lambda reply: reply.body
+                )
             ours = self._ours(operation, clean)
             result = _as_deferred(getattr(self.local, operation)(**clean))
             if operation not in LOGGED_REMOTE_OPERATIONS:
@@ -275,7 +288,11 @@ class Agent:
             body = await _as_deferred(getattr(self.local, operation)(**arguments))
             return Reply(body)
         # An agent that holds instances and cannot be asked may have it.
-        missing = sorted({*missing, *self.srs.absent_holders()})
+        missing = sorted({*missing, *(a for a in self.srs.absent_holders() if self.may_hold(a, name))})
+        if operation == "instance_get":
+            orphan = next((o for o in self.orphans() if o["name"] == name), None)
+            if orphan is not None:
+                return Reply(orphan, missing=tuple(missing))
         if missing:
             raise Unavailable(
                 f"no agent that answered has instance {name!r}; no answer from {', '.join(sorted(missing))}",
@@ -288,7 +305,12 @@ class Agent:
 
     def members(self) -> list[dict[str, Any]]:
         if self.srs is not None:
-            return self.srs.members()
+            rows = self.srs.members()
+            for row in rows:
+                row["draining"] = self.is_draining(row["id"])
+                if not row["alive"]:
+                    row.update(self._whereabouts(row["id"]))
+            return rows
         return [
             {
                 "id": self.agent_id,
@@ -433,6 +455,7 @@ class Agent:
                     if name not in seen:
                         seen.add(name)
                         names.append(name)
+            names += sorted({o["name"] for o in self.orphans(app)} - seen)
             return Reply(names, missing=missing)
 
         return await self._logged("Node.list", {"app": app}, run())
@@ -458,6 +481,11 @@ class Agent:
                     if instance["name"] not in seen:
                         seen.add(instance["name"])
                         instances.append(instance)
+            # A dead agent's instances not moved yet: from our copy.
+            for orphan in sorted(self.orphans(app), key=lambda i: i["name"]):
+                if orphan["name"] not in seen:
+                    seen.add(orphan["name"])
+                    instances.append(orphan)
             return Reply(instances, missing=missing)
 
         return await self._logged("Node.list", {"app": app, "details": True}, run())
@@ -469,6 +497,185 @@ class Agent:
     async def instance_operation(self, operation: str, name: str, app: str | None = None, **extra: Any) -> Reply:
         arguments = {"name": name, "app": app, **extra}
         return await self._logged(f"Node.{operation}", arguments, self._on_owner(name, operation, arguments))
+
+    # -- failover and drain (scs.failover) ------------------------------------
+
+    def may_hold(self, agent_id: str, name: str) -> bool:
+        """Whether an agent we cannot ask may have instance ``name``: its
+        copy here says, if we have one."""
+        if agent_id not in self.store.replica_digests():
+            return True
+        documents = self.store.replica_instances(agent_id).get(agent_id, [])
+        return any(document["name"] == name for document in documents)
+
+    def orphans(self, app: str | None = None) -> list[dict[str, Any]]:
+        """Instances of dead agents not moved yet, as instance objects with
+        ``state: "orphaned"`` (from this agent's copy of them)."""
+        if self.srs is None:
+            return []
+        found = []
+        for owner, documents in self.store.replica_instances().items():
+            if self.peer_alive(owner):
+                continue
+            for document in documents:
+                if app is None or document["app"] == app:
+                    found.append(self._orphan_json(owner, document))
+        return found
+
+    def _orphan_json(self, owner: str, document: dict[str, Any]) -> dict[str, Any]:
+        try:
+            app_broker = self.store.get_app(document["app"]).broker
+        except SCSError:
+            app_broker = BrokerInfo.from_url(self.local.default_broker)
+        broker = BrokerInfo.from_url(document["broker"]) if document["broker"] else app_broker
+        return {
+            "name": document["name"],
+            "is_enabled": document["is_enabled"],
+            "queues": [queue["name"] for queue in document["queues"]],
+            "broker": broker.to_json(masked=True),
+            "max_concurrency": document["max_concurrency"],
+            "min_concurrency": document["min_concurrency"],
+            "app": document["app"],
+            "agent": owner,
+            "state": "orphaned",
+            "pid": document["pid"],
+            "restarts": 0,
+            "arguments": list(document["arguments"]),
+            "node": f"{document['name']}@{owner}",
+        }
+
+    def _whereabouts(self, dead: str) -> dict[str, Any]:
+        """What a dead agent held: ``orphaned`` (not moved: our copy of
+        them) and ``moved`` (instance -> the live agent that took it)."""
+        moved = {spec.name: self.agent_id for spec in self.store.list_nodes() if spec.moved_from == dead}
+        orphaned = []
+        for owner, documents in self.store.replica_instances().items():
+            for document in documents:
+                if owner == dead:
+                    orphaned.append(document["name"])
+                elif document["moved_from"] == dead and self.peer_alive(owner):
+                    moved.setdefault(document["name"], owner)
+        orphaned = sorted(set(orphaned) - set(moved))
+        return {"orphaned": orphaned, "moved": dict(sorted(moved.items()))}
+
+    async def adopt_once(self, target: str, document: dict[str, Any], moved_from: str) -> dict[str, Any]:
+        """Have ``target`` take over an instance of a dead agent unless a
+        live agent has it already; decided on the coordinator, one name at
+        a time, so that two agents failing over at once move it once.
+        Answers ``{"moved": bool, "owner": agent}``."""
+        coordinator = self.placement.coordinator()
+        if coordinator != self.agent_id:
+            arguments = {"target": target, "document": document, "moved_from": moved_from}
+            return await self.srs.call(coordinator, "instance_adopt_once", arguments, timeout=2 * self.call_timeout)
+        name = document["name"]
+        lock = self.placement.name_lock(name)
+        await lock.acquire()
+        try:
+            owners = await self.owners_of([name])
+            if owners is None:
+                raise Unavailable(f"cannot tell whether instance {name!r} was moved already", instance=name)
+            if name in owners:
+                return {"moved": False, "owner": owners[name]}
+            await self.adopt_on(target, document, moved_from=moved_from, wait=False)
+            return {"moved": True, "owner": target}
+        finally:
+            self.placement.release_name_lock(name, lock)
+
+    async def owners_of(self, names: list[str]) -> dict[str, str] | None:
+        """Instance -> the live agent that has it, asking every live agent
+        (copies may lag); None when one of them did not answer."""
+        owners = {name: self.agent_id for name in self.local.instances_owned(names)}
+        if not self._clustered():
+            return owners
+        answers, missing = await self.srs.scatter("instances_owned", {"names": names})
+        if missing:
+            return None
+        for agent in sorted(answers):
+            if isinstance(answers[agent], list):
+                for name in answers[agent]:
+                    owners.setdefault(name, agent)
+        return owners
+
+    def peer_alive(self, agent_id: str) -> bool:
+        """Whether ``agent_id`` is believed alive (this agent always is)."""
+        if agent_id == self.agent_id:
+            return True
+        return self._clustered() and agent_id in self.srs.live_agents()
+
+    def is_draining(self, agent_id: str) -> bool:
+        if agent_id == self.agent_id:
+            return self.local.draining
+        member = self.srs.membership.get(agent_id) if self.srs is not None else None
+        return bool(getattr(member, "draining", False))
+
+    async def adopt_on(self, target: str, document: dict[str, Any], *, moved_from: str, wait: bool) -> dict[str, Any]:
+        """Have ``target`` take over an instance (a failover or a drain)."""
+        if target == self.agent_id:
+            return await self.local.instance_adopt(document, moved_from, wait)
+        arguments = {"document": document, "moved_from": moved_from, "wait": wait}
+        timeout = self.create_timeout if wait else self.call_timeout
+        return await self.srs.call(target, "instance_adopt", arguments, timeout=timeout)
+
+    async def drain(self, agent_id: str, undrain: bool = False) -> Reply:
+        """``POST /agents/<id>/drain`` (or ``undrain``), run by that agent."""
+
+        async def run() -> Reply:
+            if agent_id == self.agent_id:
+                if undrain:
+                    return Reply(self.local_undrain())
+                return Reply(await self.local_drain())
+            if not self.peer_alive(agent_id):
+                if self.srs is not None and self.srs.membership.get(agent_id) is not None:
+                    raise Unavailable(f"agent {agent_id!r} is not alive", agent=agent_id)
+                raise NotFound(f"no agent {agent_id!r} in the cluster", agent=agent_id)
+            operation = "agent_undrain" if undrain else "agent_drain"
+            timeout = self.call_timeout + (0 if undrain else 60 * self.create_timeout)
+            return Reply(await self.srs.call(agent_id, operation, {}, timeout=timeout))
+
+        return await self._logged("Agent.undrain" if undrain else "Agent.drain", {"agent": agent_id}, run())
+
+    def local_undrain(self) -> dict[str, Any]:
+        self.local.set_draining(False)
+        log.info("undrained: this agent takes placements again", agent=self.agent_id, event="drain.off")
+        return {"agent": self.agent_id, "draining": False, "instances": [], "failed": {}}
+
+    async def local_drain(self) -> dict[str, Any]:
+        """Move every instance of this agent elsewhere, one at a time, each
+        replacement answering a ping before the old worker stops: no
+        capacity drop.  This agent takes no placements meanwhile and after."""
+        self.local.set_draining(True)
+        log.info("draining: this agent takes no placements", agent=self.agent_id, event="drain.on")
+        moved: list[str] = []
+        failed: dict[str, str] = {}
+        for document in sorted(self.local.instance_export(), key=lambda d: d["name"]):
+            name = document["name"]
+            targets = [a for a in self.placement.live_agents() if a != self.agent_id and not self.is_draining(a)]
+            if not targets:
+                failed[name] = "no live agent that is not draining to move it to"
+                continue
+            target = min(targets, key=lambda a: (self._instance_count(a), a))
+            try:
+                answer = await self.adopt_on(target, document, moved_from=self.agent_id, wait=True)
+            except SCSError as e:
+                failed[name] = e.message
+                continue
+            if document["is_enabled"] and not answer.get("ready"):
+                failed[name] = f"its replacement on {target} did not answer a ping; the worker here stays"
+                continue
+            # The replacement answers: now the old worker may stop.  Its dq.
+            # queue stays, the replacement consumes it.
+            self.local.drop_moved([name])
+            moved.append(name)
+            self._placed[target] = self._placed.get(target, 0) + 1
+            log.info(
+                "drained {instance} to {target}", instance=name, target=target, agent=self.agent_id, event="drain.moved"
+            )
+        self._placed.clear()
+        return {"agent": self.agent_id, "draining": True, "instances": moved, "failed": failed}
+
+    def _instance_count(self, agent_id: str) -> int:
+        member = self.srs.membership.get(agent_id) if self.srs is not None else None
+        return getattr(member, "instances", 0) + self._placed.get(agent_id, 0)
 
     # -- every instance of an app ---------------------------------------------
 

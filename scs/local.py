@@ -16,6 +16,7 @@ from twisted.logger import Logger
 
 from scs.errors import BadParameter, NotFound, Unavailable, WorkerFailed
 from scs.records import UNSET, AppRecord, InstanceSpec, QueueBinding, WorkerStatus
+from scs.replica import digest as replica_digest, instance_document
 from scs.store import Store
 from scs.validation import check_concurrency_range, check_lines
 from scs.worker import node_name, private_queue
@@ -137,8 +138,74 @@ class LocalAgent:
         return self.store.list_queues(app)
 
     def summary(self) -> dict[str, Any]:
-        # Sent with every SRS heartbeat: a count query, not the records.
-        return {"instances": self.store.count_nodes()}
+        """Sent with every SRS heartbeat: how many instances, the digest of
+        their documents (peers re-fetch their copy when it changes) and
+        whether this agent is draining (it takes no placements)."""
+        documents = self.instance_export()
+        return {"instances": len(documents), "digest": replica_digest(documents), "draining": self.draining}
+
+    # -- failover and drain (scs.replica, scs.failover) ----------------------
+
+    @property
+    def draining(self) -> bool:
+        return self.store.setting("draining") == "1"
+
+    def set_draining(self, draining: bool) -> None:
+        self.store.set_setting("draining", "1" if draining else None)
+
+    def instance_export(self) -> list[dict[str, Any]]:
+        """The documents of this agent's instances, for the peers' copies."""
+        app_brokers = {app.name: app.broker.url for app in self.store.list_apps()}
+        return [
+            instance_document(spec, app_brokers.get(spec.app), self.status(spec.name))
+            for spec in self.store.list_nodes()
+        ]
+
+    async def instance_adopt(self, document: dict[str, Any], moved_from: str, wait: bool = True) -> dict[str, Any]:
+        """Take over an instance of another agent (a failover or a drain):
+        same name and settings, the same desired state, its ``moved_from``
+        noted so that the agent it came from drops its own copy.  ``wait``:
+        answer once its worker answered a ping (bounded), with ``ready``."""
+        bindings = [QueueBinding(**binding) for binding in document["queues"]]
+        spec, created = self.store.add_node(
+            document["app"],
+            document["name"],
+            self.default_broker,
+            max_concurrency=document["max_concurrency"],
+            min_concurrency=document["min_concurrency"],
+            broker=document["broker"],
+            arguments=document["arguments"],
+            queues=bindings,
+            is_enabled=document["is_enabled"],
+            moved_from=moved_from,
+        )
+        started = self._changed()
+        ready = False
+        if self.supervisor is not None and spec.is_enabled and wait:
+            await started
+            ready = await self.supervisor.wait_ready(spec.name, self.ready_timeout)
+        body = self._json(self.store.get_node(spec.name))
+        body["ready"] = ready
+        body["created"] = created
+        return body
+
+    def instances_owned(self, names: list[str]) -> list[str]:
+        """Which of ``names`` this agent has."""
+        return [name for name in names if self.store.has_node(name)]
+
+    def drop_moved(self, names: list[str]) -> list[str]:
+        """Forget instances that another agent now runs (they were moved
+        while this agent was away): out of the store, their workers stopped
+        at the supervisor's next wake-up.  Their ``dq.`` queue stays: the
+        moved copy consumes it."""
+        dropped = []
+        for name in names:
+            if self.store.has_node(name):
+                self.store.delete_node(name)
+                dropped.append(name)
+        if dropped:
+            self._changed()
+        return dropped
 
     # -- apps ------------------------------------------------------------
 

@@ -11,7 +11,14 @@ it was heard from (any accepted message) within ``DEAD_AFTER_PERIODS`` of
 its own heartbeat periods.  A member that missed one of our scatters is a
 *suspect* until heard from again: later scatters do not wait for it, so a
 crashed peer costs one scatter timeout, not one per listing until it is
-declared dead.
+declared dead.  Faster than both, the broker's word: a member whose private
+queue is gone (a message to it came back unroutable) has ``left`` at once,
+until its next heartbeat (``scs.srs_liveness``).
+
+Each member records when it was first seen dead and why (``dead_since``,
+``dead_cause``: ``queue-gone``, ``bye`` or ``silent``), cleared when it is
+alive again.  That is the member's own state, not our connection's: while
+we are disconnected members turn ``silent`` too (check ``is_connected``).
 
 The table does no I/O: it answers, and ``scs.srs.SRS`` logs what changed
 (``transitions``, through ``log_liveness``).
@@ -37,6 +44,11 @@ MIN_PERIOD, MAX_PERIOD = 0.05, 60.0
 DEFAULT_MAX_PEERS = 256
 DEFAULT_FORGET_AFTER = 24 * 3600.0
 MAX_URL_LENGTH = 512
+# A heartbeat's summary may carry a digest of the member's instances.
+MAX_DIGEST_LENGTH = 64
+
+# Why a member is dead (``Member.dead_cause``).
+QUEUE_GONE, BYE, SILENT = "queue-gone", "bye", "silent"
 
 
 class BadHeartbeat(ValueError):
@@ -63,6 +75,13 @@ class Member:
     incarnation: str = ""
     # It requires a bearer token on its HTTP API (one trust domain).
     requires_token: bool = False
+    # When it was first seen dead (None while alive), and why.
+    dead_since: float | None = None
+    dead_cause: str = ""
+    # The "digest" of its last heartbeat's summary ("" when absent or bad).
+    digest: str = ""
+    # Its last heartbeat said it is draining: it takes no placements.
+    draining: bool = False
 
     def heard_recently(self, now: float) -> bool:
         if self.last_seen is None or self.left:
@@ -72,6 +91,13 @@ class Member:
     def suspect(self) -> bool:
         """Missed a scatter and has not been heard from since."""
         return self.silent_since is not None and (self.last_seen is None or self.last_seen <= self.silent_since)
+
+
+def digest(value: Any) -> str:
+    """A peer's digest: a short string of printable ASCII, or ""."""
+    if isinstance(value, str) and len(value) <= MAX_DIGEST_LENGTH and value.isascii() and value.isprintable():
+        return value
+    return ""
 
 
 def count(value: Any) -> int:
@@ -121,7 +147,10 @@ class Membership:
         member.interval = min(max(float(interval), MIN_PERIOD), MAX_PERIOD)
         # Only the fields we use, type-checked: a peer cannot park data here.
         member.instances = count(summary.get("instances"))
+        member.digest = digest(summary.get("digest"))
+        member.draining = summary.get("draining") is True
         member.requires_token = payload.get("token") is True
+        _alive_again(member)
         return member
 
     def _admit(self, sender: str, now: float) -> Member:
@@ -134,19 +163,30 @@ class Membership:
         member = self.members[sender] = Member(sender, interval=self.default_interval)
         return member
 
-    def bye(self, sender: str, incarnation: str) -> bool:
+    def bye(self, sender: str, incarnation: str, now: float) -> bool:
         """Mark a member gone; False when the bye is not from its current run."""
         member = self.members.get(sender)
         if member is None or member.incarnation != incarnation:
             return False
         member.left = True
+        _dead(member, BYE, now)
         return True
 
-    def left(self, sender: str) -> None:
-        """The broker says the member has no queue: gone now."""
+    def left(self, sender: str, now: float, sent_at: float | None = None) -> bool:
+        """The broker says the member has no queue: gone now (until its next
+        heartbeat).  True when this is news (it had not left before).
+
+        ``sent_at``: when the message the broker returned was sent.  A member
+        heard from since then has a queue again (a restart or a reconnection
+        that overtook the return): the return is old news."""
         member = self.members.get(sender)
-        if member is not None:
-            member.left = True
+        if member is None or member.left:
+            return False
+        if sent_at is not None and member.last_seen is not None and member.last_seen > sent_at:
+            return False
+        member.left = True
+        _dead(member, QUEUE_GONE, now)
+        return True
 
     def touch(self, sender: str, now: float) -> None:
         """A member was heard from (only heartbeats make new members)."""
@@ -162,6 +202,8 @@ class Membership:
                 member.silent_since = now
 
     def alive(self, now: float, connected: bool) -> list[Member]:
+        for member in self:
+            note_dead(member, now)
         return [m for m in self if connected and m.heard_recently(now)]
 
     def absent_holders(self, now: float) -> list[str]:
@@ -173,6 +215,7 @@ class Membership:
         """Members whose liveness changed since last asked, with it."""
         changed = []
         for member in self:
+            note_dead(member, now)
             alive = connected and member.heard_recently(now)
             if alive != member.reported_alive:
                 member.reported_alive = alive
@@ -181,6 +224,8 @@ class Membership:
 
     def rows(self, now: float, connected: bool) -> list[dict[str, Any]]:
         """The members as ``GET /agents/`` lists them."""
+        for member in self:
+            note_dead(member, now)
         return [member_row(m, connected and m.heard_recently(now)) for m in self]
 
     def forget_long_dead(self, now: float) -> list[Member]:
@@ -188,6 +233,29 @@ class Membership:
         for member in gone:
             del self.members[member.id]
         return gone
+
+
+def note_dead(member: Member, now: float) -> None:
+    """Bring ``dead_since`` up to date: a member not heard from within its
+    periods has been dead (silent) since its last message plus those periods."""
+    if member.heard_recently(now):
+        _alive_again(member)
+    elif member.dead_since is None:
+        since = now if member.last_seen is None else member.last_seen + DEAD_AFTER_PERIODS * member.interval
+        _dead(member, BYE if member.left else SILENT, min(since, now))
+
+
+def _dead(member: Member, cause: str, now: float) -> None:
+    # The first sighting counts: a silent member whose queue then goes stays
+    # dead since it fell silent.
+    if member.dead_since is None:
+        member.dead_since = now
+        member.dead_cause = cause
+
+
+def _alive_again(member: Member) -> None:
+    member.dead_since = None
+    member.dead_cause = ""
 
 
 def member_row(member: Member, alive: bool) -> dict[str, Any]:
@@ -217,6 +285,8 @@ def log_liveness(log: Logger, agent_id: str, member: Member, alive: bool, connec
         log.info(
             "SRS member {member} is alive ({url})",
             member=member.id,
+            agent=member.id,
+            cause="heartbeat",
             url=member.url,
             agent_id=agent_id,
             event="srs.member.alive",
@@ -224,8 +294,10 @@ def log_liveness(log: Logger, agent_id: str, member: Member, alive: bool, connec
         return
     why = "gone" if member.left else ("disconnected" if not connected else "silent")
     log.warn(
-        "SRS member {member} is dead ({why})",
+        "SRS member {member} is dead ({cause})",
         member=member.id,
+        agent=member.id,
+        cause=member.dead_cause or "disconnected",
         why=why,
         last_seen=member.last_seen,
         agent_id=agent_id,

@@ -70,6 +70,9 @@ class Node(Base):
     created_at: Mapped[float] = mapped_column(Float, default=0.0)
     # JSON list of extra ``celery worker`` arguments for this instance.
     arguments: Mapped[str] = mapped_column(Text, default="[]", server_default="[]")
+    # The agent it was moved from (a failover or a drain), or None.  That
+    # agent, back, drops its own copy: the moved one wins.
+    moved_from: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
     app: Mapped[App] = relationship(back_populates="nodes", lazy="joined")
     broker: Mapped[Broker | None] = relationship(lazy="joined")
@@ -121,3 +124,35 @@ class Consumption(Base):
     options: Mapped[str | None] = mapped_column(Text, nullable=True)
 
     node: Mapped[Node] = relationship(back_populates="consumptions")
+
+
+class ReplicaOwner(Base):
+    """A peer whose instances this agent keeps a copy of, and the digest of
+    that copy (compared with the digest in the peer's heartbeats)."""
+
+    __tablename__ = "replica_owner"
+
+    owner: Mapped[str] = mapped_column(String(64), primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64))
+    synced_at: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class ReplicaInstance(Base):
+    """One instance of a peer, as that peer exported it (a checked JSON
+    document: its settings and desired state), to re-create it elsewhere
+    if the peer's machine is lost."""
+
+    __tablename__ = "replica_instance"
+
+    owner: Mapped[str] = mapped_column(ForeignKey("replica_owner.owner", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    document: Mapped[str] = mapped_column(Text)
+
+
+class AgentSetting(Base):
+    """This agent's own state that must survive a restart (``draining``)."""
+
+    __tablename__ = "agent_setting"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)

@@ -16,6 +16,7 @@ from typing import Any
 
 from scs import validation as v
 from scs.errors import BadParameter, NotFound
+from scs.replica import check_document
 
 
 def _optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -40,6 +41,17 @@ def _binding(value: Any) -> dict[str, Any]:
     v.only(value, ("name", "exchange", "routing_key", "exchange_type", "options"))
     name = value.get("name")
     return v.queue_binding(name, value).to_json()
+
+
+def _instance_names(value: Any) -> list[str]:
+    if not isinstance(value, list) or len(value) > MAX_NAMES:
+        raise BadParameter(f"names must be a list of at most {MAX_NAMES} instance names", parameter="names")
+    return [v.check_instance_name(name) for name in value]
+
+
+# At most this many names in one request (a failover asks about a dead
+# agent's instances at once).
+MAX_NAMES = 10_000
 
 
 def _nowait(value: Any) -> bool:
@@ -70,10 +82,24 @@ _OPERATIONS: dict[str, dict[str, tuple[bool, Callable[[Any], Any]]]] = {
     "app_export": {},
     "app_names": {},
     "app_delete": {"app": (True, _APP)},
+    "instance_export": {},
+    "instance_adopt": {
+        "document": (True, check_document),
+        "moved_from": (True, lambda value: v.check_name(value, "moved_from")),
+        "wait": (False, lambda value: v.check_bool(value, "wait")),
+    },
+    "instance_adopt_once": {
+        "target": (True, lambda value: v.check_name(value, "target")),
+        "document": (True, check_document),
+        "moved_from": (True, lambda value: v.check_name(value, "moved_from")),
+    },
+    "agent_drain": {},
+    "agent_undrain": {},
     "app_enable": {"app": (True, _APP)},
     "app_disable": {"app": (True, _APP)},
     "app_restart": {"app": (True, _APP)},
     "instance_owned": {"name": (True, _INSTANCE)},
+    "instances_owned": {"names": (True, _instance_names)},
     "instance_create": {
         "app": (True, _APP),
         "name": (False, _optional(_INSTANCE)),

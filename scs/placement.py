@@ -15,6 +15,7 @@ own it.
 from __future__ import annotations
 
 import random as _random
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import DeferredLock
@@ -47,6 +48,11 @@ class Placement:
         self.create_timeout = create_timeout
         # Named creations this agent is deciding, as the coordinator.
         self._name_locks: dict[str, DeferredLock] = {}
+        # Set by the façade: agents that take no placements (draining), and
+        # whether an agent we cannot ask may hold an instance (its replica
+        # says; without one, it may).
+        self.draining: Callable[[str], bool] = lambda agent: False
+        self.may_hold: Callable[[str, str], bool] = lambda agent, name: True
 
     @property
     def agent_id(self) -> str:
@@ -70,7 +76,7 @@ class Placement:
                 f"cannot tell whether instance {name!r} exists: not connected to the cluster",
                 instance=name,
             )
-        coordinator = self._coordinator()
+        coordinator = self.coordinator()
         if coordinator == self.agent_id:
             return await self.create_named(arguments, on)
         result = await self.srs.call(
@@ -95,16 +101,16 @@ class Placement:
         reply = await self.create_named(arguments, on)
         return {"instance": reply.body, "status": reply.status}
 
-    def _coordinator(self) -> str:
-        """The agent that decides named creations: the first live one by id,
-        the same for every agent that sees the same members."""
+    def coordinator(self) -> str:
+        """The agent that decides named creations and failovers: the first
+        live one by id, the same for every agent that sees the same members."""
         return min(self.live_agents())
 
     async def create_named(self, arguments: dict[str, Any], on: str | None) -> Reply:
         """On the coordinator: create a named instance unless it exists
         somewhere, one decision per name at a time."""
         name = arguments["name"]
-        lock = self._name_locks.setdefault(name, DeferredLock())
+        lock = self.name_lock(name)
         await lock.acquire()
         try:
             owner = await self._owner_of(name)
@@ -114,9 +120,16 @@ class Placement:
                 raise Conflict(f"instance {name!r} exists on agent {owner!r}", instance=name, agent=owner)
             return await self._create_on(owner, arguments)
         finally:
-            lock.release()
-            if not lock.locked and not lock.waiting:
-                self._name_locks.pop(name, None)
+            self.release_name_lock(name, lock)
+
+    def name_lock(self, name: str) -> DeferredLock:
+        """The coordinator's lock of one name: one decision at a time."""
+        return self._name_locks.setdefault(name, DeferredLock())
+
+    def release_name_lock(self, name: str, lock: DeferredLock) -> None:
+        lock.release()
+        if not lock.locked and not lock.waiting:
+            self._name_locks.pop(name, None)
 
     async def _owner_of(self, name: str) -> str | None:
         """The agent that has instance ``name``; Unavailable when an agent
@@ -131,7 +144,7 @@ class Placement:
             return owners[0]
         # An agent that holds instances and cannot be asked (dead, stopped)
         # may have this one: creating it elsewhere could make a copy.
-        missing = sorted({*missing, *self.srs.absent_holders()})
+        missing = sorted({*missing, *(a for a in self.srs.absent_holders() if self.may_hold(a, name))})
         if missing:
             raise Unavailable(
                 f"cannot tell whether instance {name!r} exists: no answer from {', '.join(missing)}",
@@ -143,7 +156,9 @@ class Placement:
     async def _place(self, arguments: dict[str, Any], on: str | None) -> Reply:
         if on is not None:
             return await self._create_on(on, arguments)
-        candidates = self.live_agents()
+        candidates = [agent for agent in self.live_agents() if not self.draining(agent)]
+        if not candidates:
+            raise Unavailable("every live agent is draining: no agent takes new instances")
         self.random.shuffle(candidates)
         # Another agent is tried when one did not get the request; after a
         # timeout only for a fresh random name: a named instance may still be

@@ -147,6 +147,8 @@ class InstanceSpec:
     workdir: str | None = None
     python: str | None = None
     task_events: bool = False
+    # The agent it was moved from by a failover or a drain, or None.
+    moved_from: str | None = None
 
     @property
     def queue_names(self) -> tuple[str, ...]:

@@ -15,6 +15,8 @@ the correlation id and reply queue) around a payload::
     heartbeat: "url", "interval", "summary": {"instances": N}, "hello": bool,
                "token": bool (the agent requires an HTTP token)
     bye:       {}
+    probe:     {}                 (mandatory, to one agent: is its queue there?)
+    gone:      "agent"            (its queue is gone; checked before believed)
     request:   "op", "args"
     reply:     "ok": true, "result": ...
                "ok": false, "error": {"code": ..., "body": {...}}
@@ -26,9 +28,12 @@ counted by reason (``rejected``).
 
 Membership (``scs.membership``) comes only from heartbeats, bounded by
 ``max_peers``; a member silent for ``forget_after`` seconds leaves the
-table; a ``bye`` counts only from the member's current incarnation.  The
-requests waiting for answers are ``scs.srs_requests``.  A reply is taken only from the
-agent that was asked, addressed to us, for the request it names.  An agent
+table; a ``bye`` counts only from the member's current incarnation.  A
+member whose private queue is gone (``kill -9``) is known dead within a
+second through ring probes and checked ``gone`` notices
+(``scs.srs_liveness``).  The requests waiting for answers are
+``scs.srs_requests``.  A reply is taken only from the agent that was
+asked, addressed to us, for the request it names.  An agent
 that requires a token accepts requests only from peers that require one.
 
 Choices the contract left open:
@@ -38,6 +43,9 @@ Choices the contract left open:
   When our broker connection drops, every other member turns not-alive at
   once: we can no longer reach anyone, so believing them alive would only
   make callers wait.
+* ``scatter`` sends its request to each live peer by its own key,
+  mandatory, so that one whose queue is gone is returned by the broker and
+  not waited for; an agent not yet in the table is not asked.
 * ``scatter`` while not connected fires at once with ``({}, missing)`` where
   ``missing`` names the peers that were alive when the connection dropped
   (the ones a listing would have asked), so the listing can name them in
@@ -79,6 +87,7 @@ from scs.membership import (
     member_row,
     trusts,
 )
+from scs.srs_liveness import Liveness, probe_interval
 from scs.srs_outbox import Outbox
 from scs.srs_requests import PendingRequests
 from scs.srs_serving import error_payload, ok_payload, outcome, run_here
@@ -98,8 +107,9 @@ from scs.validation import check_name
 
 # Distinct oddities logged (once each) before the rest are only counted.
 MAX_LOGGED_ODDITIES = 1000
-# A heartbeat is small: anything larger is not one.
+# A heartbeat is small: anything larger is not one (nor a bye, probe or gone).
 MAX_HEARTBEAT_BYTES = 8 * 1024
+SMALL_TYPES = ("heartbeat", "bye", "probe", "gone")
 
 # Runs an operation a peer asked for: (op, args) -> result or Deferred.
 Handler = Callable[[str, dict[str, Any]], Any]
@@ -158,11 +168,20 @@ class SRS(MultiService):
         self._alive_when_lost: list[str] = []
         self._reply_queue: str | None = None
         self._last_connected: float | None = None
-        self._pending = PendingRequests(reactor, self._scatter_ended)
+        self._pending = PendingRequests(reactor, self._scatter_ended, lambda silent: self.liveness.check(silent))
         self._oddities = FirstSeen(MAX_LOGGED_ODDITIES)
         self._beat = LoopingCall(self._heartbeat_tick)
         self._beat.clock = reactor
         self._discovery: Any = None
+        self.liveness = Liveness(
+            agent_id,
+            self._outbox,
+            self.membership,
+            reactor,
+            interval=probe_interval(heartbeat_interval),
+            live=lambda: [m.id for m in self.membership.alive(reactor.seconds(), self._connected)],
+            rejected=lambda rejection: self._rejected(rejection, counted=False),
+        )
 
     # -- service -----------------------------------------------------------
 
@@ -170,6 +189,7 @@ class SRS(MultiService):
         """Say bye (so peers drop us at once), fail what is pending, disconnect."""
         if self._beat.running:
             self._beat.stop()
+        self.liveness.stop()
         self._cancel_discovery()
         d: Deferred = defer.succeed(None)
         if self._connected:
@@ -238,9 +258,10 @@ class SRS(MultiService):
     def scatter(self, op: str, args: dict, timeout: float = 2.0) -> Deferred:
         """Ask every other live agent; fires ``({id: result or SCSError}, missing)``.
 
-        Fires as soon as every peer believed alive at the start answered, or
-        at ``timeout`` naming the silent ones. Answers from agents we did not
-        wait for (just joined) are kept if they arrive in time.
+        Fires as soon as every peer believed alive at the start answered or
+        was returned by the broker (its queue is gone), or at ``timeout``
+        naming the silent ones. Suspects (silent at an earlier scatter) are
+        asked but not waited for: their answers are kept if in time.
         """
         if not self._connected or self._reply_queue is None:
             return defer.succeed(({}, list(self._alive_when_lost)))
@@ -251,11 +272,18 @@ class SRS(MultiService):
             return defer.succeed(({}, suspects))
         correlation_id = self._new_id()
         d = self._pending.scatter(correlation_id, op, expected, suspects, timeout)
-        sent = self._outbox.send(
-            FANOUT, "*", "request", {"op": op, "args": args}, cid=correlation_id, reply_to=self._reply_queue
-        )
-        # A failed publish means nobody will answer: give up now, not at the timeout.
-        sent.addErrback(lambda _: self._pending.finish_scatter(correlation_id))
+        for peer in sorted(m.id for m in live):
+            sent = self._outbox.send(
+                DIRECT,
+                peer,
+                "request",
+                {"op": op, "args": args},
+                cid=correlation_id,
+                reply_to=self._reply_queue,
+                mandatory=True,
+            )
+            # Not sent: it will not answer; stop waiting for it now.
+            sent.addErrback(lambda _, peer=peer: self._pending.unreachable(correlation_id, peer))
         return d
 
     def broadcast(self, op: str, args: dict) -> None:
@@ -284,6 +312,7 @@ class SRS(MultiService):
         self._send_heartbeat(hello=True)
         if not self._beat.running:
             self._beat.start(self.heartbeat_interval, now=False)
+        self.liveness.start()
         self._cancel_discovery()
         self._discovery = self._reactor.callLater(self.discovery_delay, self._run_on_connected)
 
@@ -307,6 +336,7 @@ class SRS(MultiService):
         self._last_connected = self._reactor.seconds()
         if self._beat.running:
             self._beat.stop()
+        self.liveness.stop()
         self._cancel_discovery()
         self.log.emit(
             LogLevel.warn if self.running else LogLevel.info,
@@ -336,12 +366,14 @@ class SRS(MultiService):
                     sender=message.sender,
                 )
             return
-        if message.type in ("heartbeat", "bye") and len(body) > MAX_HEARTBEAT_BYTES:
+        if message.type in SMALL_TYPES and len(body) > MAX_HEARTBEAT_BYTES:
             self._rejected(Rejected("oversized", f"{message.type} of {len(body)} bytes", message.sender), counted=False)
             return
         receive = {
             "heartbeat": self._on_heartbeat,
             "bye": self._on_bye,
+            "probe": self.liveness.received_probe,
+            "gone": self.liveness.received_gone,
             "request": self._on_request,
             "reply": self._on_reply,
         }.get(message.type)
@@ -351,22 +383,29 @@ class SRS(MultiService):
         receive(message)
 
     def message_returned(self, body: bytes, properties: dict[str, str]) -> None:
+        """The broker has no queue for the agent a mandatory message was for:
+        it is gone now, not in three periods (its next heartbeat, if any,
+        brings it back)."""
+        sent = self._outbox.recall(body)
         pending = self._pending.take_call(properties.get("correlation-id", ""))
-        if pending is None:
+        agent = pending.agent_id if pending is not None else (sent.to if sent is not None else None)
+        if agent is None or agent in ("*", self.agent_id):
             return
-        self.log.info(
-            "SRS request {op} to {member} returned: no such agent connected",
-            op=pending.op,
-            member=pending.agent_id,
-            event="srs.call.unroutable",
-        )
-        # The broker just told us it has no queue: it is gone now, not in
-        # three periods (its next heartbeat, if any, brings it back).
-        self.membership.left(pending.agent_id)
-        self._log_transitions()
-        pending.deferred.errback(
-            Unavailable(f"agent {pending.agent_id} is not connected to the cluster", agent=pending.agent_id)
-        )
+        if pending is not None:
+            self.log.info(
+                "SRS request {op} to {member} returned: no such agent connected",
+                op=pending.op,
+                member=agent,
+                event="srs.call.unroutable",
+            )
+        if self.membership.left(agent, self._reactor.seconds(), sent.ts if sent is not None else None):
+            self._log_transitions()
+            self.liveness.announce(agent)
+            self._pending.gone(agent)
+        if pending is not None:
+            pending.deferred.errback(Unavailable(f"agent {agent} is not connected to the cluster", agent=agent))
+        elif sent is not None and sent.type == "request" and sent.cid is not None:
+            self._pending.unreachable(sent.cid, agent)
 
     # -- receiving ---------------------------------------------------------
 
@@ -399,10 +438,11 @@ class SRS(MultiService):
             self._send_heartbeat(to=member.id)
 
     def _on_bye(self, message: Message) -> None:
-        if not self.membership.bye(message.sender, message.incarnation):
+        if not self.membership.bye(message.sender, message.incarnation, self._reactor.seconds()):
             # A replayed bye of an earlier run, or one from a stranger.
             self._rejected(Rejected("not-a-member", "bye from another incarnation", message.sender), counted=False)
             return
+        self._pending.gone(message.sender)
         self._log_transitions()
 
     def _on_request(self, message: Message) -> None:

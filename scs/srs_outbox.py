@@ -1,9 +1,12 @@
-"""Sealing and publishing SRS messages (the sending half of ``scs.srs``)."""
+"""Sealing and publishing SRS messages (the sending half of ``scs.srs``),
+and recognising one of ours that the broker handed back (``recall``)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import attr
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -13,6 +16,17 @@ from scs.srs_trust import MessageCodec
 from scs.srs_wire import DIRECT, ISRSTransport
 
 log = Logger(namespace="scs.srs")
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class Sent:
+    """The routing header of a message this agent sent (see ``Outbox.recall``)."""
+
+    type: str
+    to: str
+    cid: str | None
+    # When we sealed it (our clock).
+    ts: float
 
 
 class Outbox:
@@ -70,3 +84,30 @@ class Outbox:
 
         d.addErrback(failed)
         return d
+
+    def recall(self, body: bytes) -> Sent | None:
+        """The header of a message we published that the broker returned
+        (mandatory, no queue bound to its key); None if it is not one of ours.
+
+        Only the broker sends ``basic.return``, and only on our channel for
+        our own publishes, so the clear routing header (type, ``to``, cid:
+        the payload alone is sealed) is read without the codec: opening it
+        would refuse it as addressed to another agent."""
+        try:
+            inner = json.loads(json.loads(body)["m"])
+        except (ValueError, TypeError, KeyError, RecursionError):
+            return None
+        if not isinstance(inner, dict):
+            return None
+        kind, to, cid, ts = inner.get("type"), inner.get("to"), inner.get("cid"), inner.get("ts")
+        if (
+            inner.get("sender") != self.agent_id
+            or inner.get("incarnation") != self.incarnation
+            or not isinstance(kind, str)
+            or not isinstance(to, str)
+            or not (cid is None or isinstance(cid, str))
+            or isinstance(ts, bool)
+            or not isinstance(ts, (int, float))
+        ):
+            return None
+        return Sent(kind, to, cid, float(ts))

@@ -1,9 +1,16 @@
 """Requests this agent is waiting on: calls to one agent, scatters to all.
 
 Each is keyed by its correlation id and bounded by a timer on the injected
-clock.  A reply is taken only from the agent a call was sent to, and only
-once per agent for a scatter; what does not match is refused (the caller
-counts it).  No I/O here: ``scs.srs.SRS`` sends and receives.
+clock.  A reply is taken only from the agent a call was sent to, and for a
+scatter only from an agent it was sent to, once each; what does not match
+is refused (the caller counts it).  A scatter's request goes to each agent
+by its own key, mandatory: one the broker returns (no queue: the agent is
+gone) is ``unreachable`` and not waited for.  The broker may still route
+one to a queue it is about to drop (the agent was killed a moment ago): so
+a scatter that still waits after ``CHECK_AFTER`` hands its silent peers to
+``check_silent`` (which probes them, mandatory), again at doubling delays,
+and a peer found ``gone`` is not waited for by any scatter.  No I/O here:
+``scs.srs.SRS`` sends and receives.
 """
 
 from __future__ import annotations
@@ -16,6 +23,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from scs.errors import GatewayTimeout, SCSError, Unavailable
+
+# A scatter still waiting this long after it was sent checks its silent
+# peers' queues (then after 2x, 4x...): answers on a loopback broker take a
+# few ms, a killed agent's queue is gone within a few more.
+CHECK_AFTER = 0.05
 
 
 @attr.s(auto_attribs=True)
@@ -35,6 +47,20 @@ class PendingScatter:
     results: dict[str, Any] = attr.Factory(dict)
     # Peers not waited for (suspects), reported missing unless they answer.
     skipped: list[str] = attr.Factory(list)
+    # Peers the request could not reach (returned, or not sent): missing.
+    unreachable: set[str] = attr.Factory(set)
+    # The next check of the silent peers' queues, and the delay after it.
+    check: Any = None
+    check_delay: float = CHECK_AFTER
+
+    def silent(self) -> list[str]:
+        return sorted(self.expected - self.results.keys() - self.unreachable)
+
+    def asked(self, agent_id: str) -> bool:
+        return agent_id in self.expected or agent_id in self.skipped
+
+    def complete(self) -> bool:
+        return self.expected <= self.results.keys() | self.unreachable
 
 
 # Called when a scatter ends: (op, agents that were waited for and did not
@@ -43,9 +69,15 @@ ScatterEnded = Callable[[str, set[str], list[str]], None]
 
 
 class PendingRequests:
-    def __init__(self, clock: IReactorTime, scatter_ended: ScatterEnded) -> None:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        scatter_ended: ScatterEnded,
+        check_silent: Callable[[list[str]], None] | None = None,
+    ) -> None:
         self._clock = clock
         self._scatter_ended = scatter_ended
+        self._check_silent = check_silent
         self._calls: dict[str, PendingCall] = {}
         self._scatters: dict[str, PendingScatter] = {}
 
@@ -59,8 +91,18 @@ class PendingRequests:
         """Fires ``({agent: result or SCSError}, missing)``; see ``SRS.scatter``."""
         d = Deferred(lambda _: self._forget(self._scatters, correlation_id))
         timer = self._clock.callLater(timeout, self.finish_scatter, correlation_id)
-        self._scatters[correlation_id] = PendingScatter(d, op, expected, timer, skipped=skipped)
+        scatter = self._scatters[correlation_id] = PendingScatter(d, op, expected, timer, skipped=skipped)
+        if self._check_silent is not None and CHECK_AFTER < timeout:
+            scatter.check = self._clock.callLater(CHECK_AFTER, self._check, correlation_id)
         return d
+
+    def _check(self, correlation_id: str) -> None:
+        scatter = self._scatters.get(correlation_id)
+        if scatter is None or self._check_silent is None:
+            return
+        scatter.check_delay *= 2
+        scatter.check = self._clock.callLater(scatter.check_delay, self._check, correlation_id)
+        self._check_silent(scatter.silent())
 
     def take_call(self, correlation_id: str) -> PendingCall | None:
         """The pending call, no longer pending (its timer cancelled)."""
@@ -85,19 +127,33 @@ class PendingRequests:
                 call.deferred.callback(outcome)
             return True
         scatter = self._scatters.get(correlation_id)
-        if scatter is not None and sender not in scatter.results:
+        if scatter is not None and scatter.asked(sender) and sender not in scatter.results:
             scatter.results[sender] = outcome
-            if scatter.expected <= scatter.results.keys():
+            if scatter.complete():
                 self.finish_scatter(correlation_id)
             return True
         return False
+
+    def unreachable(self, correlation_id: str, agent_id: str) -> None:
+        """A scatter's request did not reach ``agent_id``: stop waiting for it."""
+        scatter = self._scatters.get(correlation_id)
+        if scatter is None or not scatter.asked(agent_id) or agent_id in scatter.results:
+            return
+        scatter.unreachable.add(agent_id)
+        if scatter.complete():
+            self.finish_scatter(correlation_id)
+
+    def gone(self, agent_id: str) -> None:
+        """``agent_id`` is known gone: no scatter waits for it any more."""
+        for correlation_id in list(self._scatters):
+            self.unreachable(correlation_id, agent_id)
 
     def finish_scatter(self, correlation_id: str) -> None:
         pending = self._forget(self._scatters, correlation_id)
         if pending is None:
             return
-        silent = pending.expected - pending.results.keys()
-        missing = sorted(silent | (set(pending.skipped) - pending.results.keys()))
+        silent = pending.expected - pending.results.keys() - pending.unreachable
+        missing = sorted(silent | ((pending.unreachable | set(pending.skipped)) - pending.results.keys()))
         self._scatter_ended(pending.op, silent, missing)
         pending.deferred.callback((pending.results, missing))
 
@@ -118,6 +174,8 @@ class PendingRequests:
     @staticmethod
     def _forget(table: dict[str, Any], correlation_id: str) -> Any:
         pending = table.pop(correlation_id, None)
-        if pending is not None and pending.timer.active():
-            pending.timer.cancel()
+        if pending is not None:
+            for timer in (pending.timer, getattr(pending, "check", None)):
+                if timer is not None and timer.active():
+                    timer.cancel()
         return pending

@@ -8,9 +8,11 @@ with the functions here, so that every transport agrees.
 Topology:
 
 * a direct exchange ``scs.<cluster>.direct``: each agent's private queue is
-  bound under ``routing_key(agent_id)``; requests to one agent go there;
+  bound under ``routing_key(agent_id)``; requests to one agent go there, and
+  so do a scatter's (one per live peer) and probes, ``mandatory``: the broker
+  returns one whose agent has no queue (killed) at once;
 * a fanout exchange ``scs.<cluster>.fanout``: every private queue is bound;
-  heartbeats, scatter requests and broadcasts go there;
+  heartbeats, broadcasts and ``gone`` notices go there;
 * replies go through the default exchange straight to the asker's private
   queue, matched by correlation id.
 """

@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from scs.errors import Conflict, NotFound
-from scs.models import App, Broker, Consumption, Node, Queue
+from scs.models import AgentSetting, App, Broker, Consumption, Node, Queue, ReplicaInstance, ReplicaOwner
 from scs.records import UNSET, AppRecord, BrokerInfo, InstanceSpec, QueueBinding
 
 STORE_FILENAME = ".scs-store.sqlite"
@@ -371,6 +371,8 @@ class Store:
         broker: str | None = None,
         arguments: Sequence[str] = (),
         queues: Sequence[QueueBinding] = (),
+        is_enabled: bool = True,
+        moved_from: str | None = None,
     ) -> tuple[InstanceSpec, bool]:
         """Add an instance; an identical existing one is returned as is.
 
@@ -400,9 +402,10 @@ class Store:
                 broker=self._broker(session, broker) if broker is not None else None,
                 max_concurrency=max_concurrency,
                 min_concurrency=min_concurrency,
-                is_enabled=True,
+                is_enabled=is_enabled,
                 created_at=time.time(),
                 arguments=json.dumps(list(arguments)),
+                moved_from=moved_from,
             )
             for binding in queues:
                 node.consumptions.append(_consumption(binding))
@@ -556,7 +559,77 @@ class Store:
             for table in ("broker", "app", "node", "queue", "consumption"):
                 rows = connection.exec_driver_sql(f"SELECT * FROM {table} ORDER BY id")
                 tables[table] = [tuple(row) for row in rows]
+            for table, order in (
+                ("replica_owner", "owner"),
+                ("replica_instance", "owner, name"),
+                ("agent_setting", "key"),
+            ):
+                rows = connection.exec_driver_sql(f"SELECT * FROM {table} ORDER BY {order}")
+                tables[table] = [tuple(row) for row in rows]
         return tables
+
+    # -- replicas of the peers' instances (scs.replica) ---------------------
+
+    def replica_digests(self) -> dict[str, str]:
+        """Peer -> digest of the copy of its instances held here."""
+        with self.transaction() as session:
+            return {row.owner: row.digest for row in session.scalars(select(ReplicaOwner))}
+
+    def replica_put(self, owner: str, digest: str, documents: Sequence[Mapping[str, Any]], now: float) -> None:
+        """Replace the copy of ``owner``'s instances (checked documents)."""
+        with self.transaction() as session:
+            row = session.get(ReplicaOwner, owner)
+            if row is None:
+                row = ReplicaOwner(owner=owner)
+                session.add(row)
+            row.digest, row.synced_at = digest, now
+            session.execute(ReplicaInstance.__table__.delete().where(ReplicaInstance.owner == owner))
+            for document in documents:
+                session.add(ReplicaInstance(owner=owner, name=document["name"], document=json.dumps(document)))
+
+    def replica_instances(self, owner: str | None = None) -> dict[str, list[dict[str, Any]]]:
+        """Owner -> the documents of its instances, by name."""
+        query = select(ReplicaInstance).order_by(ReplicaInstance.owner, ReplicaInstance.name)
+        if owner is not None:
+            query = query.where(ReplicaInstance.owner == owner)
+        copies: dict[str, list[dict[str, Any]]] = {}
+        with self.transaction() as session:
+            for row in session.scalars(query):
+                copies.setdefault(row.owner, []).append(json.loads(row.document))
+        return copies
+
+    def replica_drop(self, owner: str, names: Sequence[str] | None = None) -> None:
+        """Forget instances of ``owner`` (all of them when ``names`` is None);
+        its digest no longer matches, so the next heartbeat re-syncs."""
+        with self.transaction() as session:
+            if names is None:
+                session.execute(ReplicaOwner.__table__.delete().where(ReplicaOwner.owner == owner))
+                session.execute(ReplicaInstance.__table__.delete().where(ReplicaInstance.owner == owner))
+                return
+            session.execute(
+                ReplicaInstance.__table__.delete().where(
+                    ReplicaInstance.owner == owner, ReplicaInstance.name.in_(list(names))
+                )
+            )
+            row = session.get(ReplicaOwner, owner)
+            if row is not None:
+                row.digest = ""
+
+    def setting(self, key: str, default: str | None = None) -> str | None:
+        with self.transaction() as session:
+            row = session.get(AgentSetting, key)
+            return default if row is None else row.value
+
+    def set_setting(self, key: str, value: str | None) -> None:
+        with self.transaction() as session:
+            row = session.get(AgentSetting, key)
+            if value is None:
+                if row is not None:
+                    session.delete(row)
+            elif row is None:
+                session.add(AgentSetting(key=key, value=value))
+            else:
+                row.value = value
 
 
 def _app_env(app: App) -> tuple[tuple[str, str], ...]:
@@ -616,4 +689,5 @@ def _instance_spec(node: Node) -> InstanceSpec:
         workdir=node.app.workdir,
         python=node.app.python,
         task_events=bool(node.app.task_events),
+        moved_from=node.moved_from,
     )

@@ -205,6 +205,13 @@ class Options(usage.Options):
             "Seconds a silent member stays listed (dead) before it is forgotten.",
             float,
         ],
+        [
+            "failover-after",
+            None,
+            30.0,
+            "Seconds an agent must be dead before its silent instances are re-created elsewhere (0: never).",
+            float,
+        ],
     ]
     optFlags = [
         ["without-http", None, "Do not serve HTTP."],
@@ -324,6 +331,8 @@ class Options(usage.Options):
             raise usage.UsageError("--max-peers must be at least 1")
         if self["forget-dead-after"] <= 0:
             raise usage.UsageError("--forget-dead-after must be a positive number of seconds")
+        if not 0 <= self["failover-after"] < 10**7:
+            raise usage.UsageError("--failover-after must be 0 (never) or a positive number of seconds")
         if self["cluster-secret-file"]:
             from scs.srs_trust import SecretFileError, read_secret_file
 
@@ -424,6 +433,11 @@ def open_store(instance_dir: str, reset: bool = False) -> Any:
         raise SystemExit(1) from None
 
 
+# How long a starting agent keeps its workers down waiting to learn from
+# the cluster which of its instances moved away (scs.failover.StartGate).
+START_GATE_TIMEOUT = 15.0
+
+
 class AgentService(MultiService):
     """The running agent: its services, and ``agent``, the façade the
     manhole and tests reach."""
@@ -444,7 +458,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     _add_twistd_logfile(options)
     instance_dir = os.path.abspath(options["instance-dir"])
     store = open_store(instance_dir, reset=options["reset-store"])
-    supervisor = _build_supervisor(options, store, instance_dir, reactor)
+    from scs.failover import StartGate
+
+    # In a cluster, no worker starts before this agent learnt which of its
+    # instances moved away while it was gone (scs.failover).
+    gate = None if options["without-srs"] else StartGate(store.list_nodes, reactor, timeout=START_GATE_TIMEOUT)
+    supervisor = _build_supervisor(options, gate or store.list_nodes, instance_dir, reactor)
     url = "" if options["without-http"] else http_url(options["http-endpoint"], options["allowed-host"])
     # The agent both answers its peers and asks them: the cluster is built
     # first and hands peers' requests to the façade built next.
@@ -456,7 +475,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             url,
             reactor,
             handler=lambda op, args: agent.handle_remote(op, args),
-            on_connected=[lambda: agent.sync_apps_from_peers()],
+            on_connected=[lambda: agent.sync_apps_from_peers(), lambda: keeper.connected()],
             summary=lambda: agent.local.summary(),
         )
     local = LocalAgent(
@@ -470,6 +489,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         control=supervisor._control,
     )
     agent = Agent(local, srs, url=url)
+    keeper = None
+    if srs is not None:
+        keeper = _build_failover(options, agent, supervisor, gate, reactor)
 
     from scs.metrics import AgentMetrics, MetricsService
 
@@ -480,6 +502,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     supervisor.setServiceParent(top)
     if srs is not None:
         srs.setServiceParent(top)
+        keeper.setServiceParent(top)
     MetricsService(metrics).setServiceParent(top)
     if not options["without-http"]:
         _http_service(options, agent, metrics, reactor).setServiceParent(top)
@@ -503,13 +526,36 @@ def _add_twistd_logfile(options: Options) -> None:
         globalLogPublisher.addObserver(_file_observer(options))
 
 
-def _build_supervisor(options: Options, store: Any, instance_dir: str, reactor: Any) -> Any:
+def _build_failover(options: Options, agent: Any, supervisor: Any, gate: Any, reactor: Any) -> Any:
+    from scs.failover import Failover, FailoverService, Fence
+    from scs.replica import PeerView, Replicas
+
+    srs = agent.srs
+    fence = Fence(agent)
+
+    def peers() -> list[PeerView]:
+        return [PeerView(m.id, agent.peer_alive(m.id), getattr(m, "digest", "")) for m in srs.membership]
+
+    replicas = Replicas(
+        agent.store,
+        agent.agent_id,
+        peers,
+        lambda peer: srs.call(peer, "instance_export", {}, timeout=agent.call_timeout),
+        reactor,
+        on_synced=fence,
+    )
+    failover = Failover(agent, supervisor._control, reactor, failover_after=options["failover-after"])
+    gate.on_open.append(lambda: supervisor.running and supervisor.wake())
+    return FailoverService(replicas, fence, failover, gate, reactor)
+
+
+def _build_supervisor(options: Options, desired: Any, instance_dir: str, reactor: Any) -> Any:
     from scs.control import CeleryControl
     from scs.leftovers import ProcessTable
     from scs.supervisor import SupervisionPolicy, Supervisor
 
     supervisor = Supervisor(
-        store.list_nodes,
+        desired,
         instance_dir,
         policy=SupervisionPolicy(
             interval=options["interval"],

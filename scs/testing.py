@@ -95,7 +95,9 @@ class FakeAMQPNetwork:
     def _deliver(self, queue: str, body: bytes, properties: dict) -> None:
         # The queue may have gone (connection lost) while the message was in flight.
         transport = self.queues.get(queue)
-        if transport is not None and transport.receiver is not None:
+        if transport is not None and transport.hung:
+            transport.held.append((body, properties))
+        elif transport is not None and transport.receiver is not None:
             transport.receiver.message_received(body, properties)
 
     def _new_queue_nonce(self) -> str:
@@ -114,6 +116,9 @@ class FakeTransport(_Service):
         self.receiver: _Any = None
         self.reply_queue: str | None = None
         self.crashed = False
+        # Stopped (SIGSTOP): the queue stays and fills, nothing goes out.
+        self.hung = False
+        self.held: list[tuple[bytes, dict]] = []
         self._pending_connect: _Any = None
 
     @property
@@ -140,6 +145,20 @@ class FakeTransport(_Service):
         self.crashed = True
         self._drop_queue()
 
+    def hang(self) -> None:
+        """Stop like a SIGSTOPped process: the queue stays bound (messages to
+        it are routed, not returned) but nothing reaches the receiver and
+        publishes are silently dropped, until ``resume``."""
+        self.hung = True
+
+    def resume(self) -> None:
+        """SIGCONT: what the queue held is delivered, publishing works again."""
+        self.hung = False
+        held, self.held = self.held, []
+        for body, properties in held:
+            if self.connected and self.receiver is not None:
+                self.receiver.message_received(body, properties)
+
     def drop_connection(self) -> None:
         """Only this transport's connection breaks; it reconnects like ClientService."""
         self._lose("connection lost")
@@ -159,7 +178,7 @@ class FakeTransport(_Service):
                 raise ValueError("AMQP property %s must be an ASCII str: %r" % (name, value))
         if not key.isascii() and kind != _srs.DIRECT:
             raise ValueError("AMQP key must be ASCII: %r" % key)
-        if self.crashed:
+        if self.crashed or self.hung:
             return _defer.succeed(None)
         if not self.connected:
             return _defer.fail(_Unavailable("not connected to the broker"))

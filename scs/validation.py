@@ -51,7 +51,7 @@ _HOSTNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 EXCHANGE_TYPES = ("direct", "topic", "fanout", "headers")
 
 # Paths that would shadow an app's URL.
-RESERVED_APP_NAMES = frozenset({"ping", "agents", "admin", "metrics", "instances", "static"})
+RESERVED_APP_NAMES = frozenset({"ping", "agents", "admin", "metrics", "instances", "static", "openapi.json"})
 
 _TRUE = {"1", "true", "yes", "on", ""}
 _FALSE = {"0", "false", "no", "off"}

@@ -300,7 +300,7 @@ def test_store_at_the_previous_revision_upgrades_and_keeps_its_rows(tmp_path: Pa
     engine.dispose()
 
     store = Store.in_directory(tmp_path)  # foreign keys on, as the agent opens it
-    assert schema_revision(store.engine) == "0003"
+    assert schema_revision(store.engine) == "0004"
     spec = store.get_node("w1")
     assert (spec.app, spec.max_concurrency, spec.min_concurrency, spec.celery_app) == ("foo", 4, 2, "proj:app")
     assert spec.queue_names == ("tasks",)

@@ -560,12 +560,14 @@ class ReviewFindingsTests(SynchronousTestCase):
         for _ in range(100):
             bus.clock.advance(0.1)
         self.failureResultOf(d, errors.GatewayTimeout)
-        creates = [
-            p
-            for p in bus.network.published
-            if json.loads(json.loads(p.body)["m"]).get("to") in ("agent2", "agent3")
-            and json.loads(json.loads(p.body)["m"])["type"] == "request"
+        requests = [
+            inner
+            for inner in (json.loads(json.loads(p.body)["m"]) for p in bus.network.published)
+            if inner["type"] == "request"
         ]
+        # A scatter asks each peer by its key under one cid; the create is a call.
+        cids = [r.get("cid") for r in requests]
+        creates = [r for r in requests if r.get("to") in ("agent2", "agent3") and cids.count(r.get("cid")) == 1]
         self.assertEqual(len(creates), 1)
 
     def test_an_agent_that_holds_instances_and_is_gone_makes_its_names_503(self) -> None:
@@ -612,7 +614,9 @@ class ClusterListingTests(SynchronousTestCase):
         bus.agents["agent3"].local.app_put("only-here")
         before = len(bus.published(type="request"))
         reply = self.successResultOf(bus.run(a1.instance_list_details("foo")))
-        self.assertEqual(len(bus.published(type="request")) - before, 1)
+        # One scatter: one correlation id, sent to each peer by its key.
+        scatters = {json.loads(json.loads(p.body)["m"])["cid"] for p in bus.published(type="request")[before:]}
+        self.assertEqual(len(scatters), 1)
         self.assertEqual(
             [(i["name"], i["agent"]) for i in reply.body], [("w1", "agent1"), ("w2", "agent2"), ("w3", "agent3")]
         )

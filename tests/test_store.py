@@ -27,7 +27,7 @@ BROKER = "amqp://guest:guest@127.0.0.1:5672//"
 
 def test_in_memory_store_is_at_head() -> None:
     store = Store.in_memory()
-    assert schema_revision(store.engine) == "0003"
+    assert schema_revision(store.engine) == "0004"
 
 
 def test_upgrade_from_first_revision_keeps_data(tmp_path: Path) -> None:
@@ -53,7 +53,7 @@ def test_upgrade_from_first_revision_keeps_data(tmp_path: Path) -> None:
     engine.dispose()
 
     store = Store.in_directory(tmp_path)
-    assert schema_revision(store.engine) == "0003"
+    assert schema_revision(store.engine) == "0004"
     spec = store.get_node("w1")
     assert (spec.app, spec.max_concurrency, spec.min_concurrency) == ("foo", 4, 2)
     assert spec.queue_names == ("tasks",)

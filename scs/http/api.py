@@ -25,6 +25,7 @@ from scs import validation as v
 from scs.agent import Agent, Reply
 from scs.errors import BadParameter, MethodNotAllowed, NotFound, SCSError
 from scs.http.guard import BadHost, parse_host
+from scs.http.openapi import openapi_document
 from scs.http.params import DEFAULT_MAX_BODY, request_params
 from scs.records import UNSET
 
@@ -212,6 +213,23 @@ class API:
     async def agents(self, params: dict[str, Any]) -> Reply:
         v.only(params, ())
         return Reply(self.agent.members())
+
+    # A static path: Werkzeug tries it before "/<app>/", and "openapi.json"
+    # is a reserved app name (scs.validation.RESERVED_APP_NAMES).
+    @endpoint("/openapi.json", "GET")
+    async def openapi(self, params: dict[str, Any]) -> Reply:
+        v.only(params, ())
+        return Reply(openapi_document())
+
+    @endpoint("/agents/<agent>/drain/", "POST", "PUT")
+    async def agent_drain(self, params: dict[str, Any], agent: str) -> Reply:
+        v.only(params, ())
+        return await self.agent.drain(v.check_name(agent, "agent"))
+
+    @endpoint("/agents/<agent>/undrain/", "POST", "PUT")
+    async def agent_undrain(self, params: dict[str, Any], agent: str) -> Reply:
+        v.only(params, ())
+        return await self.agent.drain(v.check_name(agent, "agent"), undrain=True)
 
     @endpoint("/<app>/", "PUT", "POST")
     async def app_put(self, params: dict[str, Any], app: str) -> Reply:

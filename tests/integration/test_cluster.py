@@ -218,13 +218,15 @@ def test_killed_agent_is_missing_then_dead(tmp_path: Path) -> None:
         status, names, headers = agent1.request("GET", "/foo/instances/")
         took = time.monotonic() - started
         assert status == 200
-        assert headers.get("X-SCS-Missing-Agents") == "agent3"
-        assert took < 5.0
-        # Having missed one listing, agent3 is not waited for again.
+        # Named missing while believed alive; or already known dead (its
+        # queue went with it: ring probes find that within a second).
+        assert headers.get("X-SCS-Missing-Agents") in ("agent3", None)
+        # Its queue is gone: the broker returns the request, nobody waits.
+        assert took < 1.0
         started = time.monotonic()
         status, _, headers = agent1.request("GET", "/foo/instances/")
         assert time.monotonic() - started < 1.0
-        assert headers.get("X-SCS-Missing-Agents") == "agent3"
+        assert headers.get("X-SCS-Missing-Agents") in ("agent3", None)
         wait_until(lambda: all_alive(agent1, {"agent1", "agent2"}), 3 * HEARTBEAT + 2, what="agent3 dead")
         started = time.monotonic()
         status, _, headers = agent1.request("GET", "/foo/instances/")

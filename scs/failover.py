@@ -272,24 +272,34 @@ class Failover:
 
 
 class Fence:
-    """Drops what a live peer now has with ``moved_from`` naming us."""
+    """Drops what this agent has and a live peer has too, when the peer's
+    copy is the one to keep: a copy moved away from us always wins (we were
+    gone while it moved); of two copies both moved from a dead agent (two
+    deciders in a split cluster), the one on the agent with the smaller id
+    wins."""
 
     def __init__(self, agent: Any) -> None:
         self.agent = agent
 
     def __call__(self, _synced_agent: str | None = None) -> list[str]:
         local = self.agent.local
-        moved = []
+        mine = {spec.name: spec for spec in local.store.list_nodes()}
+        losing = set()
         for owner, documents in local.store.replica_instances().items():
             if owner == local.agent_id or not self.agent.peer_alive(owner):
                 continue
-            moved += [
-                d["name"] for d in documents if d["moved_from"] == local.agent_id and local.store.has_node(d["name"])
-            ]
-        dropped = local.drop_moved(sorted(set(moved)))
+            for document in documents:
+                spec = mine.get(document["name"])
+                if spec is None:
+                    continue
+                if document["moved_from"] == local.agent_id:
+                    losing.add(spec.name)
+                elif document["moved_from"] is not None and spec.moved_from is not None and owner < local.agent_id:
+                    losing.add(spec.name)
+        dropped = local.drop_moved(sorted(losing))
         for name in dropped:
             log.info(
-                "{instance} was moved away while this agent was gone: dropped here, its worker stopped",
+                "{instance} runs on another agent (moved while this one was away): dropped here, its worker stopped",
                 instance=name,
                 event="fence.dropped",
             )

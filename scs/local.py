@@ -271,11 +271,20 @@ class LocalAgent:
         """Delete an app here.  Its workers are stopped by the supervisor's
         next wake-up, not awaited: an app may have many, and every agent of
         the cluster answers this at once."""
+        specs = self.store.list_nodes(app)
         try:
             names = self.store.delete_app(app)
         except NotFound:
             return {"deleted": False, "instances": []}
-        self._changed()
+        stopped = self._changed()
+
+        def delete_queues(_: object) -> Deferred:
+            # Once their workers have stopped, as for one instance's delete.
+            deletes = [Deferred.fromCoroutine(self._delete_private_queue(spec)) for spec in specs]
+            return DeferredList(deletes, consumeErrors=True)
+
+        stopped.addCallback(delete_queues)
+        stopped.addErrback(lambda f: log.failure("deleting the private queues of app {app}", f, app=app))
         return {"deleted": True, "instances": names}
 
     # -- instances ---------------------------------------------------------

@@ -138,6 +138,16 @@ class AgentMetrics:
             ["operation", "status"],
             registry=self.registry,
         )
+        self.failovers = Counter(
+            "scs_failovers",
+            "Instances of dead agents this agent re-created elsewhere, as the coordinator.",
+            registry=self.registry,
+        )
+        self.drained = Counter(
+            "scs_drained",
+            "Instances this agent moved to another agent while draining.",
+            registry=self.registry,
+        )
         self.wakeup_seconds = Histogram(
             "scs_supervisor_wakeup_seconds",
             "How long each supervisor wake-up took.",
@@ -177,7 +187,8 @@ class MetricsObserver:
     - the worker protocol's ``worker.started`` and ``worker.exited`` (``how``:
       ``code`` or ``signal``);
     - the agent's ``operation`` (``operation``, ``status``), logged once
-      each operation has ended.
+      each operation has ended;
+    - ``failover.moved`` and ``drain.moved`` (scs.failover, scs.agent).
     """
 
     def __init__(self, metrics: AgentMetrics) -> None:
@@ -204,6 +215,10 @@ class MetricsObserver:
         elif kind == "worker.exited":
             how = "signal" if event.get("how") == "signal" else "code"
             self.metrics.worker_exits.labels(how).inc()
+        elif kind == "failover.moved":
+            self.metrics.failovers.inc()
+        elif kind == "drain.moved":
+            self.metrics.drained.inc()
         elif kind == "operation":
             operation, status = event.get("operation"), event.get("status")
             if isinstance(operation, str) and isinstance(status, int):

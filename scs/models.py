@@ -156,3 +156,17 @@ class AgentSetting(Base):
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
+
+
+class AutoscalingPolicyRow(Base):
+    """An app's queue-depth autoscaling policy (``scs.autoscaling``), one
+    per app at most, gone with its app."""
+
+    __tablename__ = "autoscaling_policy"
+
+    app_id: Mapped[int] = mapped_column(ForeignKey("app.id", ondelete="CASCADE"), primary_key=True)
+    queue: Mapped[str] = mapped_column(String(200))
+    min_instances: Mapped[int] = mapped_column(Integer)
+    max_instances: Mapped[int] = mapped_column(Integer)
+    messages_per_instance: Mapped[int] = mapped_column(Integer)
+    scale_down_after: Mapped[float] = mapped_column(Float)

@@ -187,6 +187,34 @@ class AppRecord:
 
 
 @attrs.frozen
+class AutoscalingPolicy:
+    """An app's queue-depth autoscaling policy (DESIGN §9.5): keep about
+    ceil(messages / messages_per_instance) instances consuming ``queue``,
+    within [min_instances, max_instances]; remove one only after the depth
+    stayed low ``scale_down_after`` seconds."""
+
+    app: str
+    queue: str
+    min_instances: int = 1
+    max_instances: int = 1
+    messages_per_instance: int = 10
+    scale_down_after: float = 60.0
+
+    # The fields a policy document has besides ``app``.
+    FIELDS = ("queue", "min_instances", "max_instances", "messages_per_instance", "scale_down_after")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "app": self.app,
+            "queue": self.queue,
+            "min_instances": self.min_instances,
+            "max_instances": self.max_instances,
+            "messages_per_instance": self.messages_per_instance,
+            "scale_down_after": self.scale_down_after,
+        }
+
+
+@attrs.frozen
 class WorkerStatus:
     """What the supervisor knows of one instance's worker right now."""
 

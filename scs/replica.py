@@ -147,6 +147,7 @@ class Replicas:
         fetch: Callable[[str], Deferred],
         clock: Any,
         on_synced: Callable[[str], None] = lambda agent: None,
+        forget_after: float = 86400.0,
     ) -> None:
         self.store = store
         self.agent_id = agent_id
@@ -155,6 +156,9 @@ class Replicas:
         self.clock = clock
         self.on_synced = on_synced
         self._fetching: set[str] = set()
+        # A copy of a peer gone from the membership table is kept this long
+        # after its last refresh (what it held stays listed), then dropped.
+        self.forget_after = forget_after
 
     def stale(self) -> list[str]:
         """Live peers whose heartbeat digest differs from our copy's."""
@@ -170,7 +174,14 @@ class Replicas:
         return not self.stale()
 
     def sync(self) -> Deferred:
-        """Fetch the copies that are stale, one request per peer at a time."""
+        """Fetch the copies that are stale, one request per peer at a time;
+        drop those of peers long forgotten."""
+        known = {member.id for member in self.members()}
+        now = self.clock.seconds()
+        for owner, synced_at in self.store.replica_synced_at().items():
+            if owner not in known and now - synced_at > self.forget_after:
+                log.info("forgot the copy of {agent}'s instances", agent=owner, event="replica.forgotten")
+                self.store.replica_drop(owner)
         fetches = [
             Deferred.fromCoroutine(self._sync_one(agent)) for agent in self.stale() if agent not in self._fetching
         ]

@@ -35,8 +35,18 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from scs.errors import Conflict, NotFound
-from scs.models import AgentSetting, App, Broker, Consumption, Node, Queue, ReplicaInstance, ReplicaOwner
-from scs.records import UNSET, AppRecord, BrokerInfo, InstanceSpec, QueueBinding
+from scs.models import (
+    AgentSetting,
+    App,
+    AutoscalingPolicyRow,
+    Broker,
+    Consumption,
+    Node,
+    Queue,
+    ReplicaInstance,
+    ReplicaOwner,
+)
+from scs.records import UNSET, AppRecord, AutoscalingPolicy, BrokerInfo, InstanceSpec, QueueBinding
 
 STORE_FILENAME = ".scs-store.sqlite"
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -563,12 +573,18 @@ class Store:
                 ("replica_owner", "owner"),
                 ("replica_instance", "owner, name"),
                 ("agent_setting", "key"),
+                ("autoscaling_policy", "app_id"),
             ):
                 rows = connection.exec_driver_sql(f"SELECT * FROM {table} ORDER BY {order}")
                 tables[table] = [tuple(row) for row in rows]
         return tables
 
     # -- replicas of the peers' instances (scs.replica) ---------------------
+
+    def replica_synced_at(self) -> dict[str, float]:
+        """Peer -> when the copy of its instances was last refreshed."""
+        with self.transaction() as session:
+            return {row.owner: row.synced_at for row in session.scalars(select(ReplicaOwner))}
 
     def replica_digests(self) -> dict[str, str]:
         """Peer -> digest of the copy of its instances held here."""
@@ -615,6 +631,47 @@ class Store:
             if row is not None:
                 row.digest = ""
 
+    # -- autoscaling policies (scs.autoscaling) --------------------------------
+
+    def put_policy(self, policy: AutoscalingPolicy) -> tuple[AutoscalingPolicy, bool]:
+        """Store an app's autoscaling policy (replacing its old one);
+        returns it and whether it is new.  The app must exist."""
+        with self.transaction() as session:
+            app = self._app(session, policy.app)
+            row = session.get(AutoscalingPolicyRow, app.id)
+            created = row is None
+            if row is None:
+                row = AutoscalingPolicyRow(app_id=app.id)
+                session.add(row)
+            row.queue = policy.queue
+            row.min_instances = policy.min_instances
+            row.max_instances = policy.max_instances
+            row.messages_per_instance = policy.messages_per_instance
+            row.scale_down_after = float(policy.scale_down_after)
+            session.flush()
+            return _policy_record(app.name, row), created
+
+    def get_policy(self, app: str) -> AutoscalingPolicy | None:
+        with self.transaction() as session:
+            app_row = self._app(session, app)
+            row = session.get(AutoscalingPolicyRow, app_row.id)
+            return None if row is None else _policy_record(app_row.name, row)
+
+    def list_policies(self) -> list[AutoscalingPolicy]:
+        with self.transaction() as session:
+            query = select(App.name, AutoscalingPolicyRow).join(App, App.id == AutoscalingPolicyRow.app_id)
+            return [_policy_record(name, row) for name, row in session.execute(query.order_by(App.name))]
+
+    def delete_policy(self, app: str) -> bool:
+        """Drop an app's policy; whether it had one."""
+        with self.transaction() as session:
+            app_row = self._app(session, app)
+            row = session.get(AutoscalingPolicyRow, app_row.id)
+            if row is None:
+                return False
+            session.delete(row)
+            return True
+
     def setting(self, key: str, default: str | None = None) -> str | None:
         with self.transaction() as session:
             row = session.get(AgentSetting, key)
@@ -646,6 +703,17 @@ def _app_record(app: App) -> AppRecord:
         workdir=app.workdir,
         python=app.python,
         task_events=bool(app.task_events),
+    )
+
+
+def _policy_record(app: str, row: AutoscalingPolicyRow) -> AutoscalingPolicy:
+    return AutoscalingPolicy(
+        app=app,
+        queue=row.queue,
+        min_instances=row.min_instances,
+        max_instances=row.max_instances,
+        messages_per_instance=row.messages_per_instance,
+        scale_down_after=float(row.scale_down_after),
     )
 
 

@@ -543,6 +543,7 @@ def _build_failover(options: Options, agent: Any, supervisor: Any, gate: Any, re
         lambda peer: srs.call(peer, "instance_export", {}, timeout=agent.call_timeout),
         reactor,
         on_synced=fence,
+        forget_after=options["forget-dead-after"],
     )
     failover = Failover(agent, supervisor._control, reactor, failover_after=options["failover-after"])
     gate.on_open.append(lambda: supervisor.running and supervisor.wake())

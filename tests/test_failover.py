@@ -311,6 +311,21 @@ class FailoverTests(SynchronousTestCase):
         c.advance(3)
         self.assertEqual(c.where("w2"), [target])
 
+    def test_two_copies_moved_by_a_split_decision_end_as_one(self) -> None:
+        """Two deciders that did not see each other moved w2 to two agents:
+        once both copies are seen, the one on the larger id goes."""
+        c = self._three()
+        document = c.stores["agent1"].replica_instances("agent3")["agent3"]
+        w2 = next(d for d in document if d["name"] == "w2")
+        c.kill("agent3")
+        for node in c.nodes.values():
+            node.keeper.failover.stop()
+        c.run(c.agents["agent1"].local.instance_adopt(w2, "agent3", wait=False))
+        c.run(c.agents["agent2"].local.instance_adopt(w2, "agent3", wait=False))
+        self.assertEqual(c.where("w2"), ["agent1", "agent2"])
+        c.advance(INTERVAL + 2)
+        self.assertEqual(c.where("w2"), ["agent1"])
+
     def test_failover_after_zero_never_moves(self) -> None:
         c = self._three()
         for node in c.nodes.values():
@@ -380,3 +395,19 @@ def test_a_store_at_revision_0003_upgrades_and_keeps_its_instances(tmp_path) -> 
     assert store.replica_digests() == {}
     assert store.setting("draining") is None
     store.close()
+
+
+class ForgetTests(SynchronousTestCase):
+    def test_the_copy_of_a_peer_forgotten_long_ago_is_dropped(self) -> None:
+        c = Cluster(self, "agent1", "agent2")
+        c.create("agent2", "foo", "w1")
+        c.advance(INTERVAL + 1)
+        replicas = c.nodes["agent1"].keeper.replicas
+        replicas.forget_after = 100.0
+        c.kill("agent2")
+        c.advance(3)
+        c.agents["agent1"].srs.membership.members.pop("agent2")  # forgotten by the membership table
+        c.advance(50)
+        self.assertIn("agent2", c.stores["agent1"].replica_digests())  # still listed for a while
+        c.advance(60)
+        self.assertNotIn("agent2", c.stores["agent1"].replica_digests())

@@ -273,3 +273,14 @@ def test_metrics_answer_get_only() -> None:
     response = site.request("POST", "/metrics")
     assert response.code == 405
     assert response.header("allow") == "GET, HEAD"
+
+
+def test_failovers_and_drains_are_counted() -> None:
+    metrics = AgentMetrics()
+    for _ in range(3):
+        metrics.observer({"event": "failover.moved", "instance": "w1", "dead": "agent3", "target": "agent1"})
+    metrics.observer({"event": "drain.moved", "instance": "w2", "target": "agent2"})
+    metrics.observer({"event": "failover.orphaned", "instance": "w3"})  # not a move
+    text = metrics.render().decode()
+    assert "scs_failovers_total 3.0" in text
+    assert "scs_drained_total 1.0" in text

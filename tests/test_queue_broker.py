@@ -468,3 +468,13 @@ def test_finding_a_peers_queue_keeps_the_declaration_alone() -> None:
     answer = {**QueueBinding("q1", "ex", "rk").to_json(), "messages": 3, "consumers": 1}
     found = result_of(ClusterQueues(Store.in_memory(), ScatterSRS(answer))("app1", "q1"))
     assert found == QueueBinding("q1", "ex", "rk")
+
+
+def test_deleting_an_app_deletes_its_instances_private_queues(h: Harness, events: list[LogEvent]) -> None:
+    for name in ("w1", "w2"):
+        assert h.request("PUT", f"/app1/instances/{name}/")[0] == 201
+        h.control.broker_queues[f"dq.{name}"] = {"messages": 1, "consumers": 0}
+    h.control.broker_queues["q1"] = {"messages": 1, "consumers": 0}
+    assert h.request("DELETE", "/app1/")[0] == 200
+    assert h.control.broker_queues == {"q1": {"messages": 1, "consumers": 0}}
+    assert sorted(e["queue"] for e in named(events, "instance.queue.deleted")) == ["dq.w1", "dq.w2"]

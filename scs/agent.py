@@ -18,7 +18,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 
-from scs.errors import NotFound, SCSError, Unavailable
+from scs.errors import BadParameter, NotFound, SCSError, Unavailable
 from scs.local import (  # noqa: F401 - re-exported: the surfaces build agents from here
     DEFAULT_READY_TIMEOUT,
     DEFAULT_STOP_TIMEOUT,
@@ -31,6 +31,7 @@ from scs.placement import Placement
 from scs.records import UNSET, BrokerInfo, QueueBinding
 from scs.reply import Reply
 from scs.store import Store
+from scs.validation import DEFAULT_POLICY, check_policy
 
 log = Logger(namespace="scs.agent")
 
@@ -59,6 +60,8 @@ LOGGED_REMOTE_OPERATIONS = {
     "queue_declare": "Queue.add",
     "queue_delete": "Queue.queue_delete",
     "queue_purge": "Queue.queue_purge",
+    "autoscaling_put": "App.autoscaling_put",
+    "autoscaling_delete": "App.autoscaling_delete",
 }
 
 
@@ -70,6 +73,9 @@ def _loggable(arguments: dict[str, Any]) -> dict[str, Any]:
         shown["broker"] = BrokerInfo.from_url(shown["broker"]).to_json(masked=True)
     if isinstance(shown.get("env"), dict):
         shown["env"] = sorted(shown["env"])
+    if isinstance(shown.get("document"), dict):
+        # An instance moved here (instance_adopt): its own broker, masked.
+        shown["document"] = _loggable(shown["document"])
     return shown
 
 
@@ -93,6 +99,8 @@ def _log_body(body: Any) -> Any:
     """An answer as its ``<--`` log line shows it: env values left out, a
     worker log's lines counted rather than copied into the agent's log."""
     body = _env_names_only(body)
+    if isinstance(body, dict) and isinstance(body.get("app"), dict):
+        body = {**body, "app": _env_names_only(body["app"])}  # a peer's app_put answer
     if isinstance(body, dict) and isinstance(body.get("lines"), list):
         return {**body, "lines": f"<{len(body['lines'])} lines>"}
     return body
@@ -233,7 +241,7 @@ class Agent:
     def _ours(self, operation: str, arguments: dict[str, Any]) -> bool:
         """Whether a peer's request is about something this agent has
         (scatters ask every agent for an instance or queue's owner)."""
-        if operation.startswith("queue_") and operation != "queue_declare":
+        if operation.startswith("queue_") and "name" in arguments:
             return self.store.find_queue(arguments["app"], arguments["name"]) is not None
         if "name" in arguments and operation != "instance_create":
             return self.local.instance_owned(arguments["name"])
@@ -434,6 +442,150 @@ class Agent:
                     continue
                 if not self.store.has_app(clean["app"]):
                     self.local.app_put(**clean)
+        await self.sync_policies_from_peers()
+
+    # -- autoscaling policies (scs.autoscaling) ---------------------------------
+
+    async def sync_policies_from_peers(self) -> None:
+        """Copy the peers' autoscaling policies of the apps that have none
+        here (an agent that joins later, or was away when one was set)."""
+        answers, _missing = await self.srs.scatter("autoscaling_export", {})
+        for agent in sorted(answers):
+            answer = answers[agent]
+            if not isinstance(answer, list):
+                continue
+            for document in answer:
+                try:
+                    clean = check_operation("autoscaling_put", document)
+                except SCSError as e:
+                    log.warn(
+                        "refused a policy copied from {agent}: {error}",
+                        agent=agent,
+                        error=e.message,
+                        event="srs.policy.refused",
+                    )
+                    continue
+                if self.store.has_app(clean["app"]) and self.store.get_policy(clean["app"]) is None:
+                    self.local.autoscaling_put(**clean)
+
+    async def autoscaling_put(self, app: str, fields: dict[str, Any]) -> Reply:
+        """``PUT /<app>/autoscaling/``: the ``fields`` given (each checked
+        by ``check_policy_fields``) over the stored policy, or over the
+        defaults for a first one; the whole checked, its queue known; then
+        stored here and on every live agent."""
+
+        async def run() -> Reply:
+            await self._require_app(app)
+            current = self.store.get_policy(app) if self.store.has_app(app) else None
+            base = current.to_json() if current is not None else dict(DEFAULT_POLICY)
+            base.pop("app", None)
+            policy = check_policy({**base, **fields}, given=fields)
+            await self._require_queue(app, policy["queue"])
+            created = current is None
+            if self.store.has_app(app):
+                created = self.local.autoscaling_put(app, **policy)["created"]
+            missing: tuple[str, ...] = self._peers_missing()
+            if self._clustered():
+                _answers, missing_list = await self.srs.scatter(
+                    "autoscaling_put", {"app": app, **policy}, timeout=self.call_timeout
+                )
+                missing = tuple(missing_list)
+            body = {"app": app, **policy}
+            return Reply(body, status=201 if created else 200, missing=missing)
+
+        return await self._logged("App.autoscaling_put", {"app": app, **fields}, run())
+
+    async def _require_queue(self, app: str, queue: str) -> None:
+        """An autoscaling policy's queue must be known: declared for the
+        app (here or on a peer), consumed by one of its instances here, or
+        on its broker.  BadParameter naming ``queue`` otherwise."""
+        if await self.local.resolve_queue(app, queue) is not None:
+            return
+        if any(queue in spec.queue_names for spec in self.store.list_nodes(app)):
+            return
+        control = self.local.control
+        if control is not None and self.store.has_app(app):
+            try:
+                stats = await control.queue_stats(self.store.get_app(app).broker.url, queue, self.local.queue_timeout)
+            except Exception as e:  # noqa: BLE001 - any broker failure: we cannot tell
+                raise Unavailable(
+                    f"cannot tell whether queue {queue!r} exists: the broker did not answer", queue=queue
+                ) from e
+            if stats is not None:
+                return
+        raise BadParameter(
+            f"unknown queue {queue!r}: not declared for app {app!r}, consumed by none of its instances, "
+            "nor on its broker",
+            parameter="queue",
+        )
+
+    async def autoscaling_get(self, app: str) -> Reply:
+        """The policy with ``decision``: the last decision of the agent
+        that decides (null when there is none yet, or it cannot be asked)."""
+
+        async def run() -> Reply:
+            await self._require_app(app)
+            missing: tuple[str, ...] = ()
+            try:
+                body = self.local.autoscaling_get(app)
+            except NotFound:
+                if not self._clustered():
+                    raise
+                answers, missing_list = await self.srs.scatter("autoscaling_get", {"app": app})
+                missing = tuple(missing_list)
+                found = [answers[a] for a in sorted(answers) if isinstance(answers[a], dict)]
+                if not found:
+                    raise
+                body = found[0]
+            body["decision"] = await self.autoscaling_decision(app)
+            return Reply(body, missing=missing)
+
+        return await self._logged("App.autoscaling_get", {"app": app}, run())
+
+    async def autoscaling_decision(self, app: str) -> dict[str, Any] | None:
+        """The last decision about ``app`` of the agent that decides."""
+        decider = self.placement.coordinator()
+        if decider == self.agent_id:
+            return self.local.autoscaling_status(app)
+        try:
+            return await self.srs.call(decider, "autoscaling_status", {"app": app}, timeout=self.call_timeout)
+        except Exception:  # noqa: BLE001 - the decision is shown when it can be had
+            return None
+
+    async def autoscaling_delete(self, app: str) -> Reply:
+        async def run() -> Reply:
+            deleted = self.local.autoscaling_delete(app)["deleted"]
+            missing: tuple[str, ...] = self._peers_missing()
+            if self._clustered():
+                answers, missing_list = await self.srs.scatter(
+                    "autoscaling_delete", {"app": app}, timeout=self.call_timeout
+                )
+                missing = tuple(missing_list)
+                deleted = deleted or any(isinstance(a, dict) and a.get("deleted") for a in answers.values())
+            if not deleted:
+                await self._require_app(app)
+                raise NotFound(f"app {app!r} has no autoscaling policy", app=app)
+            return Reply({"ok": "ok", "app": app}, missing=missing)
+
+        return await self._logged("App.autoscaling_delete", {"app": app}, run())
+
+    async def app_instance_objects(self, app: str) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
+        """Every instance object of ``app`` in the cluster, as
+        ``instance_list_details`` answers them, without its log lines (the
+        autoscaler asks every interval): (instances, agents missing)."""
+        results, missing = await self._gather("instance_details", {"app": app}, self.local.instance_details(app))
+        seen: set[str] = set()
+        instances = []
+        for agent in sorted(results):
+            for instance in sorted(results[agent], key=lambda i: i["name"]):
+                if instance["name"] not in seen:
+                    seen.add(instance["name"])
+                    instances.append(instance)
+        for orphan in sorted(self.orphans(app), key=lambda i: i["name"]):
+            if orphan["name"] not in seen:
+                seen.add(orphan["name"])
+                instances.append(orphan)
+        return instances, missing
 
     async def instance_create(
         self, app: str, name: str | None = None, *, on: str | None = None, **settings: Any

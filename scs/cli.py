@@ -764,6 +764,90 @@ def status(ctx: click.Context) -> None:
     print_table(STATUS_COLUMNS, (_status_row(instance) for instance in instances))
 
 
+def _check_seconds(value: str) -> float:
+    return v.check_seconds(value, "scale_down_after", 0.0, v.MAX_SCALE_DOWN_AFTER)
+
+
+@cli.command()
+@click.argument("app", callback=_checked(v.check_app_name), shell_complete=complete_apps)
+@click.option("--queue", "-q", callback=_checked(v.check_queue_name), help="The queue whose depth decides.")
+@click.option("--min", "min_", type=click.IntRange(1, v.MAX_INSTANCES), help="Fewest instances [default 1].")
+@click.option("--max", "max_", type=click.IntRange(1, v.MAX_INSTANCES), help="Most instances.")
+@click.option(
+    "--per", type=click.IntRange(1, v.MAX_MESSAGES_PER_INSTANCE), help="Ready messages per instance [default 10]."
+)
+@click.option(
+    "--down-after",
+    callback=_checked(_check_seconds),
+    help="Seconds the depth must stay low before an instance goes [default 60].",
+)
+@click.option("--delete", is_flag=True, help="Drop the policy (the instances stay as they are).")
+@json_option
+@click.pass_context
+def autoscaling(
+    ctx: click.Context,
+    app: str,
+    queue: str | None,
+    min_: int | None,
+    max_: int | None,
+    per: int | None,
+    down_after: float | None,
+    delete: bool,
+) -> None:
+    """Show or set APP's autoscaling by queue depth: about
+    ceil(messages / PER) instances consuming QUEUE, between MIN and MAX.
+    With no option it shows the policy and the current decision; options
+    left out keep their stored value."""
+    given = {"--queue": queue, "--min": min_, "--max": max_, "--per": per, "--down-after": down_after}
+    if delete and any(value is not None for value in given.values()):
+        raise click.UsageError("--delete takes no other option")
+    if min_ is not None and max_ is not None and min_ > max_:
+        raise click.BadParameter(f"--min ({min_}) is greater than --max ({max_})", param_hint="'--min'")
+    client = _client(ctx)
+    if delete:
+        answer = client.delete_autoscaling(app)
+        if _wants_json(ctx):
+            print_json(answer)
+        else:
+            click.echo(f"{app} has no autoscaling policy any more")
+        return
+    if any(value is not None for value in given.values()):
+        with waiting(f"setting the policy of {app} on every agent"):
+            answer = client.set_autoscaling(
+                app,
+                queue=queue,
+                min_instances=min_,
+                max_instances=max_,
+                messages_per_instance=per,
+                scale_down_after=down_after,
+            )
+    else:
+        answer = client.autoscaling(app)
+    if _wants_json(ctx):
+        print_json(answer)
+        return
+    print_table(
+        ("APP", "QUEUE", "MIN", "MAX", "PER INSTANCE", "DOWN AFTER"),
+        [
+            (
+                answer.get("app"),
+                answer.get("queue"),
+                answer.get("min_instances"),
+                answer.get("max_instances"),
+                answer.get("messages_per_instance"),
+                f"{answer.get('scale_down_after', 0):g} s",
+            )
+        ],
+    )
+    decision = answer.get("decision")
+    if decision:
+        click.echo(
+            f"decision ({decision.get('agent')}): {decision.get('direction')}, "
+            f"{decision.get('messages')} messages ready, {decision.get('instances')} instances, "
+            f"target {decision.get('target')}" + (f"; {decision['reason']}" if decision.get("reason") else "")
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """The ``scs`` console script."""
     cli.main(args=None if argv is None else list(argv), prog_name="scs")

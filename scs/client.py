@@ -456,6 +456,40 @@ class Client:
         """Every declared queue of the app, with the broker's figures."""
         return [self.queue(app, name) for name in sorted(self.queues(app))]
 
+    # -- autoscaling by queue depth ----------------------------------------------
+
+    def autoscaling(self, app: str) -> dict[str, Any]:
+        """The app's autoscaling policy with ``decision``, the last decision
+        of the agent that decides (None before the first)."""
+        return cast(dict[str, Any], self.request("GET", f"/{_segment(app)}/autoscaling/"))
+
+    def set_autoscaling(
+        self,
+        app: str,
+        *,
+        queue: str | None = None,
+        min_instances: int | None = None,
+        max_instances: int | None = None,
+        messages_per_instance: int | None = None,
+        scale_down_after: float | None = None,
+    ) -> dict[str, Any]:
+        """Set the app's autoscaling policy; what is left out keeps its
+        stored value (or the default, for a first policy, which needs
+        ``queue`` and ``max_instances``)."""
+        given = {
+            "queue": queue,
+            "min_instances": min_instances,
+            "max_instances": max_instances,
+            "messages_per_instance": messages_per_instance,
+            "scale_down_after": scale_down_after,
+        }
+        body = {key: value for key, value in given.items() if value is not None}
+        return cast(dict[str, Any], self.request("PUT", f"/{_segment(app)}/autoscaling/", body=body))
+
+    def delete_autoscaling(self, app: str) -> dict[str, Any]:
+        """Drop the app's autoscaling policy (its instances stay)."""
+        return cast(dict[str, Any], self.request("DELETE", f"/{_segment(app)}/autoscaling/"))
+
 
 _NOT_JSON = object()
 

@@ -187,6 +187,22 @@ class CeleryControl:
 
         return self._run(broker_url, call)
 
+    def active(self, broker_url: str, nodes: Sequence[str], timeout: float) -> Deferred[dict[str, list[str]]]:
+        """``{node: [ids of the tasks it is running]}`` for the nodes that
+        answered (the autoscaler removes only a worker with none)."""
+        app = self.app(broker_url)
+        destination = list(nodes)
+
+        def call() -> dict[str, list[str]]:
+            replies = app.control.inspect(destination=destination, timeout=timeout).active()
+            return {
+                node: [str(task.get("id")) for task in tasks if isinstance(task, dict)]
+                for node, tasks in (replies or {}).items()
+                if isinstance(tasks, list)
+            }
+
+        return self._run(broker_url, call)
+
     # -- commands to one node ---------------------------------------------
 
     def _command(self, node: str, send: Callable[[], Any]) -> Callable[[], str]:

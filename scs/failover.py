@@ -290,12 +290,16 @@ class Fence:
                 continue
             for document in documents:
                 spec = mine.get(document["name"])
-                if spec is None:
+                if spec is None or spec.moved_from == owner:
+                    # Ours came from that peer: our copy of its document is
+                    # older than the move (it comes back at its next digest).
                     continue
                 if document["moved_from"] == local.agent_id:
                     losing.add(spec.name)
-                elif document["moved_from"] is not None and spec.moved_from is not None and owner < local.agent_id:
-                    losing.add(spec.name)
+                elif document["moved_from"] is not None and document["moved_from"] == spec.moved_from:
+                    # Both moved from the same agent (two deciders): the smaller id keeps it.
+                    if owner < local.agent_id:
+                        losing.add(spec.name)
         dropped = local.drop_moved(sorted(losing))
         for name in dropped:
             log.info(

@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 
 from scs.errors import BadParameter, NotFound, Unavailable, WorkerFailed
-from scs.records import UNSET, AppRecord, InstanceSpec, QueueBinding, WorkerStatus
+from scs.records import UNSET, AppRecord, AutoscalingPolicy, InstanceSpec, QueueBinding, WorkerStatus
 from scs.replica import digest as replica_digest, instance_document
 from scs.store import Store
 from scs.validation import check_concurrency_range, check_lines
@@ -100,6 +100,9 @@ class LocalAgent:
         # Finds a queue's declaration: here alone, or anywhere in the
         # cluster (``scs.agent.ClusterQueues``).
         self.resolve_queue: QueueResolver = resolve_queue or self._resolve_queue_here
+        # App -> the last autoscaling decision, while this agent is the one
+        # that decides (written by scs.autoscaling.Autoscaler).
+        self.autoscaling_decisions: dict[str, dict[str, Any]] = {}
 
     # -- helpers ---------------------------------------------------------
 
@@ -286,6 +289,45 @@ class LocalAgent:
         stopped.addCallback(delete_queues)
         stopped.addErrback(lambda f: log.failure("deleting the private queues of app {app}", f, app=app))
         return {"deleted": True, "instances": names}
+
+    # -- autoscaling policies (scs.autoscaling) ----------------------------------
+
+    def autoscaling_put(
+        self,
+        app: str,
+        queue: str,
+        min_instances: int,
+        max_instances: int,
+        messages_per_instance: int,
+        scale_down_after: float,
+    ) -> dict[str, Any]:
+        """Store an app's whole (checked) policy here."""
+        policy, created = self.store.put_policy(
+            AutoscalingPolicy(app, queue, min_instances, max_instances, messages_per_instance, scale_down_after)
+        )
+        return {"policy": policy.to_json(), "created": created}
+
+    def autoscaling_get(self, app: str) -> dict[str, Any]:
+        policy = self.store.get_policy(app)
+        if policy is None:
+            raise NotFound(f"app {app!r} has no autoscaling policy", app=app)
+        return policy.to_json()
+
+    def autoscaling_delete(self, app: str) -> dict[str, Any]:
+        try:
+            deleted = self.store.delete_policy(app)
+        except NotFound:
+            deleted = False
+        return {"deleted": deleted}
+
+    def autoscaling_export(self) -> list[dict[str, Any]]:
+        """Every policy here, for a peer copying them."""
+        return [policy.to_json() for policy in self.store.list_policies()]
+
+    def autoscaling_status(self, app: str) -> dict[str, Any] | None:
+        """The last decision about ``app``, if this agent decides."""
+        decision = self.autoscaling_decisions.get(app)
+        return None if decision is None else dict(decision)
 
     # -- instances ---------------------------------------------------------
 

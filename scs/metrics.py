@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import unquote
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from twisted.application.service import Service
@@ -148,6 +148,18 @@ class AgentMetrics:
             "Instances this agent moved to another agent while draining.",
             registry=self.registry,
         )
+        self.autoscale_decisions = Counter(
+            "scs_autoscale_decisions",
+            "Autoscaling decisions this agent took, as the one that decides, by app and direction.",
+            ["app", "direction"],
+            registry=self.registry,
+        )
+        self.autoscale_target = Gauge(
+            "scs_autoscale_target",
+            "The instances each app's autoscaling policy calls for now (on the agent that decides).",
+            ["app"],
+            registry=self.registry,
+        )
         self.wakeup_seconds = Histogram(
             "scs_supervisor_wakeup_seconds",
             "How long each supervisor wake-up took.",
@@ -188,7 +200,9 @@ class MetricsObserver:
       ``code`` or ``signal``);
     - the agent's ``operation`` (``operation``, ``status``), logged once
       each operation has ended;
-    - ``failover.moved`` and ``drain.moved`` (scs.failover, scs.agent).
+    - ``failover.moved`` and ``drain.moved`` (scs.failover, scs.agent);
+    - ``autoscale.decision`` (``app``, ``direction``), ``autoscale.target``
+      (``app``, ``target``) and ``autoscale.forgotten`` (scs.autoscaling).
     """
 
     def __init__(self, metrics: AgentMetrics) -> None:
@@ -219,6 +233,20 @@ class MetricsObserver:
             self.metrics.failovers.inc()
         elif kind == "drain.moved":
             self.metrics.drained.inc()
+        elif kind == "autoscale.decision":
+            app, direction = event.get("app"), event.get("direction")
+            if isinstance(app, str) and direction in ("up", "down"):
+                self.metrics.autoscale_decisions.labels(app, direction).inc()
+        elif kind == "autoscale.target":
+            app, target = event.get("app"), _number(event.get("target"))
+            if isinstance(app, str) and target is not None:
+                self.metrics.autoscale_target.labels(app).set(target)
+        elif kind == "autoscale.forgotten":
+            app = event.get("app")
+            try:
+                self.metrics.autoscale_target.remove(app)
+            except KeyError:
+                pass
         elif kind == "operation":
             operation, status = event.get("operation"), event.get("status")
             if isinstance(operation, str) and isinstance(status, int):

@@ -16,7 +16,7 @@ from typing import Any
 
 from scs import validation as v
 from scs.errors import BadParameter, NotFound
-from scs.replica import check_document
+from scs.replica import MAX_DOCUMENTS, check_document
 
 
 def _optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -50,8 +50,8 @@ def _instance_names(value: Any) -> list[str]:
 
 
 # At most this many names in one request (a failover asks about a dead
-# agent's instances at once).
-MAX_NAMES = 10_000
+# agent's instances at once: as many as a copy holds).
+MAX_NAMES = MAX_DOCUMENTS
 
 
 def _nowait(value: Any) -> bool:
@@ -126,6 +126,13 @@ _OPERATIONS: dict[str, dict[str, tuple[bool, Callable[[Any], Any]]]] = {
     "queue_list": {"app": (True, _APP)},
     "queue_delete": {"app": (True, _APP), "name": (True, _QUEUE)},
     "queue_purge": {"app": (True, _APP), "name": (True, _QUEUE)},
+    # Autoscaling policies (scs.autoscaling): a whole policy, checked as the
+    # API checks it (v.check_policy, below).
+    "autoscaling_put": {"app": (True, _APP), **{field: (True, lambda value: value) for field in v.POLICY_FIELDS}},
+    "autoscaling_delete": {"app": (True, _APP)},
+    "autoscaling_get": {"app": (True, _APP)},
+    "autoscaling_export": {},
+    "autoscaling_status": {"app": (True, _APP)},
 }
 for _operation in (
     "instance_get",
@@ -161,4 +168,6 @@ def check_operation(operation: Any, arguments: Any) -> dict[str, Any]:
         v.check_concurrency_range(clean["max_concurrency"], clean["min_concurrency"])
     if operation == "autoscale_set" and clean.get("max") is not None and clean.get("min") is not None:
         v.check_concurrency_range(clean["max"], clean["min"])
+    if operation == "autoscaling_put":
+        clean = {"app": clean["app"], **v.check_policy(clean)}
     return clean

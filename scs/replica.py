@@ -32,8 +32,13 @@ from scs.store import Store
 
 log = Logger(namespace="scs.replica")
 
-# A peer's copy holds at most this many instances; a bigger export is refused.
-MAX_DOCUMENTS = 10_000
+# A peer's copy holds at most this many instances; a bigger export is
+# refused.  Checking, storing and fencing a full copy stays well under a
+# second of the reactor thread.
+MAX_DOCUMENTS = 2_000
+# A peer's copy is fetched at most once per this many seconds, however
+# often its digest changes.
+MIN_FETCH_INTERVAL = 2.0
 
 DOCUMENT_FIELDS = (
     "name",
@@ -156,6 +161,7 @@ class Replicas:
         self.clock = clock
         self.on_synced = on_synced
         self._fetching: set[str] = set()
+        self._fetched_at: dict[str, float] = {}
         # A copy of a peer gone from the membership table is kept this long
         # after its last refresh (what it held stays listed), then dropped.
         self.forget_after = forget_after
@@ -182,13 +188,18 @@ class Replicas:
             if owner not in known and now - synced_at > self.forget_after:
                 log.info("forgot the copy of {agent}'s instances", agent=owner, event="replica.forgotten")
                 self.store.replica_drop(owner)
-        fetches = [
-            Deferred.fromCoroutine(self._sync_one(agent)) for agent in self.stale() if agent not in self._fetching
+        due = [
+            agent
+            for agent in self.stale()
+            if agent not in self._fetching
+            and now - self._fetched_at.get(agent, -MIN_FETCH_INTERVAL) >= MIN_FETCH_INTERVAL
         ]
+        fetches = [Deferred.fromCoroutine(self._sync_one(agent)) for agent in due]
         return DeferredList(fetches, consumeErrors=True)
 
     async def _sync_one(self, agent: str) -> None:
         self._fetching.add(agent)
+        self._fetched_at[agent] = self.clock.seconds()
         try:
             answer = await self.fetch(agent)
             documents = check_documents(answer)

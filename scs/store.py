@@ -600,8 +600,11 @@ class Store:
                 session.add(row)
             row.digest, row.synced_at = digest, now
             session.execute(ReplicaInstance.__table__.delete().where(ReplicaInstance.owner == owner))
-            for document in documents:
-                session.add(ReplicaInstance(owner=owner, name=document["name"], document=json.dumps(document)))
+            if documents:
+                session.execute(
+                    ReplicaInstance.__table__.insert(),
+                    [{"owner": owner, "name": d["name"], "document": json.dumps(d)} for d in documents],
+                )
 
     def replica_instances(self, owner: str | None = None) -> dict[str, list[dict[str, Any]]]:
         """Owner -> the documents of its instances, by name."""

@@ -503,6 +503,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if srs is not None:
         srs.setServiceParent(top)
         keeper.setServiceParent(top)
+    from scs.autoscaling import Autoscaler
+
+    # Queue-depth autoscaling (DESIGN §9.5): decided by the coordinator,
+    # every --interval.
+    Autoscaler(agent, supervisor._control, reactor, interval=options["interval"]).setServiceParent(top)
     MetricsService(metrics).setServiceParent(top)
     if not options["without-http"]:
         _http_service(options, agent, metrics, reactor).setServiceParent(top)

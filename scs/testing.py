@@ -430,6 +430,12 @@ class FakeControl:
             lambda: {n: {"autoscaler": dict(self.nodes[n]["autoscaler"]), "pid": 1} for n in self._answering(nodes)}
         )
 
+    def active(self, broker_url: str, nodes: _Any, timeout: float) -> _defer.Deferred:
+        """The tasks each answering node runs: its ``"active"`` list (none by default)."""
+        nodes = list(nodes)
+        self.calls.append(("active", broker_url, nodes, timeout))
+        return self._result(lambda: {n: list(self.nodes[n].get("active", ())) for n in self._answering(nodes)})
+
     def _one(self, node: str, change: _Any) -> _defer.Deferred:
         def compute() -> str:
             if not self._answering([node]):

@@ -267,31 +267,71 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # the interpreter's that change which Python runs or make it interactive
 # are the ``python`` setting's business.  PYTHONPATH, PATH and the app's own
 # variables are allowed: an app's code may need them.
-REFUSED_ENV_PREFIXES = ("LD_", "DYLD_", "CELERY_")
+#
+# The interpreter's own (PYTHON*) are an allow-list: several of the others
+# import or run code named in their value (PYTHONWARNINGS names a module to
+# import, PYTHONSTARTUP a file to run, PYTHONBREAKPOINT a hook...).  Other
+# programs' start-up hooks that Python's standard library can reach are
+# refused too (BROWSER is run by webbrowser, PERL5OPT by a perl it starts,
+# BASH_ENV by a shell).
+REFUSED_ENV_PREFIXES = ("LD_", "DYLD_", "CELERY_", "PERL", "RUBY", "NODE_", "BASH_FUNC_")
 REFUSED_ENV_NAMES = frozenset(
     {
-        "PYTHONHOME",
-        "PYTHONSTARTUP",
-        "PYTHONINSPECT",
-        "PYTHONEXECUTABLE",
         "C_FORCE_ROOT",
         "C_FAKEFORK",
         "FORKED_BY_MULTIPROCESSING",
         "MP_MAIN_FILE",
+        "BROWSER",
+        "BASH_ENV",
+        "ENV",
+        "SHELLOPTS",
+        "PS4",
+        "IFS",
+        "GCONV_PATH",
+        "GETCONF_DIR",
+        "HOSTALIASES",
+        "LOCPATH",
+        "NLSPATH",
     }
 )
+ALLOWED_PYTHON_ENV_NAMES = frozenset(
+    {
+        "PYTHONPATH",
+        "PYTHONUNBUFFERED",
+        "PYTHONDONTWRITEBYTECODE",
+        "PYTHONHASHSEED",
+        "PYTHONIOENCODING",
+        "PYTHONUTF8",
+        "PYTHONFAULTHANDLER",
+        "PYTHONOPTIMIZE",
+        "PYTHONDEVMODE",
+    }
+)
+
+
+def _env_name_refused(name: str) -> bool:
+    upper = name.upper()
+    if upper.startswith("PYTHON"):
+        return upper not in ALLOWED_PYTHON_ENV_NAMES
+    return upper in REFUSED_ENV_NAMES or upper.startswith(REFUSED_ENV_PREFIXES)
+
+
 # The literal that sets ``workdir`` or ``python`` back to the agent's own
 # (a form cannot send "no value": an empty field means "not given").
 DEFAULT_SETTING = "default"
 
 
-def check_env(value: Any) -> dict[str, str] | None:
+def check_env(value: Any, *, on_this_machine: bool = False) -> dict[str, str] | None:
     """``env``: a JSON object of environment variables (or its JSON text, as
     a form field sends it), names like ``[A-Za-z_][A-Za-z0-9_]*``, values
-    printable strings.  None: not given; ``{}`` clears.  Messages name a
-    bad variable, never quote a value (values may be credentials)."""
-    if value is None or value == "":
+    printable strings.  None: not given (JSON null); ``{}`` clears.  Messages
+    name a bad variable, never quote a value (values may be credentials).
+    With ``on_this_machine`` (the API's door), a ``PYTHONPATH`` directory
+    that every user may write to is refused, as ``workdir`` is."""
+    if value is None:
         return None
+    if value == "":
+        raise BadParameter("env must be a JSON object of names to strings ({} clears)", parameter="env")
     if isinstance(value, str):
         if len(value) > MAX_ENV_LENGTH:
             raise BadParameter(f"env is too long (at most {MAX_ENV_LENGTH} characters)", parameter="env")
@@ -311,7 +351,7 @@ def check_env(value: Any) -> dict[str, str] | None:
                 f"(not starting with a digit), at most {MAX_ENV_NAME_LENGTH} characters",
                 parameter="env",
             )
-        if name.upper() in REFUSED_ENV_NAMES or name.upper().startswith(REFUSED_ENV_PREFIXES):
+        if _env_name_refused(name):
             raise BadParameter(
                 f"env: {name} may not be set for workers (dynamic loader, Celery's own or interpreter variables)",
                 parameter="env",
@@ -329,13 +369,29 @@ def check_env(value: Any) -> dict[str, str] | None:
         clean[name] = text
     if len(json.dumps(clean)) > MAX_ENV_LENGTH:
         raise BadParameter(f"env is too long (at most {MAX_ENV_LENGTH} characters as JSON)", parameter="env")
+    if on_this_machine:
+        for name, text in clean.items():
+            if name.upper() != "PYTHONPATH":
+                continue
+            for entry in text.split(os.pathsep):
+                try:
+                    info = os.stat(entry or ".")
+                except OSError:
+                    continue  # not there (yet): nothing to plant in
+                if info.st_mode & stat.S_IWOTH:
+                    raise BadParameter(
+                        f"env: PYTHONPATH names {entry!r}, writable by every user: anyone could plant "
+                        "modules the workers import",
+                        parameter="env",
+                        variable=name,
+                    )
     return clean
 
 
 def _check_path_form(value: Any, what: str) -> str | None:
     """An absolute, normalised path of printable characters; None for
-    ``default`` (or JSON null, or "") meaning "the agent's own"."""
-    if value is None or value == "" or value == DEFAULT_SETTING:
+    ``default`` (or JSON null) meaning "the agent's own"."""
+    if value is None or value == DEFAULT_SETTING:
         return None
     if not isinstance(value, str):
         raise BadParameter(f"{what} must be an absolute path or {DEFAULT_SETTING!r}", parameter=what)
@@ -511,3 +567,70 @@ def only(params: MutableMapping[str, Any], allowed: Iterable[str]) -> None:
         )
     for name in [name for name, value in params.items() if isinstance(value, EmptyField)]:
         del params[name]
+
+
+# -- queue-depth autoscaling policies (DESIGN §9.5, scs.autoscaling) ----------
+
+MAX_INSTANCES = 1000
+MAX_MESSAGES_PER_INSTANCE = 1_000_000
+MAX_SCALE_DOWN_AFTER = 7 * 24 * 3600.0
+_NUMBER = re.compile(r"[+-]?(?:[0-9]{1,12}(?:\.[0-9]*)?|\.[0-9]+)")
+# What a policy starts from for the settings a first PUT leaves out.
+DEFAULT_POLICY = {"min_instances": 1, "messages_per_instance": 10, "scale_down_after": 60.0}
+POLICY_FIELDS = ("queue", "min_instances", "max_instances", "messages_per_instance", "scale_down_after")
+
+
+def check_seconds(value: Any, what: str, low: float, high: float) -> float:
+    """A finite number of seconds in [low, high] (int, float or its text)."""
+    if isinstance(value, bool):
+        raise BadParameter(f"{what} must be a number of seconds", parameter=what)
+    if isinstance(value, str):
+        text = value.strip()
+        if not _NUMBER.fullmatch(text):
+            raise BadParameter(f"{what} must be a number of seconds, got {value[:40]!r}", parameter=what)
+        value = float(text)
+    if not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
+        raise BadParameter(f"{what} must be a number of seconds", parameter=what)
+    if not low <= value <= high:
+        raise BadParameter(f"{what} must be between {low:g} and {high:g} seconds, got {value:g}", parameter=what)
+    return float(value)
+
+
+def check_policy_fields(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The autoscaling settings given in ``params`` (a policy's fields, any
+    of them), each checked alone: sizes are whole numbers of at least 1
+    (``min_instances`` too: a policy always keeps a worker listening),
+    ``scale_down_after`` seconds from 0."""
+    clean: dict[str, Any] = {}
+    if "queue" in params:
+        clean["queue"] = check_queue_name(params["queue"])
+    if "min_instances" in params:
+        clean["min_instances"] = check_int(params["min_instances"], "min_instances", 1, MAX_INSTANCES)
+    if "max_instances" in params:
+        clean["max_instances"] = check_int(params["max_instances"], "max_instances", 1, MAX_INSTANCES)
+    if "messages_per_instance" in params:
+        clean["messages_per_instance"] = check_int(
+            params["messages_per_instance"], "messages_per_instance", 1, MAX_MESSAGES_PER_INSTANCE
+        )
+    if "scale_down_after" in params:
+        clean["scale_down_after"] = check_seconds(
+            params["scale_down_after"], "scale_down_after", 0.0, MAX_SCALE_DOWN_AFTER
+        )
+    return clean
+
+
+def check_policy(fields: Mapping[str, Any], given: Iterable[str] = POLICY_FIELDS) -> dict[str, Any]:
+    """A whole policy: every field present, each checked, and
+    ``min_instances`` not above ``max_instances``.  That error names
+    ``min_instances``, or ``max_instances`` when only that one was
+    ``given`` (the other is the stored value)."""
+    for name in POLICY_FIELDS:
+        if name not in fields:
+            raise BadParameter(f"missing parameter {name}", parameter=name)
+    clean = check_policy_fields(fields)
+    if clean["min_instances"] > clean["max_instances"]:
+        raise BadParameter(
+            f"min_instances ({clean['min_instances']}) is greater than max_instances ({clean['max_instances']})",
+            parameter="max_instances" if "min_instances" not in given else "min_instances",
+        )
+    return clean

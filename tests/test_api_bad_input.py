@@ -91,7 +91,8 @@ _TEMPLATES: dict[bool, Store] = {}
 def template_store(seed: bool) -> Store:
     """The migrated store every harness starts from; with ``seed``, app
     ``app1`` with instance ``w1`` (max 4, min 2) consuming declared queue
-    ``q1``, so that requests naming them reach the checks behind lookups."""
+    ``q1`` and an autoscaling policy on ``q1``, so that requests naming
+    them reach the checks behind lookups."""
     if seed not in _TEMPLATES:
         store = Store.in_memory()
         if seed:
@@ -100,6 +101,7 @@ def template_store(seed: bool) -> Store:
                 ("PUT", "/app1/"),
                 ("PUT", "/app1/queues/q1/"),
                 ("PUT", "/app1/instances/w1/?queues=q1&max_concurrency=4&min_concurrency=2"),
+                ("PUT", "/app1/autoscaling/?queue=q1&max_instances=4"),
             ):
                 response = harness.request(method, path)
                 assert response.status == 201, (path, response)
@@ -247,6 +249,7 @@ INSTANCE_SETTINGS = (
 )
 QUEUE_SETTINGS = ("exchange", "routing_key", "exchange_type", "options")
 APP_SETTINGS = ("broker", "celery_app", "arguments", "env", "workdir", "python", "task_events")
+POLICY_FIELDS = ("queue", "min_instances", "max_instances", "messages_per_instance", "scale_down_after")
 
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/"),
@@ -256,6 +259,16 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/{app}/", APP_SETTINGS),
     Route("GET", "/{app}/"),
     Route("DELETE", "/{app}/"),
+    Route("POST", "/{app}/restart/", ("rolling",)),
+    Route("PUT", "/{app}/restart/", ("rolling",)),
+    Route("POST", "/{app}/enable/"),
+    Route("PUT", "/{app}/enable/"),
+    Route("POST", "/{app}/disable/"),
+    Route("PUT", "/{app}/disable/"),
+    Route("POST", "/agents/agent1/drain/"),
+    Route("PUT", "/agents/agent1/drain/"),
+    Route("POST", "/agents/agent1/undrain/"),
+    Route("PUT", "/agents/agent1/undrain/"),
     Route("PUT", "/{app}/instances/", INSTANCE_SETTINGS),
     Route("POST", "/{app}/instances/", INSTANCE_SETTINGS),
     Route("GET", "/{app}/instances/"),
@@ -287,6 +300,10 @@ ROUTES: tuple[Route, ...] = (
     Route("DELETE", "/{app}/queues/{queue}/"),
     Route("POST", "/{app}/queues/{queue}/purge/"),
     Route("PUT", "/{app}/queues/{queue}/purge/"),
+    Route("PUT", "/{app}/autoscaling/", POLICY_FIELDS),
+    Route("POST", "/{app}/autoscaling/", POLICY_FIELDS),
+    Route("GET", "/{app}/autoscaling/"),
+    Route("DELETE", "/{app}/autoscaling/"),
 )
 NAMED_ROUTES = tuple(r for r in ROUTES if r.slots)
 NAMED_IDS = [str(r) for r in NAMED_ROUTES]

@@ -12,6 +12,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
+from scs.local import default_binding
 from scs.records import WorkerStatus
 from tests.test_api import Client
 from tests.test_srs_hostile import Bus
@@ -202,6 +203,16 @@ class AppWideOperationTests(SynchronousTestCase):
         c.finish(c.agents["agent2"].local.instance_create("bar", "other", nowait=True))
         c.finish(c.agents["agent1"].app_instances("foo", "disable"))
         self.assertTrue(c.agents["agent2"].store.get_node("other").is_enabled)
+
+    def test_peers_answer_listings_and_queue_operations(self) -> None:
+        """Regression: the owner's log check choked on peer operations
+        without an instance or queue name (queue_list)."""
+        c = FleetCluster(self)
+        c.finish(c.agents["agent2"].queue_declare("foo", default_binding("tasks")))
+        reply = c.finish(c.agents["agent1"].queue_list("foo"))
+        self.assertEqual((reply.body, reply.missing), (["tasks"], ()))
+        reply = c.finish(c.agents["agent3"].queue_operation("queue_get", "foo", "tasks"))
+        self.assertEqual(reply.body["name"], "tasks")
 
     def test_unknown_app_is_404(self) -> None:
         c = FleetCluster(self)

@@ -68,6 +68,8 @@ NOTICES = {
     "cancel": "Queue removed from the instance.",
     "declare": "Queue declared.",
     "undeclare": "Queue declaration deleted.",
+    "policy": "Autoscaling policy saved.",
+    "unpolicy": "Autoscaling policy deleted.",
 }
 
 SECURITY_HEADERS = {
@@ -110,6 +112,8 @@ class PageData:
     missing: tuple[str, ...] = ()
     apps: list[Any] = attrs.Factory(list)
     queues: list[tuple[str, Any]] = attrs.Factory(list)
+    # Autoscaling policies, each with ``decision`` (scs.autoscaling).
+    policies: list[dict[str, Any]] = attrs.Factory(list)
     notice: str | None = None
     error: str | None = None
     sent: tuple[tuple[str, str], ...] = ()
@@ -420,6 +424,58 @@ class AdminPage(Element):
         )
 
     @renderer
+    def policies(self, request: IRequest, tag: Tag) -> Tag:
+        rows = []
+        for policy in self.data.policies:
+            rows.append(
+                tags.tr(
+                    tags.td(tags.code(policy["app"])),
+                    tags.td(tags.code(policy["queue"])),
+                    tags.td(f"{policy['min_instances']}–{policy['max_instances']}"),
+                    tags.td(_text(policy["messages_per_instance"])),
+                    tags.td(f"{policy['scale_down_after']:g} s"),
+                    tags.td(_decision_text(policy.get("decision")), **{"class": "decision"}),
+                    tags.td(
+                        self.form(
+                            "autoscaling/delete",
+                            tags.input(type="hidden", name="app", value=policy["app"]),
+                            tags.button("Delete policy", type="submit"),
+                            **{"class": "inline"},
+                        )
+                    ),
+                    **{"class": "policy", "data-app": policy["app"]},
+                )
+            )
+        if not rows:
+            rows = [tags.tr(tags.td("No autoscaling policies.", colspan="7"))]
+        return tag(*rows)
+
+    @renderer
+    def policy_form(self, request: IRequest, tag: Tag) -> Tag:
+        f = "policy"
+        return tag(
+            self.form(
+                "autoscaling",
+                tags.p(
+                    self.field(f, "app", "app", required=""),
+                    " ",
+                    self.field(f, "queue", "queue (empty: unchanged)"),
+                ),
+                tags.p(
+                    self.field(f, "min_instances", "min instances", size="4"),
+                    " ",
+                    self.field(f, "max_instances", "max instances", size="4"),
+                    " ",
+                    self.field(f, "messages_per_instance", "messages per instance", size="6"),
+                    " ",
+                    self.field(f, "scale_down_after", "scale down after (s)", size="6"),
+                ),
+                tags.button("Save policy", type="submit"),
+                id="put-policy",
+            )
+        )
+
+    @renderer
     def others(self, request: IRequest, tag: Tag) -> Tag:
         rows = []
         for agent in sorted(self.data.others):
@@ -554,7 +610,16 @@ class Admin:
             log.failure("admin: listing other agents failed")
         apps = local.app_records()
         queues = [(a.name, q) for a in apps for q in local.queue_records(a.name)]
+        policies = []
+        for policy in local.store.list_policies():
+            decision = None
+            try:
+                decision = await self.agent.autoscaling_decision(policy.app)
+            except Exception:  # noqa: BLE001 - the policy shows without its decision
+                log.failure("admin: reading the autoscaling decision failed")
+            policies.append({**policy.to_json(), "decision": decision})
         return {
+            "policies": policies,
             "members": self.agent.members(),
             "local": local.instance_details(),
             "others": others,
@@ -755,9 +820,29 @@ class Admin:
 
         return await self._post(request, "undeclare", run)
 
+    @app.route("/autoscaling", methods=["POST"])
+    async def put_policy(self, request: IRequest) -> bytes:
+        async def run(fields: dict[str, Any]) -> str:
+            v.only(fields, ("app", *v.POLICY_FIELDS))
+            app = v.check_app_name(fields.get("app", ""))
+            given = {k: val for k, val in fields.items() if k != "app" and _given(fields, k)}
+            await self.agent.autoscaling_put(app, v.check_policy_fields(given))
+            return "policy"
+
+        return await self._post(request, "policy", run)
+
+    @app.route("/autoscaling/delete", methods=["POST"])
+    async def delete_policy(self, request: IRequest) -> bytes:
+        async def run(fields: dict[str, Any]) -> str:
+            v.only(fields, ("app",))
+            await self.agent.autoscaling_delete(v.check_app_name(fields.get("app", "")))
+            return "unpolicy"
+
+        return await self._post(request, "unpolicy", run)
+
     @app.route("/<path:rest>", methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
     async def elsewhere(self, request: IRequest, rest: str) -> bytes:
-        known = {"login", "logout", "apps", "instances", "queues", "queues/delete"}
+        known = {"login", "logout", "apps", "instances", "queues", "queues/delete", "autoscaling", "autoscaling/delete"}
         if rest in known or rest.startswith("instance/"):
             request.setHeader(b"Allow", b"POST")
             return await self._page(request, 405, error="This address only takes a form (POST).")
@@ -767,6 +852,21 @@ class Admin:
 class _LoginFailed(SCSError):
     status = 401
     code = "unauthorized"
+
+
+def _decision_text(decision: Mapping[str, Any] | None) -> str:
+    """The last autoscaling decision, in one line."""
+    if not decision:
+        return "no decision yet"
+    text = (
+        f"{decision.get('direction')}: {decision.get('messages')} messages ready, "
+        f"{decision.get('instances')} instances, target {decision.get('target')} (by {decision.get('agent')})"
+    )
+    if decision.get("changed"):
+        text += "; " + ", ".join(str(name) for name in decision["changed"])
+    if decision.get("reason"):
+        text += f"; {decision['reason']}"
+    return text
 
 
 def _given(fields: Mapping[str, Any], name: str) -> bool:

@@ -23,7 +23,7 @@ from werkzeug.exceptions import HTTPException
 
 from scs import validation as v
 from scs.agent import Agent, Reply
-from scs.errors import BadParameter, MethodNotAllowed, NotFound, SCSError
+from scs.errors import BadParameter, MethodNotAllowed, NotFound, SCSError, Unavailable
 from scs.http.guard import BadHost, parse_host
 from scs.http.openapi import openapi_document
 from scs.http.params import DEFAULT_MAX_BODY, request_params
@@ -107,6 +107,8 @@ class _UTF8PathGuard(Resource):
 
 
 WRITE_METHODS = frozenset({"PUT", "POST", "DELETE", "PATCH"})
+# Operations asked with nowait that may run at once, per agent.
+MAX_BACKGROUND = 100
 
 
 def _nowait(params: dict[str, Any]) -> bool:
@@ -140,9 +142,17 @@ def endpoint(path: str, *methods: str, own_nowait: bool = False) -> Callable[[Ca
                 nowait = False
                 if not own_nowait and request.method.decode("latin-1") in WRITE_METHODS:
                     nowait = _nowait(params)
+                if nowait and self.background >= MAX_BACKGROUND:
+                    # Each 202 frees its connection: without this, one client
+                    # could start any number of operations.
+                    raise Unavailable(
+                        f"{MAX_BACKGROUND} operations asked with nowait are still running: try again later"
+                    )
                 running = Deferred.fromCoroutine(f(self, params, **path_arguments))
                 if nowait and not running.called:
+                    self.background += 1
                     running.addErrback(_log_background_failure, path)
+                    running.addBoth(self._background_done)
                     return write_json(request, {"accepted": True}, 202)
                 reply = await running
             except SCSError as e:
@@ -177,11 +187,16 @@ class API:
     ) -> None:
         self.agent = agent
         self.max_body = max_body
+        # Operations answered 202 (nowait) and still running.
+        self.background = 0
         # Other surfaces served beside the API: "admin" and "metrics".
         self.mounts = dict(mounts or {})
 
     def resource(self) -> IResource:
         return _UTF8PathGuard(self.app.resource())
+
+    def _background_done(self, result: object) -> None:
+        self.background -= 1
 
     # -- routes ----------------------------------------------------------------
 
@@ -239,7 +254,7 @@ class API:
             broker=v.check_broker_url(params["broker"]) if "broker" in params else None,
             celery_app=v.check_celery_app(params["celery_app"]) if "celery_app" in params else UNSET,
             arguments=list(v.check_arguments(params["arguments"])) if "arguments" in params else None,
-            env=v.check_env(params["env"]) if "env" in params else None,
+            env=v.check_env(params["env"], on_this_machine=True) if "env" in params else None,
             workdir=v.check_workdir(params["workdir"]) if "workdir" in params else UNSET,
             python=v.check_python(params["python"]) if "python" in params else UNSET,
             task_events=v.check_bool(params["task_events"], "task_events") if "task_events" in params else None,
@@ -270,6 +285,22 @@ class API:
     async def app_disable(self, params: dict[str, Any], app: str) -> Reply:
         v.only(params, ())
         return await self.agent.app_instances(v.check_app_name(app), "disable")
+
+    @endpoint("/<app>/autoscaling/", "PUT", "POST")
+    async def autoscaling_put(self, params: dict[str, Any], app: str) -> Reply:
+        v.only(params, v.POLICY_FIELDS)
+        app = v.check_app_name(app)
+        return await self.agent.autoscaling_put(app, v.check_policy_fields(params))
+
+    @endpoint("/<app>/autoscaling/", "GET")
+    async def autoscaling_get(self, params: dict[str, Any], app: str) -> Reply:
+        v.only(params, ())
+        return await self.agent.autoscaling_get(v.check_app_name(app))
+
+    @endpoint("/<app>/autoscaling/", "DELETE")
+    async def autoscaling_delete(self, params: dict[str, Any], app: str) -> Reply:
+        v.only(params, ())
+        return await self.agent.autoscaling_delete(v.check_app_name(app))
 
     def _instance_settings(self, params: dict[str, Any]) -> dict[str, Any]:
         v.only(

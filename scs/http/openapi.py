@@ -159,6 +159,29 @@ PARAMETERS: dict[str, dict[str, Any]] = {
         "schema": {"type": ["object", "null"]},
         "form": {"type": "string", "maxLength": v.MAX_OPTIONS_LENGTH},
     },
+    # An app's autoscaling policy (DESIGN §9.5).
+    "queue": {
+        "description": (
+            "The queue whose depth (ready messages) decides, and that new instances consume: declared for "
+            "the app, consumed by one of its instances, or on its broker. Required for a first policy."
+        ),
+        "schema": _name_schema(v.MAX_QUEUE_NAME_LENGTH),
+    },
+    "min_instances": _integer("Fewest instances (default 1)", 1, v.MAX_INSTANCES),
+    "max_instances": _integer("Most instances; required for a first policy", 1, v.MAX_INSTANCES),
+    "messages_per_instance": _integer(
+        "Ready messages per instance: the target is ceil(messages / this) (default 10)",
+        1,
+        v.MAX_MESSAGES_PER_INSTANCE,
+    ),
+    "scale_down_after": {
+        "description": (
+            "Seconds the depth must stay low before an instance is removed, one per interval (default 60; "
+            f"0 to {v.MAX_SCALE_DOWN_AFTER:g})."
+        ),
+        "schema": {"type": "number", "minimum": 0, "maximum": v.MAX_SCALE_DOWN_AFTER},
+        "form": {"type": "string", "pattern": r"^[+-]?([0-9]{1,12}(\.[0-9]*)?|\.[0-9]+)$"},
+    },
 }
 
 PATH_PARAMETERS: dict[str, dict[str, Any]] = {
@@ -358,6 +381,31 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     },
     "Stats": {"type": "object", "description": "The worker's Celery `stats()`, as Celery answers it."},
     "Names": _STRINGS,
+    "AutoscalingPolicy": {
+        "type": "object",
+        "required": ["app", "queue", "min_instances", "max_instances", "messages_per_instance", "scale_down_after"],
+        "properties": {
+            "app": {"type": "string"},
+            "queue": {"type": "string"},
+            "min_instances": {"type": "integer"},
+            "max_instances": {"type": "integer"},
+            "messages_per_instance": {"type": "integer"},
+            "scale_down_after": {"type": "number"},
+            "decision": {
+                "description": (
+                    "GET only: the last decision of the agent that decides (null when none yet): "
+                    "agent, at, queue, messages, consumers, instances, target, direction (up, down, hold), "
+                    "changed (instances created or deleted), reason, low_since."
+                ),
+                "type": ["object", "null"],
+            },
+        },
+    },
+    "AutoscalingDeleted": {
+        "type": "object",
+        "required": ["ok", "app"],
+        "properties": {"ok": {"const": "ok"}, "app": {"type": "string"}},
+    },
 }
 
 
@@ -457,6 +505,37 @@ OPERATIONS: list[dict[str, Any]] = [
         for action in ("restart", "enable", "disable")
         for method in ("POST", "PUT")
     ],
+    *[
+        {
+            "path": "/{app}/autoscaling/",
+            "method": method,
+            "id": f"autoscaling_put_{method.lower()}",
+            "summary": (
+                "Set the app's queue-depth autoscaling policy (201 new, 200 changed); fields left out keep "
+                "their stored value (or the default)"
+            ),
+            "parameters": v.POLICY_FIELDS,
+            "answers": {201: _ref("AutoscalingPolicy"), 200: _ref("AutoscalingPolicy")},
+            "errors": (404, *_CLUSTER_ERRORS),
+        }
+        for method in ("PUT", "POST")
+    ],
+    {
+        "path": "/{app}/autoscaling/",
+        "method": "GET",
+        "id": "autoscaling_get",
+        "summary": "The app's autoscaling policy, with the current decision",
+        "answers": {200: _ref("AutoscalingPolicy")},
+        "errors": (404, *_CLUSTER_ERRORS),
+    },
+    {
+        "path": "/{app}/autoscaling/",
+        "method": "DELETE",
+        "id": "autoscaling_delete",
+        "summary": "Drop the app's autoscaling policy (its instances stay as they are)",
+        "answers": {200: _ref("AutoscalingDeleted")},
+        "errors": (404, *_CLUSTER_ERRORS),
+    },
     *[
         {
             "path": path,

@@ -25,3 +25,15 @@ def hostname(self) -> str:
 def env_and_cwd() -> list:
     """What the worker was started with: an app's ``env`` and ``workdir``."""
     return [os.environ.get("SCS_TEST_VAR"), os.getcwd()]
+
+
+@app.task(name="scs_tests.slow_mark", bind=True)
+def slow_mark(self, directory: str, seconds: float = 0.5) -> str:
+    """Sleep ``seconds`` (a slow task for the autoscaling tests), then add
+    one line to ``<directory>/<task id>``: a task run twice leaves two."""
+    import time
+
+    time.sleep(seconds)
+    with open(os.path.join(directory, str(self.request.id)), "a", encoding="utf-8") as f:
+        f.write(f"{self.request.hostname}\n")
+    return self.request.id

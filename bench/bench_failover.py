@@ -608,9 +608,9 @@ class Bench:
 
     # -- scenario 2 ----------------------------------------------------------------
 
-    def drain(self) -> DrainRun:
+    def drain(self, round_no: int) -> DrainRun:
         a = self.args
-        cluster = self.cluster("drain")
+        cluster = self.cluster(f"drain-{round_no}")
         pinger = Pinger()
         prefix = f"d{uuid.uuid4().hex[:4]}"
         names = [f"{prefix}-{i}" for i in range(1, a.drain_instances + 1)]
@@ -802,8 +802,8 @@ class Bench:
                     for r in range(1, a.rounds + 1):
                         self.failovers.append(self.failover(n, m, r))
         if "drain" in a.scenarios:
-            for _ in range(a.drain_rounds):
-                self.drains.append(self.drain())
+            for r in range(1, a.drain_rounds + 1):
+                self.drains.append(self.drain(r))
         if "listing" in a.scenarios:
             self.listing()
 

@@ -174,16 +174,20 @@ class Failover:
             # Moved before (by us or an earlier coordinator): only our copy is behind.
             self.store.replica_drop(dead, already)
         candidates = [d for d in documents if d["name"] not in held]
-        answering = await self._answering(dead, [d for d in candidates if d["is_enabled"]])
         # A worker must miss two pings in a row (a loaded machine may answer
-        # one late): a live worker moved would run twice.
-        for document in candidates:
+        # one late): a live worker moved would run twice.  Those pinged since
+        # the agent died and silent twice already are not asked again.
+        to_ping = [
+            d for d in candidates if d["is_enabled"] and not (move and self._silent.get(d["name"], 0) >= SILENT_ROUNDS)
+        ]
+        answering = await self._answering(dead, to_ping)
+        for document in to_ping:
             name = document["name"]
             self._silent[name] = 0 if name in answering else self._silent.get(name, 0) + 1
         to_move = [
             d
             for d in candidates
-            if not d["is_enabled"] or (d["name"] not in answering and self._silent[d["name"]] >= SILENT_ROUNDS)
+            if not d["is_enabled"] or (d["name"] not in answering and self._silent.get(d["name"], 0) >= SILENT_ROUNDS)
         ]
         if not move:
             return {}

@@ -79,6 +79,10 @@ def path_variants(path: str, method: str) -> list[dict[str, str]]:
         return [{"app": "spare"}] if method in ("PUT", "POST", "DELETE") else [{}, {"app": "spare"}]
     if path in CREATIONS:
         return [{"app": "shop"}]
+    if path == "/{app}/autoscaling/" and method != "GET":
+        # A valid policy would make the agent add and remove instances in
+        # the background: policies go to "spare", which has no queue.
+        return [{"app": "spare"}]
     variants = [{}, {"app": "shop"}]
     if "{instance}" in path and method != "DELETE":
         variants.append({"app": "shop", "instance": "seed"})

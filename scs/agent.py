@@ -152,6 +152,8 @@ class Agent:
         self._calls = 0
         # Instances a drain sent to each agent (its heartbeat lags behind).
         self._placed: dict[str, int] = {}
+        # Instances this agent's drain is moving: kept until the replacement answers.
+        self.handing_over: set[str] = set()
         self.placement = Placement(local, srs, self.random, call_timeout, self.create_timeout)
         self.placement.draining = self.is_draining
         self.placement.may_hold = self.may_hold
@@ -806,17 +808,23 @@ class Agent:
                 failed[name] = "no live agent that is not draining to move it to"
                 continue
             target = min(targets, key=lambda a: (self._instance_count(a), a))
+            # The fence must not stop the worker here before the replacement
+            # answers (the target's copy names us in moved_from at once).
+            self.handing_over.add(name)
             try:
                 answer = await self.adopt_on(target, document, moved_from=self.agent_id, wait=True)
             except SCSError as e:
                 failed[name] = e.message
+                self.handing_over.discard(name)
                 continue
             if document["is_enabled"] and not answer.get("ready"):
                 failed[name] = f"its replacement on {target} did not answer a ping; the worker here stays"
+                self.handing_over.discard(name)
                 continue
             # The replacement answers: now the old worker may stop.  Its dq.
             # queue stays, the replacement consumes it.
             self.local.drop_moved([name])
+            self.handing_over.discard(name)
             moved.append(name)
             self._placed[target] = self._placed.get(target, 0) + 1
             log.info(

@@ -294,7 +294,7 @@ class Fence:
                 continue
             for document in documents:
                 spec = mine.get(document["name"])
-                if spec is None or spec.moved_from == owner:
+                if spec is None or spec.moved_from == owner or spec.name in self.agent.handing_over:
                     # Ours came from that peer: our copy of its document is
                     # older than the move (it comes back at its next digest).
                     continue

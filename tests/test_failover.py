@@ -370,6 +370,27 @@ class DrainTests(SynchronousTestCase):
         self.assertFalse(reply.body["draining"])
         self.assertFalse(c.agents["agent2"].local.draining)
 
+    def test_the_fence_leaves_a_drain_s_handover_alone(self) -> None:
+        """Regression (benchmark): the target's copy names the draining agent
+        in moved_from at once, and the draining agent's fence stopped its
+        worker before the replacement answered a ping."""
+        from twisted.internet.task import deferLater
+
+        c = Cluster(self, "agent1", "agent2")
+        c.create("agent1", "foo", "d1")
+        c.advance(INTERVAL + 1)
+        slow = c.nodes["agent2"].supervisor
+        slow.wait_ready = lambda name, timeout: deferLater(c.clock, 6.0, lambda: True)
+        c.agents["agent1"].create_timeout = 20.0
+        drain = defer.Deferred.fromCoroutine(c.agents["agent1"].drain("agent1"))
+        c.advance(5)  # heartbeats, copies refreshed, fences run: the replacement is not ready yet
+        self.assertFalse(drain.called)
+        self.assertEqual(c.nodes["agent1"].names, ["d1"])
+        c.advance(3)
+        self.assertEqual(self.successResultOf(drain).body["instances"], ["d1"])
+        self.assertEqual(c.nodes["agent1"].names, [])
+        self.assertEqual(c.where("d1"), ["agent2"])
+
     def test_drain_of_an_unknown_agent_is_404(self) -> None:
         from scs.errors import NotFound
 

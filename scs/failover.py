@@ -33,7 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -47,6 +47,8 @@ DEFAULT_FAILOVER_AFTER = 30.0
 CHECK_INTERVAL = 1.0
 PING_TIMEOUT = 2.0
 SILENT_ROUNDS = 2
+# Instances moved at the same time by one failover.
+MOVES_AT_ONCE = 8
 
 
 def spread(dead: str, load: dict[str, int], names: list[str]) -> dict[str, str]:
@@ -216,36 +218,45 @@ class Failover:
                 load[holder] += 1
         targets = spread(dead, load, [d["name"] for d in to_move])
         moved: dict[str, str] = {}
-        for document in sorted(to_move, key=lambda d: d["name"]):
-            name, target = document["name"], targets[document["name"]]
-            try:
-                outcome = await self.agent.adopt_once(target, document, moved_from=dead)
-            except SCSError as e:
-                log.warn(
-                    "failover of {instance} from {dead} to {target} failed: {error} (tried again later)",
-                    instance=name,
-                    dead=dead,
-                    target=target,
-                    error=e.message,
-                    event="failover.error",
-                )
-                continue
-            self.store.replica_drop(dead, [name])
-            self._silent.pop(name, None)
-            if not outcome["moved"]:
-                continue  # moved already, by another decision
-            self._recent[name] = target
-            moved[name] = target
-            log.info(
-                "failover: {instance} of dead agent {dead} (dead {cause}) now on {target}",
+        # Several at once (each name has its own lock on the coordinator),
+        # a few at a time so that a large move does not flood the bus.
+        semaphore = DeferredSemaphore(MOVES_AT_ONCE)
+        moves = [
+            semaphore.run(lambda d=document: Deferred.fromCoroutine(self._move(dead, d, targets[d["name"]], moved)))
+            for document in sorted(to_move, key=lambda d: d["name"])
+        ]
+        await DeferredList(moves, consumeErrors=True)
+        return moved
+
+    async def _move(self, dead: str, document: dict[str, Any], target: str, moved: dict[str, str]) -> None:
+        name = document["name"]
+        try:
+            outcome = await self.agent.adopt_once(target, document, moved_from=dead)
+        except SCSError as e:
+            log.warn(
+                "failover of {instance} from {dead} to {target} failed: {error} (tried again later)",
                 instance=name,
                 dead=dead,
                 target=target,
-                cause=getattr(self.srs.membership.get(dead), "dead_cause", ""),
-                enabled=document["is_enabled"],
-                event="failover.moved",
+                error=e.message,
+                event="failover.error",
             )
-        return moved
+            return
+        self.store.replica_drop(dead, [name])
+        self._silent.pop(name, None)
+        if not outcome["moved"]:
+            return  # moved already, by another decision
+        self._recent[name] = target
+        moved[name] = target
+        log.info(
+            "failover: {instance} of dead agent {dead} (dead {cause}) now on {target}",
+            instance=name,
+            dead=dead,
+            target=target,
+            cause=getattr(self.srs.membership.get(dead), "dead_cause", ""),
+            enabled=document["is_enabled"],
+            event="failover.moved",
+        )
 
     async def _answering(self, dead: str, documents: list[dict[str, Any]]) -> set[str]:
         """The instances among ``documents`` whose worker (``name@dead``)

@@ -426,49 +426,43 @@ class Agent:
         """Copy the apps of the cluster here (an agent that joins later)."""
         if not self._clustered():
             return
-        answers, _missing = await self.srs.scatter("app_export", {})
+        for clean in await self._copied_from_peers("app_export", "app_put", "an app"):
+            if not self.store.has_app(clean["app"]):
+                self.local.app_put(**clean)
+        await self.sync_policies_from_peers()
+
+    async def _copied_from_peers(self, export: str, operation: str, what: str) -> list[dict[str, Any]]:
+        """What every peer answers to ``export``, each item checked as the
+        arguments of ``operation`` (a peer's copy is a door too); the items
+        refused are logged and left out."""
+        answers, _missing = await self.srs.scatter(export, {})
+        copied = []
         for agent in sorted(answers):
             answer = answers[agent]
             if not isinstance(answer, list):
                 continue
-            for app in answer:
+            for item in answer:
                 try:
-                    clean = check_operation("app_put", app)
+                    copied.append(check_operation(operation, item))
                 except SCSError as e:
                     log.warn(
-                        "refused an app copied from {agent}: {error}",
+                        "refused {what} copied from {agent}: {error}",
+                        what=what,
                         agent=agent,
                         error=e.message,
-                        event="srs.app.refused",
+                        event="srs.copy.refused",
+                        operation=operation,
                     )
-                    continue
-                if not self.store.has_app(clean["app"]):
-                    self.local.app_put(**clean)
-        await self.sync_policies_from_peers()
+        return copied
 
     # -- autoscaling policies (scs.autoscaling) ---------------------------------
 
     async def sync_policies_from_peers(self) -> None:
         """Copy the peers' autoscaling policies of the apps that have none
         here (an agent that joins later, or was away when one was set)."""
-        answers, _missing = await self.srs.scatter("autoscaling_export", {})
-        for agent in sorted(answers):
-            answer = answers[agent]
-            if not isinstance(answer, list):
-                continue
-            for document in answer:
-                try:
-                    clean = check_operation("autoscaling_put", document)
-                except SCSError as e:
-                    log.warn(
-                        "refused a policy copied from {agent}: {error}",
-                        agent=agent,
-                        error=e.message,
-                        event="srs.policy.refused",
-                    )
-                    continue
-                if self.store.has_app(clean["app"]) and self.store.get_policy(clean["app"]) is None:
-                    self.local.autoscaling_put(**clean)
+        for clean in await self._copied_from_peers("autoscaling_export", "autoscaling_put", "a policy"):
+            if self.store.has_app(clean["app"]) and self.store.get_policy(clean["app"]) is None:
+                self.local.autoscaling_put(**clean)
 
     async def autoscaling_put(self, app: str, fields: dict[str, Any]) -> Reply:
         """``PUT /<app>/autoscaling/``: the ``fields`` given (each checked

@@ -53,6 +53,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from scs.errors import SCSError
 from scs.records import AutoscalingPolicy
@@ -345,17 +346,24 @@ class Autoscaler(Service):
                 )
                 active = {}
             idle = sorted((i for i in running if active.get(i["node"]) == []), key=order)
-        for instance in idle:
-            try:
-                await self.agent.instance_operation("instance_delete", instance["name"], policy.app)
-            except SCSError as e:
-                log.warn(
-                    "autoscaling of {app}: {instance} could not be deleted: {error}",
-                    app=policy.app,
-                    instance=instance["name"],
-                    error=e.message,
-                    event="autoscale.error",
-                )
-                continue
-            return instance["name"]
-        return None
+        if not idle:
+            return None
+        name = idle[0]["name"]
+        # Not awaited: the delete waits for the worker's warm shutdown (its
+        # running tasks), which must not hold the decisions of every policy.
+        # The owner forgets the instance at once, so the next round does not
+        # count it.
+        deleting = Deferred.fromCoroutine(self.agent.instance_operation("instance_delete", name, policy.app))
+        deleting.addErrback(self._delete_failed, policy.app, name)
+        return name
+
+    @staticmethod
+    def _delete_failed(failure: Failure, app: str, name: str) -> None:
+        error = failure.value.message if failure.check(SCSError) else failure.getErrorMessage()
+        log.warn(
+            "autoscaling of {app}: {instance} could not be deleted: {error}",
+            app=app,
+            instance=name,
+            error=error,
+            event="autoscale.error",
+        )

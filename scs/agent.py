@@ -566,9 +566,10 @@ class Agent:
         return await self._logged("App.autoscaling_delete", {"app": app}, run())
 
     async def app_instance_objects(self, app: str) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
-        """Every instance object of ``app`` in the cluster, as
-        ``instance_list_details`` answers them, without its log lines (the
-        autoscaler asks every interval): (instances, agents missing)."""
+        """Every instance object of ``app`` in the cluster, one per name (a
+        dead agent's not moved yet from our copy of them, ``orphaned``):
+        (instances, agents missing).  Unlogged: the autoscaler asks every
+        interval; ``instance_list_details`` is the logged API operation."""
         results, missing = await self._gather("instance_details", {"app": app}, self.local.instance_details(app))
         seen: set[str] = set()
         instances = []
@@ -621,19 +622,7 @@ class Agent:
         """Every instance object of ``app`` on every agent, in one scatter."""
 
         async def run() -> Reply:
-            results, missing = await self._gather("instance_details", {"app": app}, self.local.instance_details(app))
-            seen: set[str] = set()
-            instances = []
-            for agent in sorted(results):
-                for instance in sorted(results[agent], key=lambda i: i["name"]):
-                    if instance["name"] not in seen:
-                        seen.add(instance["name"])
-                        instances.append(instance)
-            # A dead agent's instances not moved yet: from our copy.
-            for orphan in sorted(self.orphans(app), key=lambda i: i["name"]):
-                if orphan["name"] not in seen:
-                    seen.add(orphan["name"])
-                    instances.append(orphan)
+            instances, missing = await self.app_instance_objects(app)
             return Reply(instances, missing=missing)
 
         return await self._logged("Node.list", {"app": app, "details": True}, run())

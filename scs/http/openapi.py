@@ -916,14 +916,13 @@ def openapi_path(rule: str) -> str:
     return "/".join(out)
 
 
-def api_routes() -> set[tuple[str, str]]:
-    """(OpenAPI path, method) of every route the API's Klein app serves:
-    those of ``endpoint`` with their methods, the mounted surfaces (any
-    method: described as GET)."""
-    from scs.http.api import API
-
+def api_routes(url_map: Any) -> set[tuple[str, str]]:
+    """(OpenAPI path, method) of every route of a Klein app's ``url_map``
+    (the API's: ``API.app.url_map``): those of ``endpoint`` with their
+    methods, the mounted surfaces (any method: described as GET).  Given
+    the map, not importing the API: the API imports this module."""
     routes: set[tuple[str, str]] = set()
-    for rule in API.app.url_map.iter_rules():
+    for rule in url_map.iter_rules():
         endpoint = str(rule.endpoint)
         if endpoint in _NOT_ROUTES or endpoint.startswith(_NOT_ROUTE_PREFIXES) or "<path:" in rule.rule:
             continue

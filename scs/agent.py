@@ -647,8 +647,10 @@ class Agent:
 
     def orphans(self, app: str | None = None) -> list[dict[str, Any]]:
         """Instances of dead agents not moved yet, as instance objects with
-        ``state: "orphaned"`` (from this agent's copy of them)."""
-        if self.srs is None:
+        ``state: "orphaned"`` (from this agent's copy of them).  None while
+        this agent is cut off from the cluster: then its peers are missing,
+        not dead, and a listing names them in its missing-agents header."""
+        if self.srs is None or not self.srs.sees_the_cluster():
             return []
         found = []
         for owner, documents in self.store.replica_instances().items():

@@ -204,6 +204,13 @@ class SRS(MultiService):
     def is_connected(self) -> bool:
         return self._connected
 
+    def sees_the_cluster(self) -> bool:
+        """Whether a peer not alive here is dead rather than cut off from
+        us: we are connected and have heard the peers answer our hello
+        (``discovery_delay`` after connecting).  While we are cut off every
+        peer looks dead, and none of them may be judged so."""
+        return self._connected and self._discovery is None
+
     def rejected_counts(self) -> dict[str, int]:
         """Messages dropped so far, by reason (``scs.srs_trust.REASONS``)."""
         return dict(self.codec.rejected)

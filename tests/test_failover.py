@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from scs import srs
 from scs.agent import Agent, ClusterQueues, LocalAgent
-from scs.errors import BadParameter
+from scs.errors import BadParameter, Unavailable
 from scs.failover import Failover, FailoverService, Fence, StartGate, spread
 from scs.replica import PeerView, Replicas, check_document, digest
 from scs.srs_trust import MessageCodec
@@ -255,6 +255,33 @@ class FailoverTests(SynchronousTestCase):
         self.assertEqual(list(rows["agent3"]["moved"]), ["w5"])
         single = c.run(c.agents["agent2"].instance_operation("instance_get", "w2", "foo")).body
         self.assertEqual((single["state"], single["agent"]), ("orphaned", "agent3"))
+
+    def test_an_agent_cut_off_from_the_broker_calls_no_peer_dead(self) -> None:
+        """While the broker is down every peer looks dead from here; they are
+        missing, not dead: the listing has this agent's instances only and
+        names the others in its header, and nothing is listed orphaned."""
+        c = self._three()
+        agent1 = c.agents["agent1"]
+        local = sorted(agent1.store.node_names())
+        c.network.stop_broker()
+        c.advance(1)
+        reply = c.run(agent1.instance_list("foo"))
+        self.assertEqual(sorted(reply.body), local)
+        self.assertEqual(sorted(reply.missing), ["agent2", "agent3"])
+        details = c.run(agent1.instance_list_details("foo")).body
+        self.assertEqual(sorted(i["name"] for i in details), local)
+        self.assertEqual(agent1.orphans(), [])
+        remote = next(n for n in c.stores["agent2"].node_names())
+        with self.assertRaises(Unavailable):
+            c.run(agent1.instance_operation("instance_get", remote, "foo"))
+        # Back on the bus, and once the peers have answered the hello, a
+        # peer that is really gone is judged again.
+        c.network.start_broker()
+        c.advance(INTERVAL)
+        self.assertEqual(agent1.orphans(), [])
+        c.kill("agent3")
+        c.advance(2)
+        self.assertEqual(sorted(o["name"] for o in agent1.orphans()), ["w2", "w5"])
 
     def test_two_survivors_deciding_at_once_create_each_instance_once(self) -> None:
         c = self._three()

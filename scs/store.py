@@ -230,6 +230,11 @@ class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        # Owner -> the decoded documents of our copy of its instances, read
+        # once: listings, the failover check (every second) and the fence
+        # read them far more often than heartbeats change them.  Kept by
+        # the only two writers, replica_put and replica_drop.
+        self._replica_documents: dict[str, list[dict[str, Any]]] | None = None
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], revision: str = "head") -> Store:
@@ -593,6 +598,7 @@ class Store:
 
     def replica_put(self, owner: str, digest: str, documents: Sequence[Mapping[str, Any]], now: float) -> None:
         """Replace the copy of ``owner``'s instances (checked documents)."""
+        documents = sorted((dict(d) for d in documents), key=lambda d: d["name"])
         with self.transaction() as session:
             row = session.get(ReplicaOwner, owner)
             if row is None:
@@ -605,17 +611,27 @@ class Store:
                     ReplicaInstance.__table__.insert(),
                     [{"owner": owner, "name": d["name"], "document": json.dumps(d)} for d in documents],
                 )
+        copies = self._replica_copies()
+        copies.pop(owner, None)
+        if documents:
+            copies[owner] = documents
 
     def replica_instances(self, owner: str | None = None) -> dict[str, list[dict[str, Any]]]:
-        """Owner -> the documents of its instances, by name."""
-        query = select(ReplicaInstance).order_by(ReplicaInstance.owner, ReplicaInstance.name)
-        if owner is not None:
-            query = query.where(ReplicaInstance.owner == owner)
-        copies: dict[str, list[dict[str, Any]]] = {}
-        with self.transaction() as session:
-            for row in session.scalars(query):
-                copies.setdefault(row.owner, []).append(json.loads(row.document))
-        return copies
+        """Owner -> the documents of its instances, by name.  The documents
+        are shared with the store's cache: read them, never change them."""
+        copies = self._replica_copies()
+        owners = sorted(copies) if owner is None else [owner] if owner in copies else []
+        return {name: list(copies[name]) for name in owners}
+
+    def _replica_copies(self) -> dict[str, list[dict[str, Any]]]:
+        if self._replica_documents is None:
+            query = select(ReplicaInstance).order_by(ReplicaInstance.owner, ReplicaInstance.name)
+            copies: dict[str, list[dict[str, Any]]] = {}
+            with self.transaction() as session:
+                for row in session.scalars(query):
+                    copies.setdefault(row.owner, []).append(json.loads(row.document))
+            self._replica_documents = copies
+        return self._replica_documents
 
     def replica_drop(self, owner: str, names: Sequence[str] | None = None) -> None:
         """Forget instances of ``owner`` (all of them when ``names`` is None);
@@ -624,15 +640,21 @@ class Store:
             if names is None:
                 session.execute(ReplicaOwner.__table__.delete().where(ReplicaOwner.owner == owner))
                 session.execute(ReplicaInstance.__table__.delete().where(ReplicaInstance.owner == owner))
-                return
-            session.execute(
-                ReplicaInstance.__table__.delete().where(
-                    ReplicaInstance.owner == owner, ReplicaInstance.name.in_(list(names))
+            else:
+                session.execute(
+                    ReplicaInstance.__table__.delete().where(
+                        ReplicaInstance.owner == owner, ReplicaInstance.name.in_(list(names))
+                    )
                 )
-            )
-            row = session.get(ReplicaOwner, owner)
-            if row is not None:
-                row.digest = ""
+                row = session.get(ReplicaOwner, owner)
+                if row is not None:
+                    row.digest = ""
+        copies = self._replica_copies()
+        dropped = None if names is None else set(names)
+        kept = [] if dropped is None else [d for d in copies.get(owner, []) if d["name"] not in dropped]
+        copies.pop(owner, None)
+        if kept:
+            copies[owner] = kept
 
     # -- autoscaling policies (scs.autoscaling) --------------------------------
 

@@ -340,3 +340,40 @@ def test_agent_start_with_reset_store_keeps_the_old_file(tmp_path: Path) -> None
     store.close()
     (backup,) = tmp_path.glob(STORE_FILENAME + ".*.bak")
     assert backup.read_bytes() == b"junk"
+
+
+def test_the_copies_of_peers_read_from_memory_match_the_file(tmp_path: Path) -> None:
+    """Our copies of the peers' instances are decoded once and kept by the
+    writers: after every change they read the same as a store opened anew."""
+    store = Store.in_directory(tmp_path)
+
+    def from_the_file() -> dict[str, list[dict]]:
+        again = Store.in_directory(tmp_path)
+        try:
+            return again.replica_instances()
+        finally:
+            again.close()
+
+    def documents(*names: str) -> list[dict]:
+        return [{"name": name, "app": "foo", "pid": None} for name in names]
+
+    assert store.replica_instances() == {} == from_the_file()
+    given = documents("w2", "ü", "w1")
+    store.replica_put("agent2", "d2", given, now=1.0)
+    store.replica_put("agent3", "d3", documents("x"), now=2.0)
+    given[0]["app"] = "changed by the caller"  # the store kept its own
+    assert store.replica_instances() == from_the_file()
+    assert [d["name"] for d in store.replica_instances("agent2")["agent2"]] == ["w1", "w2", "ü"]
+    assert store.replica_instances("agent2")["agent2"][1]["app"] == "foo"
+    store.replica_instances("agent2")["agent2"].clear()  # a caller's list is its own
+    assert len(store.replica_instances("agent2")["agent2"]) == 3
+
+    store.replica_drop("agent2", ["w1", "ü"])
+    assert store.replica_instances() == from_the_file()
+    assert [d["name"] for d in store.replica_instances("agent2")["agent2"]] == ["w2"]
+    assert store.replica_digests()["agent2"] == ""
+    store.replica_put("agent3", "d3b", [], now=3.0)
+    store.replica_drop("agent2")
+    assert store.replica_instances() == {} == from_the_file()
+    assert store.replica_instances("agent9") == {}
+    store.close()

@@ -164,6 +164,9 @@ class WorkerLifecycle:
         self.state = S.STOPPED
         self.restarts = 0
         self.spawned_spec: InstanceSpec | None = None
+        # The spec it was running or refused when it became ``failed``: the
+        # supervisor tries again once the instance's settings differ.
+        self.failed_with: InstanceSpec | None = None
         self.spawned_at = 0.0
         self._process: WorkerProcess | None = None
         self._spawns = 0
@@ -200,6 +203,7 @@ class WorkerLifecycle:
         if new not in TRANSITIONS[old]:
             raise IllegalTransition(f"{self.name}: {old.value} -> {new.value} ({why})")
         self.state = new
+        self.failed_with = self.spec if new is S.FAILED else None
         self.log.debug(
             "{{Supervisor}} {name}: {old} -> {new} ({why})",
             name=self.name,

@@ -380,7 +380,9 @@ class Supervisor(Service):
     def _start_desired(self, specs: dict[str, InstanceSpec]) -> None:
         """Start the enabled instances' workers; replace those whose command
         line changed (broker, celery_app or arguments: only a new process
-        picks them up)."""
+        picks them up); start again a failed one whose settings changed
+        since it failed (the operator mended its app: a workdir that was
+        missing, a wrong celery_app), once per change."""
         for spec in specs.values():
             if not spec.is_enabled:
                 continue
@@ -391,8 +393,15 @@ class Supervisor(Service):
                         "{{Supervisor}} {name} configuration changed, restarting", name=spec.name, event="reconfigure"
                     )
                     lc.replace()
-            else:
-                lc.start()
+                continue
+            if lc.failed_with is not None and _restart_key(lc.failed_with) != _restart_key(spec):
+                self.log.info(
+                    "{{Supervisor}} {name} failed, and its configuration changed since: starting it again",
+                    name=spec.name,
+                    event="reconfigure.failed",
+                )
+                lc.reset()
+            lc.start()
 
     def hold_reconfigure(self, app: str, seconds: float) -> None:
         """Leave the workers of ``app`` whose settings changed as they are

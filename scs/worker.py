@@ -53,8 +53,8 @@ class SettingUnavailable(UnsafeSpec):
     """An app's ``workdir`` or ``python`` that cannot be used on this
     machine (missing, not a directory, not executable...): the API checked
     it where it was set, but apps are copied to every agent and this one
-    may lack it.  The instance is ``failed`` until it is restarted; the
-    others are not affected."""
+    may lack it.  The instance is ``failed`` until it is restarted or its
+    app's settings change; the others are not affected."""
 
     event = "setting-unavailable"
 

@@ -472,6 +472,50 @@ def test_a_failed_instance_restarts_once_the_machine_has_its_directory(rig: Any,
     assert r.process("w1").path == str(later)
 
 
+def test_a_failed_instance_starts_again_once_its_app_is_mended(rig: Any, tmp_path: Path, workdir: str) -> None:
+    """A workdir missing here fails the instance; setting the app's workdir
+    to one that exists starts it at the next wake-up, once, without a
+    manual restart.  Unchanged settings still never loop."""
+    r = rig([spec(workdir=str(tmp_path / "missing"))])
+    r.wake()
+    assert r.sup.status("w1").state == "failed"
+    r.wake()
+    assert not r.named("reconfigure.failed")
+    r.specs = [attrs.evolve(r.specs[0], workdir=workdir)]
+    r.wake()
+    assert len(r.named("reconfigure.failed")) == 1
+    assert r.sup.status("w1").state == "starting"
+    assert r.process("w1").path == workdir
+    r.up("w1")
+    r.wake()
+    assert r.sup.status("w1").state == "running"
+    assert len(r.named("reconfigure.failed")) == 1
+
+
+def test_a_worker_failed_by_rapid_exits_is_tried_again_after_a_change(rig: Any) -> None:
+    """A worker that keeps dying young (a wrong celery_app) ends failed;
+    the operator's fix of the app starts it again; no change, no retry."""
+    r = rig([spec()])
+    r.wake()
+    for _ in range(r.sup.policy.max_rapid_failures + 5):
+        if r.sup.status("w1").state == "failed":
+            break
+        alive = [p for p in r.spawner.alive if "w1@h" in p.args]
+        if alive:
+            alive[0].exit(1)
+        r.clock.advance(r.sup.policy.backoff_cap + 1)
+        r.wake()
+    assert r.sup.status("w1").state == "failed"
+    spawned = len(r.spawner.processes)
+    r.clock.advance(60)
+    r.wake()
+    assert len(r.spawner.processes) == spawned
+    r.specs = [attrs.evolve(r.specs[0], celery_app="proj.fixed:app")]
+    r.wake()
+    assert len(r.spawner.processes) == spawned + 1
+    assert "proj.fixed:app" in r.process("w1").args
+
+
 @pytest.mark.parametrize(
     "change",
     [

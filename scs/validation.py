@@ -462,6 +462,26 @@ def check_python(value: Any, *, on_this_machine: bool = True) -> str | None:
     return path
 
 
+# The settings of ``PUT /<app>/`` (and of the admin page's app forms).
+APP_SETTINGS = ("broker", "celery_app", "arguments", "env", "workdir", "python", "task_events")
+
+
+def check_app_settings(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of ``Agent.app_put`` for the settings an
+    operator sent (the API and the admin page, both on this machine): each
+    one given is checked; one left out is not in the result (unchanged)."""
+    checks: dict[str, Any] = {
+        "broker": check_broker_url,
+        "celery_app": check_celery_app,
+        "arguments": lambda value: list(check_arguments(value)),
+        "env": lambda value: check_env(value, on_this_machine=True),
+        "workdir": check_workdir,
+        "python": check_python,
+        "task_events": lambda value: check_bool(value, "task_events"),
+    }
+    return {name: check(params[name]) for name, check in checks.items() if name in params}
+
+
 def check_queue_list(value: Any) -> tuple[str, ...]:
     """``queues``: a comma-separated string or a JSON list of names."""
     if value is None or value == "":

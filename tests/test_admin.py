@@ -3,14 +3,19 @@ escaping, errors on the page.  Through StubTreq on the real site."""
 
 from __future__ import annotations
 
+import html
 import re
+import sys
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import pytest
 from surfaces_support import BROKER, FakeSupervisor, Surfaces
 
+from scs import validation as v
 from scs.agent import Agent, LocalAgent
+from scs.errors import BadParameter
 from scs.records import WorkerStatus
 from scs.store import Store
 
@@ -30,10 +35,12 @@ def create(site: Surfaces, name: str = "w1", **fields: str) -> None:
     assert response.header("location") == "/admin/?done=create"
 
 
-def row(body: bytes, name: str) -> str:
-    """The table row of one local instance."""
-    found = re.search(rf'<tr id="instance-{re.escape(name)}".*?</tr>', body.decode(), re.S)
-    assert found, f"no row for {name}"
+def row(body: bytes | str, name: str, kind: str = "instance") -> str:
+    """The table row of one local instance (or of one app)."""
+    text = body.decode() if isinstance(body, bytes) else body
+    opening = f'<tr id="instance-{name}"' if kind == "instance" else f'<tr class="app" data-name="{name}"'
+    found = re.search(re.escape(opening) + ".*?</tr>", text, re.S)
+    assert found, f"no row for {kind} {name}"
     return found.group(0)
 
 
@@ -323,7 +330,16 @@ def test_a_form_posted_from_another_site_is_refused(site: Surfaces) -> None:
 # -- escaping ------------------------------------------------------------------------------
 
 FORMS = {
-    "apps": {"name": "foo", "broker": BROKER, "celery_app": "proj:app", "arguments": "-E"},
+    "apps": {
+        "name": "foo",
+        "broker": BROKER,
+        "celery_app": "proj:app",
+        "arguments": "-E",
+        "env": "A=1",
+        "workdir": "default",
+        "python": "default",
+        "task_events": "true",
+    },
     "instances": {
         "app": "foo",
         "name": "w2",
@@ -383,3 +399,220 @@ def test_the_login_token_is_never_echoed() -> None:
     response = site.submit("login", {"token": PAYLOAD})
     assert response.code == 401
     assert "alert(1)" not in response.text
+
+
+# -- app settings for the workers: env, workdir, python, task_events ---------------------------
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> str:
+    d = tmp_path / "work"
+    d.mkdir(mode=0o755)
+    return str(d)
+
+
+def edit_value(row_html: str, app: str, field: str) -> str:
+    """The value an app's edit form holds for a field, unescaped."""
+    ident = f"edit-{app}-{field}"
+    if field == "env":
+        found = re.search(rf'<textarea [^>]*id="{ident}"[^>]*>(.*?)</textarea>', row_html, re.S)
+    elif field == "task_events":
+        select = re.search(rf'<select [^>]*id="{ident}".*?</select>', row_html, re.S)
+        assert select, f"no {ident}"
+        found = re.search(r'<option value="([a-z]*)" selected=""', select.group(0))
+    else:
+        found = re.search(rf'<input [^>]*value="([^"]*)" id="{ident}"', row_html)
+    assert found, f"no {ident}"
+    return html.unescape(found.group(1))
+
+
+def error_of(response: Any) -> str:
+    found = re.search(r'<div id="error".*?</div>', response.text, re.S)
+    assert found, response.text[:3000]
+    return html.unescape(found.group(0))
+
+
+def test_apps_table_shows_the_settings_and_an_edit_form_holding_them(site: Surfaces, workdir: str) -> None:
+    site.store.put_app(
+        "foo", BROKER, env={"PYTHONPATH": "/srv/foo", "MODE": "a=b c"}, workdir=workdir, python=sys.executable
+    )
+    site.store.put_app("bar", BROKER, task_events=True)
+    body = site.page().text
+    foo, bar = row(body, "foo", "app"), row(body, "bar", "app")
+    assert re.findall(r"<li><code>(.*?)</code></li>", cell(foo, "env")) == ["MODE=a=b c", "PYTHONPATH=/srv/foo"]
+    assert cell(foo, "workdir") == f"<code>{workdir}</code>"
+    assert cell(foo, "python") == f"<code>{sys.executable}</code>"
+    assert cell(foo, "task-events") == "no"
+    assert (cell(bar, "env"), cell(bar, "task-events")) == ("none", "yes")
+    assert cell(bar, "workdir") == cell(bar, "python") == "default (the agent's)"
+    # The edit form starts from the current values; closed until a refusal.
+    assert edit_value(foo, "foo", "env") == "MODE=a=b c\nPYTHONPATH=/srv/foo"
+    assert (edit_value(foo, "foo", "workdir"), edit_value(foo, "foo", "python")) == (workdir, sys.executable)
+    assert (edit_value(foo, "foo", "task_events"), edit_value(bar, "bar", "task_events")) == ("false", "true")
+    assert (edit_value(bar, "bar", "workdir"), edit_value(bar, "bar", "python")) == ("default", "default")
+    assert "<details>" in foo and "<details open" not in body
+    # How to write env is on the page.
+    assert "<code>NAME=value</code> a line" in body and "<code>{}</code> removes them all" in body
+
+
+def test_put_app_sets_each_setting(site: Surfaces, workdir: str) -> None:
+    # A browser sends a textarea's lines with CRLF; blank lines are skipped.
+    fields = {"name": "foo", "env": "A=1\r\n\r\nB = x=y \r\n", "workdir": workdir, "task_events": "true"}
+    response = site.submit("apps", fields)
+    assert (response.code, response.header("location")) == (303, "/admin/?done=app")
+    app = site.store.get_app("foo")
+    assert (dict(app.env), app.workdir, app.python, app.task_events) == ({"A": "1", "B": " x=y "}, workdir, None, True)
+    # The edit form sends them all; empty fields leave a setting as it is.
+    assert site.submit("apps", {"name": "foo", "python": sys.executable, "env": "", "workdir": ""}).code == 303
+    app = site.store.get_app("foo")
+    assert (dict(app.env), app.workdir, app.python, app.task_events) == (
+        {"A": "1", "B": " x=y "},
+        workdir,
+        sys.executable,
+        True,
+    )
+    fields = {"name": "foo", "env": "C=3", "workdir": "default", "python": "default", "task_events": "false"}
+    assert site.submit("apps", fields).code == 303
+    app = site.store.get_app("foo")
+    assert (dict(app.env), app.workdir, app.python, app.task_events) == ({"C": "3"}, None, None, False)
+    # A JSON object works too, as the API takes it; {} clears.
+    assert site.submit("apps", {"name": "foo", "env": '{"D": "4"}'}).code == 303
+    assert dict(site.store.get_app("foo").env) == {"D": "4"}
+    assert site.submit("apps", {"name": "foo", "env": "{}"}).code == 303
+    assert site.store.get_app("foo").env == ()
+    # Blanks only are nothing, as an empty field is.
+    site.submit("apps", {"name": "foo", "env": "E=5"})
+    assert site.submit("apps", {"name": "foo", "env": " \r\n "}).code == 303
+    assert dict(site.store.get_app("foo").env) == {"E": "5"}
+
+
+def test_the_edit_form_sends_paths_back_unchanged_without_a_check_here(site: Surfaces, tmp_path: Path) -> None:
+    """An app's workdir may exist only where its workers run: its edit form
+    on another agent's page sends it back as it is, and saving the env must
+    not be refused for it.  A path that changes is checked as always."""
+    elsewhere = tmp_path / "on-another-machine"
+    elsewhere.mkdir()
+    assert site.submit("apps", {"name": "foo", "workdir": str(elsewhere)}).code == 303
+    elsewhere.rmdir()  # as seen from this machine
+    fields = {"name": "foo", "env": "A=1", "workdir": str(elsewhere), "python": "default", "task_events": "false"}
+    assert site.submit("apps", fields).code == 303
+    app = site.store.get_app("foo")
+    assert (dict(app.env), app.workdir) == ({"A": "1"}, str(elsewhere))
+    before = site.store.dump()
+    response = site.submit("apps", {**fields, "workdir": str(tmp_path / "missing")})
+    assert response.code == 400
+    assert site.store.dump() == before
+
+
+def test_a_settings_change_restarts_through_the_agent_as_the_api_does(site: Surfaces) -> None:
+    site.submit("apps", {"name": "foo"})
+    create(site)
+    wakes = site.supervisor.wakes
+    assert site.submit("apps", {"name": "foo", "task_events": "true"}).code == 303
+    assert site.supervisor.wakes > wakes
+
+
+def _world_writable(tmp_path: Path) -> str:
+    d = tmp_path / "shared"
+    d.mkdir()
+    d.chmod(0o777)
+    return str(d)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"workdir": "WORLD_WRITABLE"}, "is writable by every user"),
+        ({"workdir": "relative/dir"}, "workdir must be an absolute path"),
+        ({"workdir": "/no/such/dir/for/scs"}, "cannot be used on this agent"),
+        ({"python": "/no/such/python"}, "cannot be used on this agent"),
+        ({"env": "A=1\nLD_PRELOAD=/tmp/x.so"}, "LD_PRELOAD may not be set for workers"),
+        ({"env": "PYTHONSTARTUP=/tmp/x.py"}, "PYTHONSTARTUP may not be set for workers"),
+        ({"env": "BASH_ENV=/tmp/x"}, "BASH_ENV may not be set"),
+        ({"env": "PYTHONPATH=WORLD_WRITABLE"}, "writable by every user"),
+        ({"env": "1A=x"}, "variable name '1A' must be ASCII letters"),
+        ({"env": "A=bell\x07"}, "the value of A must be printable"),
+        ({"env": "A=1\njust words"}, "env: line 2 is not NAME=value"),
+        ({"env": "A=1\nA=2"}, "env: 'A' is given twice"),
+        ({"env": '{"A": 1}'}, "the value of A must be a string"),
+        ({"task_events": "maybe"}, "task_events must be true or false"),
+    ],
+)
+def test_bad_settings_are_refused_on_the_page_and_nothing_is_stored(
+    site: Surfaces, tmp_path: Path, workdir: str, fields: dict[str, str], message: str
+) -> None:
+    shared = _world_writable(tmp_path)
+    fields = {k: val.replace("WORLD_WRITABLE", shared) for k, val in fields.items()}
+    assert site.submit("apps", {"name": "foo", "env": "KEEP=1", "workdir": workdir}).code == 303
+    before = site.store.dump()
+    for app in ("foo", "bar"):  # an existing app and a new one
+        # Good settings alongside the bad one: none of them is stored.
+        response = site.submit("apps", {"name": app, "celery_app": "other:app", "task_events": "true", **fields})
+        assert response.code == 400
+        assert response.header("content-type") == "text/html; charset=utf-8"
+        assert message in error_of(response)
+        assert "Traceback" not in response.text
+        assert site.store.dump() == before
+    # The existing app's form opens again with what was sent, to correct it.
+    response = site.submit("apps", {"name": "foo", **fields})
+    row_html = row(response.text, "foo", "app")
+    assert "<details open" in row_html
+    for name, value in fields.items():
+        if name != "task_events":  # a menu: what it cannot offer shows in the error box only
+            assert edit_value(row_html, "foo", name) == value
+
+
+def test_the_page_refuses_what_the_api_refuses_with_the_same_message(site: Surfaces, tmp_path: Path) -> None:
+    shared = _world_writable(tmp_path)
+    for fields, check in [
+        ({"workdir": shared}, lambda: v.check_workdir(shared)),
+        ({"python": shared}, lambda: v.check_python(shared)),
+        ({"env": "LD_PRELOAD=/x.so"}, lambda: v.check_env({"LD_PRELOAD": "/x.so"}, on_this_machine=True)),
+        ({"env": "ALLOWED_NOT=1\nPYTHONWARNINGS=x"}, lambda: v.check_env({"PYTHONWARNINGS": "x"})),
+    ]:
+        with pytest.raises(BadParameter) as refused:
+            check()
+        response = site.submit("apps", {"name": "foo", **fields})
+        assert response.code == 400
+        assert refused.value.message in error_of(response)
+    assert site.store.list_apps() == []
+
+
+def test_env_values_and_paths_come_back_escaped(site: Surfaces, tmp_path: Path) -> None:
+    hostile = tmp_path / "<i>w\"'&"
+    hostile.mkdir(mode=0o755)
+    # Through the form: an env value and a path may hold markup.
+    fields = {"name": "foo", "env": f"X={PAYLOAD}\nY=</textarea>{PAYLOAD}", "workdir": str(hostile)}
+    assert site.submit("apps", fields).code == 303
+    # And what a store may hold without the checks (an older agent, a peer's copy).
+    site.store.put_app("bar", BROKER, env={"Z": '"><script>x</script>'}, workdir="/<b>", python="/<u>/python")
+    body = site.page().text
+    assert re.search(r"<script|<i>|<b>|<u>", body, re.I) is None, body
+    assert body.count("</textarea>") == body.count("<textarea ")
+    foo = row(body, "foo", "app")
+    assert "X=&lt;script&gt;alert(1)&lt;/script&gt;" in cell(foo, "env")
+    assert edit_value(foo, "foo", "env") == f"X={PAYLOAD}\nY=</textarea>{PAYLOAD}"
+    assert edit_value(foo, "foo", "workdir") == str(hostile)
+    assert "/&lt;i&gt;w\"'&amp;</code>" in cell(foo, "workdir")
+    bar = row(body, "bar", "app")
+    assert edit_value(bar, "bar", "env") == 'Z="><script>x</script>'
+    assert (edit_value(bar, "bar", "workdir"), edit_value(bar, "bar", "python")) == ("/<b>", "/<u>/python")
+    # A refused form shows what was sent, escaped, in the error box and the form.
+    response = site.submit("apps", {"name": "foo", "env": f"LD_PRELOAD={PAYLOAD}", "python": PAYLOAD})
+    assert response.code == 400
+    assert re.search(r"<script", response.text, re.I) is None
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in response.text
+
+
+def test_settings_forms_need_the_token_and_this_site(site: Surfaces, workdir: str) -> None:
+    site.submit("apps", {"name": "foo", "env": "A=1"})
+    body = site.page().text
+    edit = re.search(r'<form [^>]*class="edit-app".*?</form>', body, re.S)
+    assert edit and f'name="csrf" value="{site.csrf()}"' in edit.group(0)
+    before = site.store.dump()
+    fields = {"name": "foo", "env": "B=2", "workdir": workdir, "python": sys.executable, "task_events": "true"}
+    response = site.submit("apps", fields, csrf=False)
+    assert response.code == 403 and "anti-forgery token" in response.text
+    assert site.submit("apps", fields, headers={"Origin": "http://evil.example"}).code == 403
+    assert site.submit("apps", fields, headers={"Sec-Fetch-Site": "cross-site"}).code == 403
+    assert site.store.dump() == before

@@ -3,8 +3,11 @@
 Server-rendered with ``twisted.web.template`` (which escapes every string
 it is given), plain HTML forms that POST and redirect (303) back to the
 page, so it works without JavaScript.  It lists this agent's instances with
-forms to change them, the apps and queue declarations of this agent, and a
-read-only view of the other agents' instances.
+forms to change them, the apps (with their workers' ``env``, ``workdir``,
+``python`` and ``task_events``, each app with a form filled with them) and
+queue declarations of this agent, and a read-only view of the other agents'
+instances.  An app's settings go through ``validation.check_app_settings``,
+the API's own checks; only ``env``'s ``NAME=value`` lines are read here.
 
 Protection:
 
@@ -42,7 +45,6 @@ from scs import validation as v
 from scs.errors import BadParameter, SCSError
 from scs.http.auth import SESSION_COOKIE, SESSION_LIFETIME, TokenAuth
 from scs.http.params import DEFAULT_MAX_BODY, request_params
-from scs.records import UNSET
 
 log = Logger(namespace="scs.http.admin")
 
@@ -51,6 +53,10 @@ ADMIN_ROOT = "/admin/"
 CSRF_COOKIE = b"scs_csrf"
 CSRF_FIELD = "csrf"
 _NONCE = re.compile(rb"^[0-9a-f]{32}$")
+# What the apps table says of a workdir or python left to the agent.
+AGENTS_OWN = "default (the agent's)"
+# The task_events menu: the value sent -> what it says; "" is "not given".
+TASK_EVENTS_CHOICES = (("", "unchanged"), ("true", "on"), ("false", "off"))
 
 # What a successful POST says on the page it redirects to: a fixed set, so
 # the query string cannot put words on the page.
@@ -341,12 +347,104 @@ class AdminPage(Element):
                 tags.td(tags.code(f"{a.broker.userid}@{a.broker.hostname}:{a.broker.port}/{a.broker.virtual_host}")),
                 tags.td(_text(a.celery_app)),
                 tags.td(tags.code(" ".join(a.arguments))),
+                tags.td(
+                    tags.ul(*[tags.li(tags.code(f"{name}={value}")) for name, value in a.env], **{"class": "env"})
+                    if a.env
+                    else "none",
+                    **{"class": "env"},
+                ),
+                tags.td(tags.code(a.workdir) if a.workdir else AGENTS_OWN, **{"class": "workdir"}),
+                tags.td(tags.code(a.python) if a.python else AGENTS_OWN, **{"class": "python"}),
+                tags.td("yes" if a.task_events else "no", **{"class": "task-events"}),
+                tags.td(self._app_edit(a)),
+                **{"class": "app", "data-name": a.name},
             )
             for a in self.data.apps
         ]
         if not rows:
-            rows = [tags.tr(tags.td("No apps yet.", colspan="4"))]
+            rows = [tags.tr(tags.td("No apps yet.", colspan="9"))]
         return tag(*rows)
+
+    def _app_edit(self, app: Any) -> Tag:
+        """An app's settings for its workers, in a form filled with their
+        current values (or with what was sent, when that was refused)."""
+        sent = self.data.refill.get("app", {})
+        refused = sent.get("name") == app.name
+        values = (
+            sent
+            if refused
+            else {
+                "env": _env_text(app.env),
+                "workdir": app.workdir or v.DEFAULT_SETTING,
+                "python": app.python or v.DEFAULT_SETTING,
+                "task_events": "true" if app.task_events else "false",
+            }
+        )
+        return tags.details(
+            tags.summary("edit settings"),
+            self.form(
+                "apps",
+                tags.input(type="hidden", name="name", value=app.name),
+                *self._app_settings_fields("edit-" + app.name, values),
+                tags.button("Save settings", type="submit"),
+                **{"class": "edit-app"},
+            ),
+            **({"open": ""} if refused else {}),
+        )
+
+    def _app_settings_fields(self, form_id: str, values: Mapping[str, str]) -> list[Tag]:
+        """The fields of ``env``, ``workdir``, ``python`` and ``task_events``."""
+        task_events = values.get("task_events", "")
+        return [
+            tags.p(
+                tags.label(
+                    "environment variables (NAME=value, one a line)",
+                    tags.br(),
+                    tags.textarea(
+                        values.get("env", ""), name="env", id=f"{form_id}-env", rows="4", cols="48", spellcheck="false"
+                    ),
+                )
+            ),
+            tags.p(
+                tags.label(
+                    "workdir ",
+                    tags.input(name="workdir", value=values.get("workdir", ""), id=f"{form_id}-workdir", size="30"),
+                ),
+                " ",
+                tags.label(
+                    "python ",
+                    tags.input(name="python", value=values.get("python", ""), id=f"{form_id}-python", size="30"),
+                ),
+                " ",
+                tags.label(
+                    "task events (-E) ",
+                    tags.select(
+                        *[
+                            tags.option(text, value=value, **({"selected": ""} if value == task_events else {}))
+                            for value, text in TASK_EVENTS_CHOICES
+                        ],
+                        name="task_events",
+                        id=f"{form_id}-task_events",
+                    ),
+                ),
+            ),
+            tags.p(
+                "An empty field leaves the setting unchanged. ",
+                tags.strong("env"),
+                ": one ",
+                tags.code("NAME=value"),
+                " a line (or a JSON object); it replaces all the app's variables, ",
+                tags.code("{}"),
+                " removes them all. Values are shown here and stored in clear: keep secrets in files the app reads. ",
+                tags.strong("workdir"),
+                ", ",
+                tags.strong("python"),
+                ": an absolute path on this agent's machine, or ",
+                tags.code(v.DEFAULT_SETTING),
+                " for the agent's own.",
+                **{"class": "help"},
+            ),
+        ]
 
     @renderer
     def app_form(self, request: IRequest, tag: Tag) -> Tag:
@@ -364,6 +462,7 @@ class AdminPage(Element):
                     " ",
                     self.field(f, "arguments", "extra worker arguments", size="30"),
                 ),
+                *self._app_settings_fields(f, self.data.refill.get(f, {})),
                 tags.button("Save app", type="submit"),
                 id="put-app",
             )
@@ -721,13 +820,15 @@ class Admin:
     @app.route("/apps", methods=["POST"])
     async def put_app(self, request: IRequest) -> bytes:
         async def run(fields: dict[str, Any]) -> str:
-            v.only(fields, ("name", "broker", "celery_app", "arguments"))
-            await self.agent.app_put(
-                v.check_app_name(fields.get("name", "")),
-                broker=v.check_broker_url(fields["broker"]) if _given(fields, "broker") else None,
-                celery_app=v.check_celery_app(fields["celery_app"]) if "celery_app" in fields else UNSET,
-                arguments=list(v.check_arguments(fields["arguments"])) if "arguments" in fields else None,
-            )
+            v.only(fields, ("name", *v.APP_SETTINGS))
+            name = v.check_app_name(fields.get("name", ""))
+            if isinstance(fields.get("env"), str):
+                env = _env_from_lines(fields.pop("env"))
+                if env is not None:
+                    fields["env"] = env
+            _drop_unchanged_paths(fields, self.agent.store, name)
+            # The API's checks, the same function (scs.validation).
+            await self.agent.app_put(name, **v.check_app_settings(fields))
             return "app"
 
         return await self._post(request, "app", run)
@@ -867,6 +968,49 @@ def _decision_text(decision: Mapping[str, Any] | None) -> str:
     if decision.get("reason"):
         text += f"; {decision['reason']}"
     return text
+
+
+def _drop_unchanged_paths(fields: dict[str, Any], store: Any, name: str) -> None:
+    """An app's edit form sends its ``workdir`` and ``python`` back as they
+    are: those are not changes, and are not checked again on this machine
+    (an app's paths may exist only on the machines that run its workers;
+    saving its env from another agent's page must not be refused)."""
+    try:
+        app = store.get_app(name)
+    except SCSError:
+        return
+    for setting in ("workdir", "python"):
+        if fields.get(setting) == (getattr(app, setting) or v.DEFAULT_SETTING):
+            del fields[setting]
+
+
+def _env_text(env: Iterable[tuple[str, str]]) -> str:
+    """An app's ``env`` as the form shows it: one ``NAME=value`` a line."""
+    return "\n".join(f"{name}={value}" for name, value in env)
+
+
+def _env_from_lines(text: str) -> str | dict[str, str] | None:
+    """The form's ``env`` for ``validation.check_env``, which checks it:
+    ``NAME=value`` lines (blank ones skipped) as a dict, a JSON object's
+    text as it is, None (not given) when there is nothing but blanks.
+    Messages never quote a value (values may be credentials)."""
+    if not text.strip():
+        return None
+    if text.lstrip().startswith("{"):
+        return text
+    env: dict[str, str] = {}
+    for number, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")  # browsers send a textarea's lines with CRLF
+        if not line.strip():
+            continue
+        name, equals, value = line.partition("=")
+        name = name.strip()
+        if not equals:
+            raise BadParameter(f"env: line {number} is not NAME=value", parameter="env")
+        if name in env:
+            raise BadParameter(f"env: {name[:40]!r} is given twice", parameter="env", variable=name)
+        env[name] = value
+    return env
 
 
 def _given(fields: Mapping[str, Any], name: str) -> bool:

@@ -27,7 +27,6 @@ from scs.errors import BadParameter, MethodNotAllowed, NotFound, SCSError, Unava
 from scs.http.guard import BadHost, parse_host
 from scs.http.openapi import openapi_document
 from scs.http.params import DEFAULT_MAX_BODY, request_params
-from scs.records import UNSET
 
 log = Logger(namespace="scs.http")
 
@@ -248,17 +247,8 @@ class API:
 
     @endpoint("/<app>/", "PUT", "POST")
     async def app_put(self, params: dict[str, Any], app: str) -> Reply:
-        v.only(params, ("broker", "celery_app", "arguments", "env", "workdir", "python", "task_events"))
-        return await self.agent.app_put(
-            v.check_app_name(app),
-            broker=v.check_broker_url(params["broker"]) if "broker" in params else None,
-            celery_app=v.check_celery_app(params["celery_app"]) if "celery_app" in params else UNSET,
-            arguments=list(v.check_arguments(params["arguments"])) if "arguments" in params else None,
-            env=v.check_env(params["env"], on_this_machine=True) if "env" in params else None,
-            workdir=v.check_workdir(params["workdir"]) if "workdir" in params else UNSET,
-            python=v.check_python(params["python"]) if "python" in params else UNSET,
-            task_events=v.check_bool(params["task_events"], "task_events") if "task_events" in params else None,
-        )
+        v.only(params, v.APP_SETTINGS)
+        return await self.agent.app_put(v.check_app_name(app), **v.check_app_settings(params))
 
     @endpoint("/<app>/", "GET")
     async def app_get(self, params: dict[str, Any], app: str) -> Reply:

@@ -208,7 +208,7 @@ class Autoscaler(Service):
         # A queue not on the broker yet has no messages.
         messages = 0 if stats is None else int(stats["messages"])
         consumers = 0 if stats is None else int(stats["consumers"])
-        instances, missing = await self.agent.app_instance_objects(app)
+        instances, missing = await self.agent.app_wide.instance_objects(app)
         counted = [i for i in instances if i["is_enabled"] and policy.queue in i["queues"]]
         current = len(counted)
         target = target_for(policy, messages)
@@ -315,7 +315,7 @@ class Autoscaler(Service):
 
     async def _scale_down_one(self, policy: AutoscalingPolicy, counted: list[dict[str, Any]]) -> str | None:
         """Delete one instance that runs no task; its name, or None."""
-        candidates = [i for i in counted if i["state"] != "orphaned" and self.agent.peer_alive(i["agent"])]
+        candidates = [i for i in counted if i["state"] != "orphaned" and self.agent.peers.peer_alive(i["agent"])]
         per_agent: dict[str, int] = {}
         for instance in counted:
             per_agent[instance["agent"]] = per_agent.get(instance["agent"], 0) + 1

@@ -37,7 +37,9 @@ from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from scs.custody import Custody
 from scs.errors import SCSError
+from scs.peers import Peers
 from scs.store import Store
 from scs.worker import node_name
 
@@ -69,18 +71,19 @@ def spread(dead: str, load: dict[str, int], names: list[str]) -> dict[str, str]:
 
 
 class Failover:
-    """See the module docstring.  ``agent`` is the cluster façade
-    (``scs.agent.Agent``), ``control`` the Celery control that pings."""
+    """See the module docstring.  ``custody`` is this agent's
+    ``scs.custody.Custody`` (who has what, and the moves), ``control`` the
+    Celery control that pings."""
 
     def __init__(
         self,
-        agent: Any,
+        custody: Custody,
         control: Any,
         clock: Any,
         failover_after: float = DEFAULT_FAILOVER_AFTER,
         check_interval: float = CHECK_INTERVAL,
     ) -> None:
-        self.agent = agent
+        self.custody = custody
         self.control = control
         self.clock = clock
         self.failover_after = failover_after
@@ -96,11 +99,19 @@ class Failover:
 
     @property
     def store(self) -> Store:
-        return self.agent.store
+        return self.custody.store
 
     @property
     def srs(self) -> Any:
-        return self.agent.srs
+        return self.custody.srs
+
+    @property
+    def agent_id(self) -> str:
+        return self.custody.agent_id
+
+    @property
+    def peers(self) -> Peers:
+        return self.custody.peers
 
     def start(self) -> None:
         if self.failover_after <= 0 or self.srs is None:
@@ -118,7 +129,7 @@ class Failover:
         """One look at the dead; a failover in progress is not overlapped."""
         if self._running is not None or not self.srs.is_connected():
             return None
-        if self.agent.placement.coordinator() != self.agent.agent_id:
+        if self.custody.placement.coordinator() != self.agent_id:
             return None
         due = self.due()
         if not due:
@@ -139,9 +150,9 @@ class Failover:
         due = {}
         for owner, documents in self.store.replica_instances().items():
             member = self.srs.membership.get(owner)
-            if member is None or not documents or owner == self.agent.agent_id:
+            if member is None or not documents or owner == self.agent_id:
                 continue
-            if self.agent.peer_alive(owner) or member.dead_since is None:
+            if self.peers.peer_alive(owner) or member.dead_since is None:
                 continue
             due[owner] = now - member.dead_since >= self.failover_after
         return dict(sorted(due.items()))
@@ -153,13 +164,13 @@ class Failover:
     def held_by_live_agents(self) -> dict[str, str]:
         """Instance -> the live agent that has it (here, or in our copies,
         or moved there by us lately: a copy lags a heartbeat behind)."""
-        held = {name: self.agent.agent_id for name in self.store.node_names()}
+        held = {name: self.agent_id for name in self.store.node_names()}
         for owner, documents in self.store.replica_instances().items():
-            if owner != self.agent.agent_id and self.agent.peer_alive(owner):
+            if owner != self.agent_id and self.peers.peer_alive(owner):
                 for document in documents:
                     held.setdefault(document["name"], owner)
         for name, target in list(self._recent.items()):
-            if name in held or not self.agent.peer_alive(target):
+            if name in held or not self.peers.peer_alive(target):
                 del self._recent[name]  # the copies show it now (or its agent died)
             else:
                 held[name] = target
@@ -202,11 +213,11 @@ class Failover:
                     dead=dead,
                     event="failover.orphaned",
                 )
-        live = [a for a in self.agent.placement.live_agents() if a != dead and not self.agent.is_draining(a)]
+        live = [a for a in self.custody.placement.live_agents() if a != dead and not self.peers.is_draining(a)]
         if not to_move or not live:
             return {}
         # Our copies of the others may be a heartbeat behind: ask them.
-        owners = await self.agent.owners_of([d["name"] for d in to_move])
+        owners = await self.custody.owners_of([d["name"] for d in to_move])
         if owners is None:
             return {}  # an agent did not answer: next time
         if owners:
@@ -231,7 +242,7 @@ class Failover:
     async def _move(self, dead: str, document: dict[str, Any], target: str, moved: dict[str, str]) -> None:
         name = document["name"]
         try:
-            outcome = await self.agent.adopt_once(target, document, moved_from=dead)
+            outcome = await self.custody.adopt_once(target, document, moved_from=dead)
         except SCSError as e:
             log.warn(
                 "failover of {instance} from {dead} to {target} failed: {error} (tried again later)",
@@ -293,19 +304,19 @@ class Fence:
     deciders in a split cluster), the one on the agent with the smaller id
     wins."""
 
-    def __init__(self, agent: Any) -> None:
-        self.agent = agent
+    def __init__(self, custody: Custody) -> None:
+        self.custody = custody
 
     def __call__(self, _synced_agent: str | None = None) -> list[str]:
-        local = self.agent.local
+        local = self.custody.local
         mine = {spec.name: spec for spec in local.store.list_nodes()}
         losing = set()
         for owner, documents in local.store.replica_instances().items():
-            if owner == local.agent_id or not self.agent.peer_alive(owner):
+            if owner == local.agent_id or not self.custody.peers.peer_alive(owner):
                 continue
             for document in documents:
                 spec = mine.get(document["name"])
-                if spec is None or spec.moved_from == owner or spec.name in self.agent.handing_over:
+                if spec is None or spec.moved_from == owner or spec.name in self.custody.handing_over:
                     # Ours came from that peer: our copy of its document is
                     # older than the move (it comes back at its next digest).
                     continue

@@ -536,10 +536,13 @@ def _build_failover(options: Options, agent: Any, supervisor: Any, gate: Any, re
     from scs.replica import PeerView, Replicas
 
     srs = agent.srs
-    fence = Fence(agent)
+    # The failover and the fence work with the façade's part that knows
+    # which agent has which instance (scs.custody), not the façade.
+    custody = agent.custody
+    fence = Fence(custody)
 
     def peers() -> list[PeerView]:
-        return [PeerView(m.id, agent.peer_alive(m.id), getattr(m, "digest", "")) for m in srs.membership]
+        return [PeerView(m.id, custody.peers.peer_alive(m.id), getattr(m, "digest", "")) for m in srs.membership]
 
     replicas = Replicas(
         agent.store,
@@ -550,7 +553,7 @@ def _build_failover(options: Options, agent: Any, supervisor: Any, gate: Any, re
         on_synced=fence,
         forget_after=options["forget-dead-after"],
     )
-    failover = Failover(agent, supervisor._control, reactor, failover_after=options["failover-after"])
+    failover = Failover(custody, supervisor._control, reactor, failover_after=options["failover-after"])
     gate.on_open.append(lambda: supervisor.running and supervisor.wake())
     return FailoverService(replicas, fence, failover, gate, reactor)
 

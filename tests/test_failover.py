@@ -79,10 +79,10 @@ class Cluster(Bus):
             store, agent_id, BROKER, supervisor, clock=self.clock, resolve_queue=ClusterQueues(store, node)
         )
         agent = Agent(local, node, random=random.Random(1), call_timeout=2.0, create_timeout=2.0)
-        fence = Fence(agent)
+        fence = Fence(agent.custody)
 
         def peers() -> list[PeerView]:
-            return [PeerView(m.id, agent.peer_alive(m.id), m.digest) for m in node.membership]
+            return [PeerView(m.id, agent.peers.peer_alive(m.id), m.digest) for m in node.membership]
 
         replicas = Replicas(
             store,
@@ -92,7 +92,7 @@ class Cluster(Bus):
             self.clock,
             on_synced=fence,
         )
-        failover = Failover(agent, self.control, self.clock, failover_after=FAILOVER_AFTER)
+        failover = Failover(agent.custody, self.control, self.clock, failover_after=FAILOVER_AFTER)
         keeper = FailoverService(replicas, fence, failover, gate, self.clock)
         node.startService()
         keeper.startService()
@@ -270,7 +270,7 @@ class FailoverTests(SynchronousTestCase):
         self.assertEqual(sorted(reply.missing), ["agent2", "agent3"])
         details = c.run(agent1.instance_list_details("foo")).body
         self.assertEqual(sorted(i["name"] for i in details), local)
-        self.assertEqual(agent1.orphans(), [])
+        self.assertEqual(agent1.custody.orphans(), [])
         remote = next(n for n in c.stores["agent2"].node_names())
         with self.assertRaises(Unavailable):
             c.run(agent1.instance_operation("instance_get", remote, "foo"))
@@ -278,10 +278,10 @@ class FailoverTests(SynchronousTestCase):
         # peer that is really gone is judged again.
         c.network.start_broker()
         c.advance(INTERVAL)
-        self.assertEqual(agent1.orphans(), [])
+        self.assertEqual(agent1.custody.orphans(), [])
         c.kill("agent3")
         c.advance(2)
-        self.assertEqual(sorted(o["name"] for o in agent1.orphans()), ["w2", "w5"])
+        self.assertEqual(sorted(o["name"] for o in agent1.custody.orphans()), ["w2", "w5"])
 
     def test_two_survivors_deciding_at_once_create_each_instance_once(self) -> None:
         c = self._three()
@@ -408,7 +408,7 @@ class DrainTests(SynchronousTestCase):
         c.advance(INTERVAL + 1)
         slow = c.nodes["agent2"].supervisor
         slow.wait_ready = lambda name, timeout: deferLater(c.clock, 6.0, lambda: True)
-        c.agents["agent1"].create_timeout = 20.0
+        c.agents["agent1"].custody.create_timeout = 20.0  # the drain's wait for the replacement
         drain = defer.Deferred.fromCoroutine(c.agents["agent1"].drain("agent1"))
         c.advance(5)  # heartbeats, copies refreshed, fences run: the replacement is not ready yet
         self.assertFalse(drain.called)

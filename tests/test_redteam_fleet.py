@@ -501,7 +501,7 @@ def test_a_peer_flipping_its_digest_is_fetched_at_most_once_per_interval() -> No
     documents = [good_document(name=f"w{i}", moved_from="agentx") for i in range(MAX_DOCUMENTS)]
     store = Store.in_memory()
     agent = Agent(LocalAgent(store, "agent1", BROKER))
-    agent.peer_alive = lambda agent_id: True  # type: ignore[method-assign]
+    agent.peers.peer_alive = lambda agent_id: True  # type: ignore[method-assign]
     clock = Clock()
     digest = ["d0"]
     fetches = []
@@ -511,7 +511,7 @@ def test_a_peer_flipping_its_digest_is_fetched_at_most_once_per_interval() -> No
         return succeed(documents)
 
     replicas = Replicas(
-        store, "agent1", lambda: [PeerView("evil", True, digest[0])], fetch, clock, on_synced=Fence(agent)
+        store, "agent1", lambda: [PeerView("evil", True, digest[0])], fetch, clock, on_synced=Fence(agent.custody)
     )
     for step in range(40):  # 20 s, a new digest every 0.5 s
         digest[0] = f"d{step}"

@@ -1,0 +1,110 @@
+"""What the cluster façade's parts ask of the peers, in one place.
+
+The façade (``scs.agent.Agent``) and the parts split out of it
+(``scs.custody``, ``scs.autoscaling_policies``, ``scs.app_wide``) all need
+the same few things from SRS: whether the cluster can be reached, which
+peers a listing could not ask, a listing run on every live agent, the
+peers' copies of what lives on every agent, and whether a peer is alive or
+draining.  :class:`Peers` answers them from this agent's ``LocalAgent`` and
+its SRS (``None``: an agent alone), so that each part is built with it
+rather than with the whole façade.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.logger import Logger
+
+from scs.errors import NotFound, SCSError
+from scs.local import LocalAgent
+from scs.operation_args import check_operation
+
+# The façade's log lines, wherever its code now lives.
+log = Logger(namespace="scs.agent")
+
+
+class Peers:
+    """This agent's view of its peers and its listings across them; see
+    the module docstring."""
+
+    def __init__(self, local: LocalAgent, srs: Any = None) -> None:
+        self.local = local
+        self.srs = srs
+
+    @property
+    def agent_id(self) -> str:
+        return self.local.agent_id
+
+    def clustered(self) -> bool:
+        return self.srs is not None and self.srs.is_connected()
+
+    def missing(self) -> tuple[str, ...]:
+        """Live peers we could not reach because SRS is down."""
+        if self.srs is None or self.srs.is_connected():
+            return ()
+        return tuple(m["id"] for m in self.srs.members() if m["id"] != self.agent_id)
+
+    async def gather(
+        self, operation: str, arguments: dict[str, Any], local_result: Any, timeout: float | None = None
+    ) -> tuple[dict[str, Any], tuple[str, ...]]:
+        """Run a listing on every live agent: ({agent: result}, missing)."""
+        results: dict[str, Any] = {self.agent_id: local_result}
+        if self.srs is None:
+            return results, ()
+        if not self.srs.is_connected():
+            return results, self.missing()
+        if timeout is None:
+            answers, missing = await self.srs.scatter(operation, arguments)
+        else:
+            answers, missing = await self.srs.scatter(operation, arguments, timeout=timeout)
+        for agent, answer in answers.items():
+            if not isinstance(answer, Exception):
+                results[agent] = answer
+        return results, tuple(sorted(missing))
+
+    async def copied(self, export: str, operation: str, what: str) -> list[dict[str, Any]]:
+        """What every peer answers to ``export``, each item checked as the
+        arguments of ``operation`` (a peer's copy is a door too); the items
+        refused are logged and left out."""
+        answers, _missing = await self.srs.scatter(export, {})
+        copied = []
+        for agent in sorted(answers):
+            answer = answers[agent]
+            if not isinstance(answer, list):
+                continue
+            for item in answer:
+                try:
+                    copied.append(check_operation(operation, item))
+                except SCSError as e:
+                    log.warn(
+                        "refused {what} copied from {agent}: {error}",
+                        what=what,
+                        agent=agent,
+                        error=e.message,
+                        event="srs.copy.refused",
+                        operation=operation,
+                    )
+        return copied
+
+    async def require_app(self, app: str) -> None:
+        """NotFound unless ``app`` is known here or to a peer that answers."""
+        if self.local.store.has_app(app):
+            return
+        if self.clustered():
+            answers, _missing = await self.srs.scatter("app_get", {"app": app})
+            if any(isinstance(answer, dict) for answer in answers.values()):
+                return
+        raise NotFound(f"no app named {app!r}", app=app)
+
+    def peer_alive(self, agent_id: str) -> bool:
+        """Whether ``agent_id`` is believed alive (this agent always is)."""
+        if agent_id == self.agent_id:
+            return True
+        return self.clustered() and agent_id in self.srs.live_agents()
+
+    def is_draining(self, agent_id: str) -> bool:
+        if agent_id == self.agent_id:
+            return self.local.draining
+        member = self.srs.membership.get(agent_id) if self.srs is not None else None
+        return bool(getattr(member, "draining", False))

@@ -54,13 +54,15 @@ sys.path.insert(0, str(ROOT))
 
 from celery import Celery  # noqa: E402
 
-from tests.integration.agents import BROKER, AgentProcess, kill_leftover_workers, wait_until  # noqa: E402
+from bench.common import WORKER_ARGUMENTS, spread, stop_agents, table_head, write_results  # noqa: E402
+from tests.integration.agents import BROKER, AgentProcess, wait_until  # noqa: E402
 
 HERE = str(ROOT / "tests" / "integration")
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-BEGIN = "<!-- bench_autoscaling.py: begin of generated figures -->"
-END = "<!-- bench_autoscaling.py: end of generated figures -->"
-WORKER_ARGUMENTS = "--without-mingle --without-gossip --without-heartbeat"
+SECTION = (
+    "## Autoscaling by queue depth against a fixed instance (issue 13)\n\n"
+    "`bench/bench_autoscaling.py`: a burst of half-second tasks on one app, once with one\n"
+    "fixed instance and once with an autoscaling policy starting from one instance."
+)
 
 
 @dataclass
@@ -138,22 +140,25 @@ def one_round(agent: AgentProcess, client: Celery, kind: str, args: argparse.Nam
 
 
 def table(rounds: list[Round], args: argparse.Namespace) -> str:
-    lines = [
-        "| setup | rounds | queue empty after, s | all tasks done after, s | worker-s until done "
-        "| back to 1 instance after, s | worker-s until back to 1 | peak instances | tasks run twice |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    lines = table_head(
+        "setup",
+        "rounds",
+        "queue empty after, s",
+        "all tasks done after, s",
+        "worker-s until done",
+        "back to 1 instance after, s",
+        "worker-s until back to 1",
+        "peak instances",
+        "tasks run twice",
+        spaced=True,
+    )
     for kind in ("fixed", "autoscaled"):
         rs = [r for r in rounds if r.kind == kind]
-
-        def med(values: list[float]) -> str:
-            return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
-
         label = "1 fixed instance" if kind == "fixed" else f"policy 1..{args.max}, {args.per}/instance"
         lines.append(
-            f"| {label} | {len(rs)} | {med([r.empty_after for r in rs])} | {med([r.done_after for r in rs])} "
-            f"| {med([r.worker_seconds_done for r in rs])} | {med([r.rest_after for r in rs])} "
-            f"| {med([r.worker_seconds_rest for r in rs])} | {max(r.peak for r in rs)} "
+            f"| {label} | {len(rs)} | {spread([r.empty_after for r in rs])} | {spread([r.done_after for r in rs])} "
+            f"| {spread([r.worker_seconds_done for r in rs])} | {spread([r.rest_after for r in rs])} "
+            f"| {spread([r.worker_seconds_rest for r in rs])} | {max(r.peak for r in rs)} "
             f"| {sum(r.ran_twice for r in rs)} |"
         )
     fixed = statistics.median(r.done_after for r in rounds if r.kind == "fixed")
@@ -170,23 +175,6 @@ def table(rounds: list[Round], args: argparse.Namespace) -> str:
         f"one agent, --interval 1, worker concurrency 1, Celery's default prefetch (4)",
     ]
     return "\n".join(lines)
-
-
-def write_results(text: str) -> None:
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
-    block = f"{BEGIN}\n\nGenerated {stamp} by\n\n    .venv/bin/python bench/bench_autoscaling.py\n\n{text}\n\n{END}"
-    current = RESULTS.read_text() if RESULTS.exists() else ""
-    if BEGIN in current and END in current:
-        head, rest = current.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        RESULTS.write_text(head + block + tail)
-    else:
-        intro = (
-            "\n## Autoscaling by queue depth against a fixed instance (issue 13)\n\n"
-            "`bench/bench_autoscaling.py`: a burst of half-second tasks on one app, once with one\n"
-            "fixed instance and once with an autoscaling policy starting from one instance.\n\n"
-        )
-        RESULTS.write_text(current.rstrip("\n") + "\n" + intro + block + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,13 +205,14 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 rounds.append(result)
     finally:
-        agent.stop()
-        kill_leftover_workers(agent.directory)
+        stop_agents([agent])
         client.close()
     text = table(rounds, args)
     print(text)
     if not args.no_write:
-        write_results(text)
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
+        generated = f"Generated {stamp} by\n\n    .venv/bin/python bench/bench_autoscaling.py"
+        write_results("bench_autoscaling.py", SECTION, f"\n{generated}\n\n{text}\n")
     return 0
 
 

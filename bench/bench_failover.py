@@ -45,8 +45,9 @@ as in bench_cluster.py).  Three scenarios:
                next round waits until it is back everywhere.  Goal: a
                listing right after a kill -9 answers within 100 ms.
 
-The sampler (bench_rolling.py's) sends a Celery broadcast ping every
-``--interval`` seconds (0.1) to the node names an instance may have
+The sampler (``bench.common.Sampler``, as in bench_rolling.py) sends a
+Celery broadcast ping every ``--interval`` seconds (0.1) to the node names
+an instance may have
 (``<instance>@<agent>`` for each agent it may be on), each ping waiting at
 most ``--ping-timeout`` (0.5 s); pings overlap, from a small pool of
 threads with a Celery client each.  A sample is (send time, nodes that
@@ -73,11 +74,9 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import datetime
 import math
 import os
 import re
-import shutil
 import signal
 import statistics
 import sys
@@ -91,40 +90,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from celery import Celery
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_rolling import Sampler, covered  # noqa: E402
-
-from tests.integration.agents import (  # noqa: E402
-    BROKER,
-    AgentProcess,
-    kill_leftover_workers,
-    pid_alive,
-    wait_until,
-    worker_pids,
+from bench.common import (  # noqa: E402
+    Pinger,
+    Run,
+    Sampler,
+    add_output_arguments,
+    add_sampler_arguments,
+    counts,
+    covered,
+    exit_on_sigterm,
+    instance_of,
+    put_app,
+    stop_agents,
+    table_head,
+    wait_app_everywhere,
+    wait_membership,
 )
+from tests.integration.agents import AgentProcess, pid_alive, wait_until, worker_pids  # noqa: E402
 
 APP = "fo"
-WORKER_ARGUMENTS = "--without-mingle --without-gossip --without-heartbeat"
 HEARTBEAT = 2.0  # scs.srs.SRS's default heartbeat period
 HTTP_TIMEOUT = 30.0
 LISTING_GOAL = 0.100  # seconds: a listing right after a kill -9
 SLOW_LISTING = 1.0  # seconds: a details listing this slow is noted
 MISSING_HEADER = "X-SCS-Missing-Agents"
-READY_LIMIT = 120.0  # seconds for a batch of new workers to answer a ping
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## Failover, drain and detection (issue 11)"
-BEGIN = "<!-- bench_failover.py: begin of generated figures -->"
-END = "<!-- bench_failover.py: end of generated figures -->"
 # The agents' log lines this benchmark quotes as evidence.
 EVIDENCE = re.compile(r"failover|fence|drain|SRS member|orphan", re.IGNORECASE)
-
-
-def instance_of(node: str) -> str:
-    return node.split("@", 1)[0]
 
 
 def kill_workers(directory: Path) -> list[int]:
@@ -139,12 +133,6 @@ def kill_workers(directory: Path) -> list[int]:
             except ProcessLookupError:
                 pass
     return killed
-
-
-def alive_ids(agent: AgentProcess) -> set[str]:
-    status, rows, _ = agent.request("GET", "/agents/", timeout=HTTP_TIMEOUT)
-    assert status == 200, (status, rows)
-    return {row["id"] for row in rows if row["alive"]}
 
 
 def agent_row(agent: AgentProcess, member: str) -> dict[str, Any]:
@@ -248,32 +236,12 @@ class Cluster:
     def running(self) -> list[AgentProcess]:
         return [a for a in self.agents.values() if a.process is not None and a.process.poll() is None]
 
-    def wait_membership(self, limit: float = 2 * HEARTBEAT + 10) -> None:
-        live = self.running()
-        ids = {a.agent_id for a in live}
-        for agent in live:
-            wait_until(lambda a=agent: alive_ids(a) == ids, limit, interval=0.1, what=f"{sorted(ids)} alive")
+    def wait_membership(self) -> None:
+        wait_membership(self.running(), 2 * HEARTBEAT + 10)
 
     def stop(self) -> None:
-        """TERM every agent at once (none of them outlives the others long
-        enough to fail over a peer's instances), then kill what is left."""
-        errors: list[str] = []
-
-        def stop(agent: AgentProcess) -> None:
-            try:
-                agent.stop(timeout=60)
-            except Exception as e:  # noqa: BLE001 - keep cleaning up
-                errors.append(f"could not stop agent {agent.agent_id} (pid {agent.pid}): {e}")
-
-        threads = [threading.Thread(target=stop, args=(a,)) for a in self.agents.values() if a.process is not None]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(90)
-        for agent in self.agents.values():
-            kill_leftover_workers(agent.directory)
-        for error in errors:
-            print(error, file=sys.stderr)
+        """TERM every agent at once, then kill what is left."""
+        stop_agents(self.agents.values(), at_once=True)
 
     def evidence(self, since_marker: dict[str, int] | None = None) -> list[str]:
         """The agents' log lines about failover, fences, drains and
@@ -289,28 +257,6 @@ class Cluster:
 
     def log_offsets(self) -> dict[str, int]:
         return {i: (a.log_path.stat().st_size if a.log_path.exists() else 0) for i, a in self.agents.items()}
-
-
-class Pinger:
-    """Blocking Celery pings for the set-up (not timed)."""
-
-    def __init__(self) -> None:
-        self.client = Celery(broker=BROKER, set_as_current=False)
-
-    def close(self) -> None:
-        self.client.close()
-
-    def answering(self, nodes: list[str], timeout: float = 1.0) -> set[str]:
-        replies = self.client.control.ping(destination=list(nodes), timeout=timeout) or []
-        return {node for reply in replies for node in reply}
-
-    def wait_all(self, nodes: list[str], limit: float = READY_LIMIT) -> None:
-        wait_until(lambda: set(nodes) <= self.answering(nodes), limit, interval=0.2, what=f"{len(nodes)} workers")
-
-    def workers_per_instance(self, names: set[str], timeout: float = 2.0) -> Counter:
-        """Workers answering a broadcast ping, per instance of ``names``."""
-        replies = self.client.control.ping(timeout=timeout) or []
-        return Counter(instance_of(node) for reply in replies for node in reply if instance_of(node) in names)
 
 
 # -- scenario 1: failover ------------------------------------------------------
@@ -404,11 +350,13 @@ class Bench:
     def log(self, text: str) -> None:
         print(f"  {text}", file=sys.stderr, flush=True)
 
-    # -- set-up helpers --------------------------------------------------------
+    def done(self, run: FailoverRun | DrainRun, summary: str) -> None:
+        """Log a scenario's run, its problems, and keep the data if any."""
+        self.log(summary + (f"; PROBLEMS: {run.problems}" if run.problems else ""))
+        if run.problems:
+            self.keep = True
 
-    def put_app(self, agent: AgentProcess) -> None:
-        status, body, _ = agent.request("PUT", f"/{APP}/", {"arguments": WORKER_ARGUMENTS}, timeout=HTTP_TIMEOUT)
-        assert status in (200, 201), (status, body)
+    # -- set-up helpers --------------------------------------------------------
 
     def create_named(self, agent: AgentProcess, names: list[str]) -> None:
         for name in names:
@@ -423,13 +371,6 @@ class Bench:
             assert status == 202, (status, body)
             names.append(body["name"])
         return names
-
-    def wait_app_everywhere(self, cluster: Cluster) -> None:
-        wait_until(
-            lambda: all(a.request("GET", f"/{APP}/")[0] == 200 for a in cluster.running()),
-            15,
-            what=f"app {APP} on every agent",
-        )
 
     def wait_running(self, agent: AgentProcess, names: set[str], pinger: Pinger) -> dict[str, dict[str, Any]]:
         """Every instance of ``names`` listed and its worker answering."""
@@ -454,10 +395,10 @@ class Bench:
         pinger = Pinger()
         try:
             (victim,) = cluster.start(victim_id)
-            self.put_app(victim)
+            put_app(victim, APP)
             self.create_named(victim, first)
             survivors = cluster.start(*survivor_ids)
-            self.wait_app_everywhere(cluster)
+            wait_app_everywhere(cluster.running(), APP)
             placed = self.create_placed(survivors, m - len(first))
             everything = self.wait_running(survivors[0], set(first) | set(placed), pinger)
             time.sleep(HEARTBEAT + 1)  # every agent's copy of the victim is current
@@ -594,13 +535,11 @@ class Bench:
                 run.problems.append(f"/agents/ row of {victim_id}: moved {run.moved_row}, held {held}")
             if run.twice_in_a_sample:
                 run.problems.append(f"{run.twice_in_a_sample} answered from two agents in one sample")
-            self.log(
+            self.done(
+                run,
                 f"  seen dead {fmt(min((t for t in dead.values() if t is not None), default=None))} s,"
-                f" owned {fmt(owned)} s, all answering {fmt(answered)} s"
-                + (f"; PROBLEMS: {run.problems}" if run.problems else "")
+                f" owned {fmt(owned)} s, all answering {fmt(answered)} s",
             )
-            if run.problems:
-                self.keep = True
             return run
         finally:
             pinger.close()
@@ -617,11 +556,11 @@ class Bench:
         ids = ["agent1", "agent2", "agent3"]
         try:
             (source,) = cluster.start("agent3")
-            self.put_app(source)
+            put_app(source, APP)
             self.create_named(source, names)
             self.wait_running(source, set(names), pinger)
             agent1, _agent2 = cluster.start("agent1", "agent2")
-            self.wait_app_everywhere(cluster)
+            wait_app_everywhere(cluster.running(), APP)
             time.sleep(HEARTBEAT + 1)  # instance counts in every membership table
             self.log(f"drain: {len(names)} instances on agent3, draining")
             sampler = Sampler([f"{n}@{x}" for n in names for x in ids], a.interval, a.ping_timeout).start()
@@ -688,12 +627,8 @@ class Bench:
             run.fenced = sorted(
                 name for name in names if any(f"{name} runs on another agent" in line for line in run.evidence)
             )
-            self.log(
-                f"  drain {request:.2f} s, least {run.least}/{len(names)} answering ({len(samples)} samples)"
-                + (f"; PROBLEMS: {run.problems}" if run.problems else "")
-            )
-            if run.problems:
-                self.keep = True
+            summary = f"  drain {request:.2f} s, least {run.least}/{len(names)} answering ({len(samples)} samples)"
+            self.done(run, summary)
             return run
         finally:
             pinger.close()
@@ -724,11 +659,11 @@ class Bench:
         prefix = f"l{uuid.uuid4().hex[:4]}"
         try:
             (victim,) = cluster.start("agent3")
-            self.put_app(victim)
+            put_app(victim, APP)
             on_victim = [f"{prefix}-1", f"{prefix}-2"]
             self.create_named(victim, on_victim)
             survivors = cluster.start("agent1", "agent2")
-            self.wait_app_everywhere(cluster)
+            wait_app_everywhere(cluster.running(), APP)
             placed = self.create_placed(survivors, 2)
             names = set(on_victim) | set(placed)
             self.wait_running(survivors[0], names, pinger)
@@ -817,11 +752,20 @@ class Bench:
                 f"Failover (`--failover-after {a.failover_after:g}`), seconds from the kill -9 of the victim"
                 " and its workers:",
                 "",
-                "| agents | instances | on victim | seen dead: first survivor (last) | owned by survivors"
-                " | all answering a ping | each answering, median (max) | all answering - failover-after"
-                " | details listings after the kill: first, longest ms | moved to | instances per agent after"
-                " | result |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|",
+                *table_head(
+                    "agents",
+                    "instances",
+                    "on victim",
+                    "seen dead: first survivor (last)",
+                    "owned by survivors",
+                    "all answering a ping",
+                    "each answering, median (max)",
+                    "all answering - failover-after",
+                    "details listings after the kill: first, longest ms",
+                    "moved to",
+                    "instances per agent after",
+                    "result",
+                ),
             ]
             for r in self.failovers:
                 dead = [t for t in r.dead.values() if t is not None]
@@ -852,11 +796,21 @@ class Bench:
                 "",
                 "Drain (3 agents, `POST /agents/agent3/drain` sent to agent1), seconds:",
                 "",
-                "| instances | request | per instance | least answering in a sample | time with fewer answering"
-                " | instances silent in some sample (longest silence) | dropped by agent3's fence (fence.dropped),"
-                " not by the drain | time with an instance answering from two agents | old workers silent after"
-                " the answer | moved to | failed | target | result |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+                *table_head(
+                    "instances",
+                    "request",
+                    "per instance",
+                    "least answering in a sample",
+                    "time with fewer answering",
+                    "instances silent in some sample (longest silence)",
+                    "dropped by agent3's fence (fence.dropped), not by the drain",
+                    "time with an instance answering from two agents",
+                    "old workers silent after the answer",
+                    "moved to",
+                    "failed",
+                    "target",
+                    "result",
+                ),
             ]
             for r in self.drains:
                 longest = max((b - f for spans in r.silences.values() for f, b in spans), default=0.0)
@@ -882,8 +836,9 @@ class Bench:
                 f"First listing after a kill -9 (3 agents, 4 instances, 2 of them on agent3;"
                 f" {len(self.detections)} rounds), `GET /{APP}/instances/` on a survivor:",
                 "",
-                "| listing | n | p50 ms | max ms | each, ms | missing-agents header | target | result |",
-                "|---|---|---|---|---|---|---|---|",
+                *table_head(
+                    "listing", "n", "p50 ms", "max ms", "each, ms", "missing-agents header", "target", "result"
+                ),
             ]
             rows_by_label = [
                 ("healthy, before the kills (for comparison)", self.baseline, False),
@@ -932,24 +887,6 @@ class Bench:
         return out
 
 
-def counts(counter: Counter) -> str:
-    return ", ".join(f"{k}={v}" for k, v in sorted(counter.items())) or "-"
-
-
-def write_results(text: str) -> None:
-    """Put ``text`` between this benchmark's markers in RESULTS.md; add the
-    section (heading and markers) at the end when it is not there."""
-    block = f"{BEGIN}\n{text}\n{END}"
-    content = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if BEGIN in content and END in content:
-        head, rest = content.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        content = head + block + tail
-    else:
-        content = content.rstrip("\n") + f"\n\n{SECTION}\n\n{block}\n"
-    RESULTS.write_text(content)
-
-
 def int_list(text: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
@@ -969,16 +906,14 @@ def main() -> int:
     parser.add_argument("--drain-rounds", type=int, default=2, help="runs of the drain")
     parser.add_argument("--drain-instances", type=int, default=10, help="instances on the drained agent")
     parser.add_argument("--listing-rounds", type=int, default=5, help="kill -9s of the listing scenario")
-    parser.add_argument("--interval", type=float, default=0.1, help="seconds between two pings sent")
-    parser.add_argument("--ping-timeout", type=float, default=0.5, help="seconds a ping waits for answers")
+    add_sampler_arguments(parser)
     parser.add_argument(
         "--scenarios",
         type=lambda s: [x for x in s.split(",") if x],
         default=["failover", "drain", "listing"],
         help="comma-separated among failover, drain, listing",
     )
-    parser.add_argument("--no-write", dest="write", action="store_false", help="do not update bench/RESULTS.md")
-    parser.add_argument("--keep", action="store_true", help="keep the data directory and logs")
+    add_output_arguments(parser)
     args = parser.parse_args()
     if min(args.agents) < 2 or min(args.instances) < 1 or args.rounds < 1 or args.failover_after <= 0:
         parser.error("--agents must be at least 2, --instances and --rounds at least 1, --failover-after > 0")
@@ -988,48 +923,30 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown scenarios {sorted(unknown)}")
 
-    def terminated(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, terminated)
+    exit_on_sigterm()
     bench = Bench(args)
-    started = datetime.datetime.now(datetime.UTC)
-    wall_start = time.monotonic()
-    load_before = os.getloadavg()[0]
-    failed = False
-    try:
+    run = Run()
+
+    def report() -> None:
+        if not (bench.failovers or bench.drains or bench.listings):
+            return
+        text = "\n".join(
+            [
+                *run.header("bench_failover.py"),
+                bench.table(),
+                "",
+                *(f"- {note}" for note in bench.notes),
+                f"- pings every {args.interval} s, each waiting at most {args.ping_timeout} s; {run.load()}",
+            ]
+        )
+        print(text)
+        evidence = bench.evidence()
+        if evidence:
+            print("\n".join(evidence), file=sys.stderr)
+        run.record("bench_failover.py", SECTION, text, args.write)
+
+    with run.guard(bench.root, bench.cleanup, report, keep=lambda: args.keep or bench.keep):
         bench.run()
-    except BaseException:
-        failed = True
-        raise
-    finally:
-        bench.cleanup()
-        if bench.failovers or bench.drains or bench.listings:
-            text = "\n".join(
-                [
-                    f"Run of {started:%Y-%m-%d %H:%M} UTC, {time.monotonic() - wall_start:.0f} s in all:",
-                    "",
-                    "    " + " ".join([".venv/bin/python bench/bench_failover.py", *sys.argv[1:]]),
-                    "",
-                    bench.table(),
-                    "",
-                    *(f"- {note}" for note in bench.notes),
-                    f"- pings every {args.interval} s, each waiting at most {args.ping_timeout} s;"
-                    f" 1-min load average {load_before:.2f} at start, {os.getloadavg()[0]:.2f} at the end"
-                    f" ({os.cpu_count()} CPUs)",
-                ]
-            )
-            print(text)
-            evidence = bench.evidence()
-            if evidence:
-                print("\n".join(evidence), file=sys.stderr)
-            if args.write and not failed:
-                write_results(text)
-                print(f"written to {RESULTS}", file=sys.stderr)
-        if failed or args.keep or bench.keep:
-            print(f"data and agent logs kept in {bench.root}", file=sys.stderr)
-        else:
-            shutil.rmtree(bench.root, ignore_errors=True)
     return 0
 
 

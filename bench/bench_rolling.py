@@ -46,128 +46,39 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import datetime
-import os
-import shutil
-import signal
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from celery import Celery
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.integration.agents import (  # noqa: E402
-    BROKER,
-    AgentProcess,
-    kill_leftover_workers,
-    pid_alive,
-    wait_until,
+from bench.common import (  # noqa: E402
+    Run,
+    Sampler,
+    add_output_arguments,
+    add_sampler_arguments,
+    counts,
+    covered,
+    exit_on_sigterm,
+    put_app,
+    spread,
+    stop_agents,
+    table_head,
+    wait_app_everywhere,
+    wait_membership,
 )
+from tests.integration.agents import AgentProcess, pid_alive, wait_until  # noqa: E402
 
 APP = "roll"
-# Cheap workers, as in bench_cluster.py: the benchmark is about when they
-# answer, not about what they do.
-WORKER_ARGUMENTS = "--without-mingle --without-gossip --without-heartbeat"
 HTTP_TIMEOUT = 180.0
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## Rolling restart against all at once (issue 10)"
-BEGIN = "<!-- bench_rolling.py: begin of generated figures -->"
-END = "<!-- bench_rolling.py: end of generated figures -->"
 MODES = ("rolling", "all at once")
-
-
-# -- the sampler ---------------------------------------------------------
-
-
-class Sampler:
-    """Broadcast pings to ``nodes`` every ``interval`` seconds, overlapping,
-    each from a thread with its own Celery client; keeps (send time,
-    answering nodes) for every ping."""
-
-    def __init__(self, nodes: list[str], interval: float, timeout: float) -> None:
-        self.nodes = list(nodes)
-        self.interval = interval
-        self.timeout = timeout
-        self.samples: list[tuple[float, frozenset[str]]] = []
-        self.errors = 0
-        self._lock = threading.Condition()
-        self._stop = threading.Event()
-        self._local = threading.local()
-        self._clients: list[Celery] = []
-        threads = int(timeout / interval) + 2
-        self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="sampler")
-        self._ticker = threading.Thread(target=self._tick, name="sampler-ticker", daemon=True)
-
-    def start(self) -> Sampler:
-        self._ticker.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._ticker.join(10)
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        for client in self._clients:
-            client.close()
-
-    def _client(self) -> Celery:
-        client = getattr(self._local, "client", None)
-        if client is None:
-            client = Celery(broker=BROKER, set_as_current=False)
-            self._local.client = client
-            with self._lock:
-                self._clients.append(client)
-        return client
-
-    def _tick(self) -> None:
-        next_at = time.monotonic()
-        while not self._stop.is_set():
-            self._pool.submit(self._ping)
-            next_at += self.interval
-            self._stop.wait(max(0.0, next_at - time.monotonic()))
-
-    def _ping(self) -> None:
-        if self._stop.is_set():
-            return
-        client = self._client()
-        sent = time.monotonic()
-        try:
-            # With a destination, the broadcast returns as soon as every
-            # node answered, else after the timeout.
-            replies = client.control.ping(destination=self.nodes, timeout=self.timeout)
-        except Exception:  # noqa: BLE001 - a lost sample, counted
-            with self._lock:
-                self.errors += 1
-            return
-        answered = frozenset(name for reply in replies for name in reply) & frozenset(self.nodes)
-        with self._lock:
-            self.samples.append((sent, answered))
-            self._lock.notify_all()
-
-    def between(self, start: float, end: float) -> list[tuple[float, frozenset[str]]]:
-        with self._lock:
-            return sorted(s for s in self.samples if start <= s[0] <= end)
-
-    def wait_sample(self, after: float, predicate: Any, limit: float) -> tuple[float, frozenset[str]]:
-        """The first sample sent at or after ``after`` for which
-        ``predicate(answered)`` holds (waits at most ``limit`` seconds)."""
-        deadline = time.monotonic() + limit
-        with self._lock:
-            while True:
-                found = sorted(s for s in self.samples if s[0] >= after and predicate(s[1]))
-                if found:
-                    return found[0]
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"no matching sample within {limit} s")
-                self._lock.wait(min(left, 0.5))
 
 
 # -- one round -----------------------------------------------------------
@@ -185,17 +96,6 @@ class Round:
     samples: int
     silent: list[float] = field(default_factory=list)  # seconds each node did not answer
     failed: dict[str, Any] = field(default_factory=dict)
-
-
-def covered(samples: list[tuple[float, frozenset[str]]], end: float, predicate: Any) -> float:
-    """Seconds covered by the samples for which ``predicate(answered)``
-    holds (each sample stands until the next one is sent)."""
-    total = 0.0
-    for i, (sent, answered) in enumerate(samples):
-        until = samples[i + 1][0] if i + 1 < len(samples) else end
-        if predicate(answered):
-            total += until - sent
-    return total
 
 
 class Bench:
@@ -223,24 +123,12 @@ class Bench:
             agent = AgentProcess(self.root / f"agent{i}", f"agent{i}", "--cluster", self.cluster)
             self.started.append(agent)
             agent.start(timeout=60)
-        ids = {a.agent_id for a in self.started}
-        for agent in self.started:
-            wait_until(
-                lambda a=agent: {m["id"] for m in a.request("GET", "/agents/")[1] if m["alive"]} == ids,
-                30,
-                what="every agent to see the others",
-            )
+        wait_membership(self.started)
 
     def cleanup(self) -> None:
         if self.sampler is not None:
             self.sampler.stop()
-        for agent in self.started:
-            try:
-                agent.stop(timeout=60)
-            except Exception as e:  # noqa: BLE001 - keep cleaning up
-                print(f"could not stop agent {agent.agent_id} (pid {agent.pid}): {e}", file=sys.stderr)
-        for agent in self.started:
-            kill_leftover_workers(agent.directory)
+        stop_agents(self.started)
 
     def details(self) -> dict[str, dict[str, Any]]:
         status, body, _ = self.agent.request("GET", f"/{APP}/instances/?details=1", timeout=HTTP_TIMEOUT)
@@ -248,19 +136,15 @@ class Bench:
         return {i["name"]: i for i in body}
 
     def populate(self) -> None:
-        status, body, _ = self.agent.request("PUT", f"/{APP}/", {"arguments": WORKER_ARGUMENTS})
-        assert status in (200, 201), (status, body)
-        for agent in self.started:
-            wait_until(lambda a=agent: a.request("GET", f"/{APP}/")[0] == 200, 10, what=f"app {APP} on every agent")
+        put_app(self.agent, APP)
+        wait_app_everywhere(self.started, APP)
         for _ in range(self.args.instances):
             status, body, _ = self.agent.request("PUT", f"/{APP}/instances/", timeout=HTTP_TIMEOUT)
             assert status == 201 and body["state"] == "running", (status, body)
         self.instances = self.details()
         assert len(self.instances) == self.args.instances, self.instances
-        owners: dict[str, int] = {}
-        for instance in self.instances.values():
-            owners[instance["agent"]] = owners.get(instance["agent"], 0) + 1
-        self.notes.append("instances by owner: " + ", ".join(f"{k}={v}" for k, v in sorted(owners.items())))
+        owners = Counter(instance["agent"] for instance in self.instances.values())
+        self.notes.append(f"instances by owner: {counts(owners)}")
 
     @property
     def nodes(self) -> dict[str, str]:
@@ -390,12 +274,19 @@ class Bench:
 
     def table(self) -> str:
         n = self.args.instances
-        lines = [
-            "| mode | route | rounds | request s median (min-max) | done s median (min-max)"
-            f" | least answering, per round | s with < {n} answering, median | s with < {n - 1} answering, median"
-            " | s each node was silent, median (max) | target | result |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
+        lines = table_head(
+            "mode",
+            "route",
+            "rounds",
+            "request s median (min-max)",
+            "done s median (min-max)",
+            "least answering, per round",
+            f"s with < {n} answering, median",
+            f"s with < {n - 1} answering, median",
+            "s each node was silent, median (max)",
+            "target",
+            "result",
+        )
         for mode in MODES:
             rows = [r for r in self.rounds if r.mode == mode]
             if not rows:
@@ -437,31 +328,12 @@ class Bench:
         return "\n".join(lines)
 
 
-def spread(values: list[float]) -> str:
-    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
-
-
-def write_results(text: str) -> None:
-    """Put ``text`` between this benchmark's markers in RESULTS.md; add the
-    section (heading and markers) at the end when it is not there."""
-    block = f"{BEGIN}\n{text}\n{END}"
-    content = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if BEGIN in content and END in content:
-        head, rest = content.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        content = head + block + tail
-    else:
-        content = content.rstrip("\n") + f"\n\n{SECTION}\n\n{block}\n"
-    RESULTS.write_text(content)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=4, help="rounds of each mode, taking turns")
     parser.add_argument("--instances", type=int, default=5, help="instances of the app (>= 2)")
     parser.add_argument("--agents", type=int, default=2, help="agents in the cluster")
-    parser.add_argument("--interval", type=float, default=0.1, help="seconds between two pings sent")
-    parser.add_argument("--ping-timeout", type=float, default=0.5, help="seconds a ping waits for answers")
+    add_sampler_arguments(parser)
     parser.add_argument("--settle", type=float, default=1.0, help="seconds of rest before each round")
     parser.add_argument(
         "--route",
@@ -469,50 +341,32 @@ def main() -> int:
         default="auto",
         help="app: POST /<app>/restart; instance: per-instance restarts; auto: app, falling back on a 404/405",
     )
-    parser.add_argument("--no-write", dest="write", action="store_false", help="do not update bench/RESULTS.md")
-    parser.add_argument("--keep", action="store_true", help="keep the data directory and logs")
+    add_output_arguments(parser)
     args = parser.parse_args()
     if args.instances < 2 or args.rounds < 1 or args.agents < 1:
         parser.error("--instances must be at least 2, --rounds and --agents at least 1")
 
-    def terminated(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, terminated)
+    exit_on_sigterm()
     bench = Bench(args)
-    started = datetime.datetime.now(datetime.UTC)
-    wall_start = time.monotonic()
-    load_before = os.getloadavg()[0]
-    failed = False
-    try:
+    run = Run()
+
+    def report() -> None:
+        if not bench.rounds:
+            return
+        text = "\n".join(
+            [
+                *run.header("bench_rolling.py"),
+                bench.table(),
+                *(f"- {note}" for note in bench.notes),
+                f"- {args.agents} agent(s), cluster {bench.cluster}; pings every {args.interval} s,"
+                f" each waiting at most {args.ping_timeout} s; {run.load()}",
+            ]
+        )
+        print(text)
+        run.record("bench_rolling.py", SECTION, text, args.write)
+
+    with run.guard(bench.root, bench.cleanup, report, keep=args.keep):
         bench.run()
-    except BaseException:
-        failed = True
-        raise
-    finally:
-        bench.cleanup()
-        if bench.rounds:
-            text = "\n".join(
-                [
-                    f"Run of {started:%Y-%m-%d %H:%M} UTC, {time.monotonic() - wall_start:.0f} s in all:",
-                    "",
-                    "    " + " ".join([".venv/bin/python bench/bench_rolling.py", *sys.argv[1:]]),
-                    "",
-                    bench.table(),
-                    *(f"- {note}" for note in bench.notes),
-                    f"- {args.agents} agent(s), cluster {bench.cluster}; pings every {args.interval} s,"
-                    f" each waiting at most {args.ping_timeout} s; 1-min load average {load_before:.2f} at start,"
-                    f" {os.getloadavg()[0]:.2f} at the end ({os.cpu_count()} CPUs)",
-                ]
-            )
-            print(text)
-            if args.write and not failed:
-                write_results(text)
-                print(f"written to {RESULTS}", file=sys.stderr)
-        if failed or args.keep:
-            print(f"data and agent logs kept in {bench.root}", file=sys.stderr)
-        else:
-            shutil.rmtree(bench.root, ignore_errors=True)
     return 0
 
 

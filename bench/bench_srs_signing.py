@@ -45,8 +45,6 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
-import shutil
-import signal
 import statistics
 import sys
 import time
@@ -57,7 +55,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_cluster import Bench, percentile  # noqa: E402
+from bench.bench_cluster import Bench  # noqa: E402
+from bench.common import Run, add_output_arguments, exit_on_sigterm, percentile, table_head, wait_membership  # noqa: E402
 from scs.srs_trust import MessageCodec  # noqa: E402
 
 GOAL = 1.10  # signed listing p50 <= GOAL x unsigned
@@ -153,10 +152,9 @@ def time_codecs(
 
 class Table:
     def __init__(self) -> None:
-        self.lines = [
-            "| measurement | stat | unsigned | signed | signed - unsigned | signed / unsigned | target | result |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
+        self.lines = table_head(
+            "measurement", "stat", "unsigned", "signed", "signed - unsigned", "signed / unsigned", "target", "result"
+        )
 
     def row(
         self,
@@ -198,7 +196,7 @@ class SigningBench(Bench):
 
     def start_cluster(self, first: int, name: str, *extra: str) -> list[Any]:
         agents = [self.start(i, "--cluster", name, *extra) for i in range(first, first + CLUSTER_SIZE)]
-        self.wait_membership(agents, {a.agent_id for a in agents}, 30)
+        wait_membership(agents, 30, interval=0.05)
         return agents
 
 
@@ -259,7 +257,7 @@ def macro(args: argparse.Namespace, bench: SigningBench, notes: list[str]) -> di
 def run(args: argparse.Namespace) -> int:
     table = Table()
     notes: list[str] = []
-    load_before = os.getloadavg()[0]
+    run = Run()
 
     print(f"micro: {args.messages} messages of each kind, each side", file=sys.stderr, flush=True)
     secret = secrets.token_urlsafe(24).encode("ascii")
@@ -296,18 +294,8 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-        failed = False
-        try:
+        with run.guard(bench.root, bench.cleanup, keep=args.keep):
             result = macro(args, bench, notes)
-        except BaseException:
-            failed = True
-            raise
-        finally:
-            bench.cleanup()
-            if failed or args.keep:
-                print(f"data and agent logs kept in {bench.root}", file=sys.stderr)
-            else:
-                shutil.rmtree(bench.root, ignore_errors=True)
         plain, signed = result["unsigned"], result["signed"]
         what = f"macro: GET /foo/instances/, {CLUSTER_SIZE} agents, {CLUSTER_SIZE * args.per_agent} names"
         ok = signed["p50"] <= GOAL * plain["p50"]
@@ -334,8 +322,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"- {note}")
     print(
         f"- {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; python {sys.version.split()[0]}; "
-        f"1-min load average {load_before:.2f} at start, {os.getloadavg()[0]:.2f} at the end "
-        f"({os.cpu_count()} CPUs, shared with other engineers' test runs)"
+        + run.load(", shared with other engineers' test runs")
     )
     return 0
 
@@ -347,15 +334,12 @@ def main() -> int:
     parser.add_argument("--block", type=int, default=50, help="listings per alternating block")
     parser.add_argument("--per-agent", type=int, default=20, help="instances of foo per agent")
     parser.add_argument("--no-macro", action="store_true", help="only the codec (no agents)")
-    parser.add_argument("--keep", action="store_true", help="keep the data directory and logs")
+    add_output_arguments(parser, write=False)
     args = parser.parse_args()
     if args.messages < 1 or args.requests < 1 or args.block < 1 or args.per_agent < 0:
         parser.error("--messages, --requests and --block must be positive, --per-agent >= 0")
 
-    def terminated(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, terminated)
+    exit_on_sigterm()
     return run(args)
 
 

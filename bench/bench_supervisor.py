@@ -23,7 +23,6 @@ this Python.  Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import shutil
@@ -34,29 +33,28 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
 
 from celery import Celery
 
-BROKER = "amqp://guest:guest@127.0.0.1:5672//"
-BIN = Path(sys.executable).parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import answering  # noqa: E402
+from tests.integration.agents import BIN, BROKER, AgentProcess, pid_alive  # noqa: E402
+
 HOST = socket.gethostname()
+# The agent's id: its workers answer to <instance>@<agent id> (a worker copied
+# from one of them by hand keeps that -n).
+AGENT_ID = "bench"
 CLIENT = Celery(broker=BROKER, set_as_current=False)
 SETTLE = 10.5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+HTTP_TIMEOUT = 60.0
 
 
 def ping(node: str, timeout: float = 0.05) -> bool:
-    return bool(CLIENT.control.ping(destination=[node], timeout=timeout))
+    return node in answering(CLIENT, [node], timeout)
 
 
 def wait_ping(node: str, limit: float = 60.0) -> float:
@@ -66,6 +64,15 @@ def wait_ping(node: str, limit: float = 60.0) -> float:
         if ping(node):
             return time.monotonic()
     raise RuntimeError(f"{node} did not answer within {limit} s")
+
+
+def recovery(pid: int, node: str) -> float:
+    """kill -9 ``pid``; seconds until ``node`` answers a ping again."""
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    while pid_alive(pid):
+        time.sleep(0.001)
+    return wait_ping(node) - t0
 
 
 def read_pid(path: Path) -> int | None:
@@ -83,100 +90,35 @@ def cmdline(pid: int) -> list[str]:
     return [a.decode() for a in raw.split(b"\0") if a]
 
 
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
 def wait_gone(pid: int, limit: float = 30.0) -> None:
     deadline = time.monotonic() + limit
-    while alive(pid) and time.monotonic() < deadline:
+    while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
 
 
-class Agent:
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.log = open(directory / "agent.log", "ab")
-        self.process = subprocess.Popen(
-            [
-                str(BIN / "scs-agent"),
-                f":{self.port}",
-                "-i",
-                "bench",
-                "-D",
-                str(directory / "data"),
-                "--without-srs",
-                "--interval",
-                "5",
-            ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if self.request("GET", "/ping/")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                raise RuntimeError("agent did not start; see " + str(directory / "agent.log"))
-            time.sleep(0.1)
-
-    def request(self, method: str, path: str, params: dict[str, Any] | None = None) -> tuple[int, Any]:
-        data = json.dumps(params).encode() if params is not None else None
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}{path}",
-            data=data,
-            method=method,
-            headers={"Content-Type": "application/json"} if data else {},
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                return r.status, json.loads(r.read() or b"null")
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"null")
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
-        self.log.close()
-
-
-def ready_row(agent: Agent, app: str, repeat: int, work: Path) -> tuple[float, float]:
+def ready_row(agent: AgentProcess, app: str, repeat: int, work: Path) -> tuple[float, float]:
     """Median seconds to a first answer: (agent PUT, same argv by hand)."""
     agent_times, hand_times = [], []
     for _ in range(repeat):
         name = f"rd{uuid.uuid4().hex[:8]}"
         t0 = time.monotonic()
-        status, body = agent.request("PUT", f"/{app}/instances/{name}/")
+        status, body, _ = agent.request("PUT", f"/{app}/instances/{name}/", timeout=HTTP_TIMEOUT)
         assert status == 201, (status, body)
-        t1 = wait_ping(f"{name}@{HOST}")
+        t1 = wait_ping(f"{name}@{AGENT_ID}")
         agent_times.append(t1 - t0)
         argv = cmdline(body["pid"])
-        agent.request("DELETE", f"/{app}/instances/{name}/")
+        agent.request("DELETE", f"/{app}/instances/{name}/", timeout=HTTP_TIMEOUT)
         wait_gone(body["pid"])
 
         # The same command line, by hand, under another node name and files.
         hname = f"hd{uuid.uuid4().hex[:8]}"
         hdir = work / hname
         hdir.mkdir()
-        argv = [a.replace(name, hname).replace(str(agent.directory / "data"), str(work)) for a in argv]
+        argv = [a.replace(name, hname).replace(str(agent.directory), str(work)) for a in argv]
         log = open(hdir / "out.log", "ab")
         t0 = time.monotonic()
         p = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        t1 = wait_ping(f"{hname}@{HOST}")
+        t1 = wait_ping(f"{hname}@{AGENT_ID}")
         hand_times.append(t1 - t0)
         p.terminate()
         p.wait(30)
@@ -207,25 +149,21 @@ def by_hand_defaults(repeat: int, work: Path) -> float:
     return statistics.median(times)
 
 
-def crash_agent(agent: Agent, app: str, repeat: int) -> float:
+def crash_agent(agent: AgentProcess, app: str, repeat: int) -> float:
     name = f"cr{uuid.uuid4().hex[:8]}"
-    status, body = agent.request("PUT", f"/{app}/instances/{name}/")
+    status, body, _ = agent.request("PUT", f"/{app}/instances/{name}/", timeout=HTTP_TIMEOUT)
     assert status == 201, (status, body)
-    pidfile = agent.directory / "data" / name / "worker.pid"
+    pidfile = agent.directory / name / "worker.pid"
     times = []
     for _ in range(repeat):
-        wait_ping(f"{name}@{HOST}")
+        wait_ping(f"{name}@{AGENT_ID}")
         pid = read_pid(pidfile)
         assert pid is not None
         # Past the supervisor's min_uptime (10 s): a worker killed younger
         # counts as a crash loop and is restarted with a backoff.
         time.sleep(SETTLE)
-        t0 = time.monotonic()
-        os.kill(pid, signal.SIGKILL)
-        while alive(pid):
-            time.sleep(0.001)
-        times.append(wait_ping(f"{name}@{HOST}") - t0)
-    agent.request("DELETE", f"/{app}/instances/{name}/")
+        times.append(recovery(pid, f"{name}@{AGENT_ID}"))
+    agent.request("DELETE", f"/{app}/instances/{name}/", timeout=HTTP_TIMEOUT)
     return statistics.median(times)
 
 
@@ -255,11 +193,7 @@ def crash_supervisord(repeat: int, work: Path, argv_like: list[str]) -> float:
             time.sleep(SETTLE)
             pid = read_pid(d / "worker.pid")
             assert pid is not None
-            t0 = time.monotonic()
-            os.kill(pid, signal.SIGKILL)
-            while alive(pid):
-                time.sleep(0.001)
-            times.append(wait_ping(f"{name}@{HOST}") - t0)
+            times.append(recovery(pid, f"{name}@{HOST}"))
     finally:
         sd.send_signal(signal.SIGTERM)
         sd.wait(60)
@@ -269,7 +203,6 @@ def crash_supervisord(repeat: int, work: Path, argv_like: list[str]) -> float:
 def wake_rows(sizes: list[int], work: Path) -> list[tuple[int, float, float]]:
     """(instances, median wake-up seconds, broker round trips per wake-up),
     with the Supervisor in this process on the real reactor."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from twisted.internet import reactor
     from twisted.internet.defer import ensureDeferred
 
@@ -352,30 +285,17 @@ def main() -> None:
             super().append(row)
 
     rows = Progress()
-    agent = Agent(work / "agent")
+    # The agent's data directory: <work>/agent, its log next to it.
+    agent = AgentProcess(work / "agent", AGENT_ID, "--without-srs", "--interval", "5").start()
     try:
         assert agent.request("PUT", "/bench/")[0] == 201
         assert agent.request("PUT", "/benchng/", {"arguments": ["--without-gossip"]})[0] == 201
-        a, h = ready_row(agent, "bench", args.repeat, work)
-        rows.append(
-            (
-                "instance ready (agent default: --without-mingle)",
-                f"{a:.3f} s",
-                f"{h:.3f} s by hand",
-                f"{a / h:.2f}",
-                "<= 1.10",
-            )
-        )
-        a, h = ready_row(agent, "benchng", args.repeat, work)
-        rows.append(
-            (
-                "instance ready, --without-mingle --without-gossip",
-                f"{a:.3f} s",
-                f"{h:.3f} s by hand",
-                f"{a / h:.2f}",
-                "<= 1.10",
-            )
-        )
+        for app, what in (
+            ("bench", "instance ready (agent default: --without-mingle)"),
+            ("benchng", "instance ready, --without-mingle --without-gossip"),
+        ):
+            a, h = ready_row(agent, app, args.repeat, work)
+            rows.append((what, f"{a:.3f} s", f"{h:.3f} s by hand", f"{a / h:.2f}", "<= 1.10"))
         m = by_hand_defaults(args.repeat, work)
         rows.append(("  reference: by hand, Celery defaults (mingle, gossip)", "", f"{m:.3f} s", "", ""))
         c = crash_agent(agent, "bench", min(args.repeat, 3))

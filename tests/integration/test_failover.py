@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from scs.failover import spread
+from scs.tap import START_GATE_TIMEOUT
 from tests.integration.agents import AgentProcess, kill_leftover_workers, pid_alive, wait_until, worker_pids
 from tests.integration.celery_probe import broadcast_ping_replies, celery_client, ping
 from tests.integration.test_cluster import HEARTBEAT, all_alive
@@ -84,17 +85,35 @@ def details(agent: AgentProcess) -> dict[str, dict]:
     return {instance["name"]: instance for instance in body}
 
 
-def workers_per_instance(timeout: float = 2.0) -> Counter:
-    return Counter(node.split("@", 1)[0] for node in broadcast_ping_replies(timeout=timeout))
+def workers_per_instance(names: set[str], timeout: float = 2.0) -> Counter:
+    """Workers answering a broadcast ping, by instance, for ``names`` only:
+    the shared broker also carries the workers of other tests (or of
+    leftover processes), whose names are not this cluster's business."""
+    counts = Counter(node.split("@", 1)[0] for node in broadcast_ping_replies(timeout=timeout))
+    return Counter({name: count for name, count in counts.items() if name in names})
+
+
+def moved_off(agent: AgentProcess, names: list[str], dead: str = "agent3") -> bool:
+    """Whether every one of ``names`` is owned by a live agent in ``agent``'s
+    listing (a failover moves a dead agent's instances concurrently: one of
+    them moved says nothing of the others)."""
+    listing = details(agent)
+    return all(listing.get(n, {}).get("agent") not in (None, dead) for n in names)
 
 
 def test_a_lost_machine_s_instances_come_back_once_spread_over_survivors(three) -> None:
     agents, _cluster, _root = three
     dead = agents["agent3"]
     before = details(dead)
+    names = set(before)
     held = sorted(n for n, i in before.items() if i["agent"] == "agent3")
-    # Placement put x-0..x-2 at random: the survivors' loads before the kill
-    # decide where the moved instances go (the least loaded first).
+    # Placement put x-0..x-2 at random, on agent3 too: every instance agent3
+    # held comes back (all of them, not just a3-*: the moves run at once and
+    # finish in any order), the enabled ones answering.
+    assert {"a3-1", "a3-2", "a3-off"} <= set(held), before
+    enabled = [n for n in held if before[n]["is_enabled"]]
+    # The survivors' loads before the kill decide where the moved instances
+    # go (the least loaded first).
     load = Counter({"agent1": 0, "agent2": 0})
     load.update(i["agent"] for i in before.values() if i["agent"] != "agent3")
     dead.kill()
@@ -102,12 +121,8 @@ def test_a_lost_machine_s_instances_come_back_once_spread_over_survivors(three) 
     killed_at = time.monotonic()
     survivors = [agents["agent1"], agents["agent2"]]
 
-    def moved() -> bool:
-        listing = details(survivors[0])
-        return all(listing.get(n, {}).get("agent") in ("agent1", "agent2") for n in ("a3-1", "a3-2", "a3-off"))
-
-    wait_until(moved, FAILOVER_AFTER + 10, what="agent3's instances owned by survivors")
-    for name in ("a3-1", "a3-2"):
+    wait_until(lambda: moved_off(survivors[0], held), FAILOVER_AFTER + 10, what="agent3's instances owned by survivors")
+    for name in enabled:
         wait_until(lambda: ping(name), max(1.0, FAILOVER_AFTER + 10 - (time.monotonic() - killed_at)), what=name)
     took = time.monotonic() - killed_at
     assert took <= FAILOVER_AFTER + 10, took
@@ -121,15 +136,23 @@ def test_a_lost_machine_s_instances_come_back_once_spread_over_survivors(three) 
     assert listing["a3-1"]["node"] == f"a3-1@{listing['a3-1']['agent']}"
     # Exactly once: one worker per instance, and each instance on one agent.
     time.sleep(2)
-    counts = workers_per_instance()
+    counts = workers_per_instance(names)
     assert all(count == 1 for count in counts.values()), counts
     assert {"a3-1", "a3-2", "x-0", "x-1", "x-2"} <= set(counts)
     for survivor in survivors:
-        names = [i["name"] for i in survivor.request("GET", f"/{APP}/instances/?details=1")[1]]
-        assert sorted(names) == sorted(set(names)), names
-    rows = {row["id"]: row for row in survivors[0].request("GET", "/agents/")[1]}
-    assert rows["agent3"]["alive"] is False
-    assert sorted(rows["agent3"]["moved"]) == held
+        names_listed = [i["name"] for i in survivor.request("GET", f"/{APP}/instances/?details=1")[1]]
+        assert sorted(names_listed) == sorted(set(names_listed)), names_listed
+
+    # /agents/ on agent1 names what moved from its copies of the others,
+    # which lag a heartbeat behind the moves.
+    def agent3_row() -> dict:
+        rows = {row["id"]: row for row in survivors[0].request("GET", "/agents/")[1]}
+        return rows["agent3"]
+
+    wait_until(
+        lambda: sorted(agent3_row().get("moved", ())) == held, 2 * HEARTBEAT + 2, what="/agents/ to name what moved"
+    )
+    assert agent3_row()["alive"] is False
 
 
 def test_a_dead_agent_whose_workers_answer_is_left_alone_and_takes_them_back(three) -> None:
@@ -148,11 +171,14 @@ def test_a_dead_agent_whose_workers_answer_is_left_alone_and_takes_them_back(thr
     counts: list[Counter] = []
     done = threading.Event()
 
+    names = set(before)  # the workers of other tests on the shared broker are not counted
+
     def sample() -> None:
         client = celery_client()
         while not done.is_set():
             replies = client.control.ping(timeout=0.5) or []
-            counts.append(Counter(node.split("@", 1)[0] for reply in replies for node in reply))
+            nodes = (node.split("@", 1)[0] for reply in replies for node in reply)
+            counts.append(Counter(name for name in nodes if name in names))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -173,22 +199,31 @@ def test_a_dead_agent_whose_workers_answer_is_left_alone_and_takes_them_back(thr
 def test_an_agent_back_after_a_failover_drops_what_moved(three) -> None:
     agents, cluster, root = three
     dead = agents["agent3"]
+    before = details(dead)
+    names = set(before)
+    held = sorted(n for n, i in before.items() if i["agent"] == "agent3")
     dead.kill()
     kill_workers(dead.directory)
-    wait_until(
-        lambda: details(agents["agent1"]).get("a3-1", {}).get("agent") in ("agent1", "agent2"),
-        FAILOVER_AFTER + 10,
-        what="failover",
-    )
+    # Back once the failover is over: every instance it held has moved (the
+    # moves run at once and finish in any order; one not moved yet when it
+    # comes back is still its own, rightly).
+    wait_until(lambda: moved_off(agents["agent1"], held), FAILOVER_AFTER + 10, what="failover")
     agents["agent3"] = start(root, cluster, "agent3", port=dead.port)
     wait_until(lambda: agents["agent3"].request("GET", f"/{APP}/instances/")[0] == 200, 10, what="agent3 answers")
-    time.sleep(3)
+
+    def own_count() -> int:
+        status, body, _ = agents["agent3"].request("GET", "/agents/")
+        assert status == 200, body
+        return next(r for r in body if r["id"] == "agent3")["instances"]
+
+    # It drops them once its copies of its peers are current (the start
+    # gate waits START_GATE_TIMEOUT at most for that, then starts workers).
+    wait_until(lambda: own_count() == 0, START_GATE_TIMEOUT, what="agent3 to drop what moved")
     own = [n for n, i in details(agents["agent3"]).items() if i["agent"] == "agent3"]
     assert own == [], own
-    status, body, _ = agents["agent3"].request("GET", "/agents/")
-    assert status == 200
-    assert next(r for r in body if r["id"] == "agent3")["instances"] == 0
-    counts = workers_per_instance()
+    for name in ("a3-1", "a3-2"):
+        wait_until(lambda: ping(name), 60, what=f"{name} running on its new owner")
+    counts = workers_per_instance(names)
     assert all(count == 1 for count in counts.values()), counts
     assert counts["a3-1"] == counts["a3-2"] == 1
     # No worker of agent3 runs: its pid files name no live process.

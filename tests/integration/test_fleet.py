@@ -29,10 +29,24 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[Agent
         for agent in agents:
             wait_until(lambda: all_alive(agent, ids), 2 * HEARTBEAT + 2, what="membership")
         names = [f"{APP}-w{i}" for i in range(1, COUNT + 1)]
+        owners = {}
         for index, name in enumerate(names):
             status, body, _ = agents[index % 3].request("PUT", f"/{APP}/instances/{name}/")
             assert status == 201, body
             assert body["state"] == "running", body
+            owners[name] = body["agent"]
+        # Placement is random: all five on one agent happens (1 run in 81),
+        # and a listing of one agent's instances proves nothing about the
+        # scatter.  The last one is made again until it lands elsewhere.
+        for _ in range(20):
+            if len(set(owners.values())) >= 2:
+                break
+            last = names[-1]
+            assert agents[0].request("DELETE", f"/{APP}/instances/{last}/")[0] == 200
+            status, body, _ = agents[0].request("PUT", f"/{APP}/instances/{last}/")
+            assert status == 201 and body["state"] == "running", body
+            owners[last] = body["agent"]
+        assert len(set(owners.values())) >= 2, owners
         yield agents, names
     finally:
         stop_all(agents)

@@ -45,6 +45,32 @@ async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -
     return time.monotonic() - start
 
 
+def queue_gone(queue: str) -> bool:
+    """Whether the broker has no queue ``queue`` (a passive declare: an
+    exclusive queue of another connection answers "locked" while it exists)."""
+    from amqp.exceptions import NotFound
+    from kombu import Connection
+
+    with Connection(BROKER_URL, connect_timeout=5) as connection:
+        try:
+            connection.channel().queue_declare(queue=queue, passive=True)
+        except NotFound:
+            return True
+        except Exception:  # noqa: BLE001 - e.g. RESOURCE_LOCKED: it is still there
+            return False
+    return False
+
+
+async def wait_for_queue_gone(queue: str, timeout: float) -> None:
+    from twisted.internet.threads import deferToThread
+
+    start = time.monotonic()
+    while not await deferToThread(queue_gone, queue):
+        if time.monotonic() - start > timeout:
+            raise AssertionError("not within %.1fs: queue %s deleted by the broker" % (timeout, queue))
+        await sleep(0.05)
+
+
 class SRSBrokerTestCase(TestCase):
     timeout = 60
 
@@ -124,11 +150,14 @@ class MembershipTests(SRSBrokerTestCase):
 
     async def test_call_to_crashed_peer_fails_fast(self) -> None:
         a1, a2 = await self.cluster_of("agent1", "agent2")
+        queue = a2.transport.reply_queue
+        self.assertTrue(queue)
         await a2.transport.stopService()
         # The broker drops the exclusive queue once it has processed the
         # close, a moment after our side is done; a request routed before
         # that would be lost in the queue and time out, as with kill -9.
-        await sleep(0.5)
+        # Wait for that (a fixed pause is too short on a loaded machine).
+        await wait_for_queue_gone(queue, 10.0)
         # Its queue is gone, so the broker returns the request at once, and
         # the peer counts as gone from then on.
         started = time.monotonic()

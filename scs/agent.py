@@ -24,6 +24,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
 
+from scs.app_sync import AppSync
 from scs.app_wide import AppWide
 from scs.autoscaling_policies import AutoscalingPolicies
 from scs.custody import Custody
@@ -35,6 +36,7 @@ from scs.local import (  # noqa: F401 - re-exported: the surfaces build agents f
     instance_json,
     queue_json,
 )
+from scs.membership import DEFAULT_FORGET_AFTER
 from scs.operation_args import OPERATIONS, check_operation
 from scs.operation_log import OperationLog
 from scs.peers import Peers
@@ -131,6 +133,7 @@ class Agent:
         random: _random.Random | None = None,
         call_timeout: float = 10.0,
         create_timeout: float | None = None,
+        forget_dead_after: float = DEFAULT_FORGET_AFTER,
     ) -> None:
         self.local = local
         self.srs = srs
@@ -147,6 +150,7 @@ class Agent:
         self.placement.may_hold = self.custody.may_hold
         self.policies = AutoscalingPolicies(local, self.peers, self.placement, self._logged, call_timeout)
         self.app_wide = AppWide(local, self.peers, self.custody, self._logged, call_timeout)
+        self.app_sync = AppSync(local, self.peers, call_timeout, forget_after=forget_dead_after)
 
     @property
     def agent_id(self) -> str:
@@ -287,19 +291,22 @@ class Agent:
             arguments_json["task_events"] = task_events
 
         async def run() -> Reply:
+            # This agent gives a change its revision; every agent stores the
+            # whole settings with it (scs.app_sync).
             result = self.local.app_put(**arguments_json, roll=True)
+            item = self.local.app_item(app)
             changed = result["changed"]
             missing: tuple[str, ...] = self.peers.missing()
             if self.peers.clustered() and not result["created"]:
                 # Apps live on every agent.  Each must have the new settings
                 # before the rolling restart below reaches its workers.
                 answers, missing_list = await self.srs.scatter(
-                    "app_put", {**arguments_json, "roll": True}, timeout=self.call_timeout
+                    "app_put", {**item, "roll": True}, timeout=self.call_timeout
                 )
                 missing = tuple(missing_list)
                 changed = changed or any(isinstance(a, dict) and a.get("changed") for a in answers.values())
             elif self.srs is not None:
-                self.srs.broadcast("app_put", arguments_json)
+                self.srs.broadcast("app_put", item)
             body = result["app"]
             if changed:
                 # New settings reach running workers by a rolling restart.
@@ -332,12 +339,16 @@ class Agent:
 
     async def app_delete(self, app: str) -> Reply:
         async def run() -> Reply:
-            local = self.local.app_delete(app)
+            # Every agent keeps a tombstone at this revision (scs.app_sync).
+            revision = self.store.next_app_revision(app)
+            local = self.local.app_delete(app, revision=revision)
             deleted = local["deleted"]
             instances = list(local["instances"])
             missing: tuple[str, ...] = self.peers.missing()
             if self.peers.clustered():
-                answers, missing_list = await self.srs.scatter("app_delete", {"app": app}, timeout=self.call_timeout)
+                answers, missing_list = await self.srs.scatter(
+                    "app_delete", {"app": app, "revision": revision}, timeout=self.call_timeout
+                )
                 missing = tuple(missing_list)
                 for answer in answers.values():
                     if isinstance(answer, dict):
@@ -350,12 +361,11 @@ class Agent:
         return await self._logged("App.delete", {"app": app}, run())
 
     async def sync_apps_from_peers(self) -> None:
-        """Copy the apps of the cluster here (an agent that joins later)."""
+        """Merge the apps of the cluster here (an agent that connects):
+        what is newer there, changes and deletions, wins (scs.app_sync)."""
         if not self.peers.clustered():
             return
-        for clean in await self.peers.copied("app_export", "app_put", "an app"):
-            if not self.store.has_app(clean["app"]):
-                self.local.app_put(**clean)
+        await self.app_sync.pull_all()
         await self.policies.sync_from_peers()
 
     # -- autoscaling policies (scs.autoscaling_policies), named for the surfaces --

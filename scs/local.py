@@ -14,6 +14,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 
+from scs.app_sync import state_digest
 from scs.errors import BadParameter, NotFound, Unavailable, WorkerFailed
 from scs.records import UNSET, AppRecord, AutoscalingPolicy, InstanceSpec, QueueBinding, WorkerStatus
 from scs.replica import digest as replica_digest, instance_document
@@ -142,10 +143,16 @@ class LocalAgent:
 
     def summary(self) -> dict[str, Any]:
         """Sent with every SRS heartbeat: how many instances, the digest of
-        their documents (peers re-fetch their copy when it changes) and
-        whether this agent is draining (it takes no placements)."""
+        their documents (peers re-fetch their copy when it changes),
+        whether this agent is draining (it takes no placements) and the
+        digest of its apps (``scs.app_sync``)."""
         documents = self.instance_export()
-        return {"instances": len(documents), "digest": replica_digest(documents), "draining": self.draining}
+        return {
+            "instances": len(documents),
+            "digest": replica_digest(documents),
+            "draining": self.draining,
+            "apps": self.apps_digest(),
+        }
 
     # -- failover and drain (scs.replica, scs.failover) ----------------------
 
@@ -168,7 +175,11 @@ class LocalAgent:
         """Take over an instance of another agent (a failover or a drain):
         same name and settings, the same desired state, its ``moved_from``
         noted so that the agent it came from drops its own copy.  ``wait``:
-        answer once its worker answered a ping (bounded), with ``ready``."""
+        answer once its worker answered a ping (bounded), with ``ready``.
+        An instance of an app deleted meanwhile is not taken (that would
+        give the app back)."""
+        if not self.store.has_app(document["app"]) and self.store.app_revision(document["app"])[1] is not None:
+            raise NotFound(f"app {document['app']!r} was deleted", app=document["app"])
         bindings = [QueueBinding(**binding) for binding in document["queues"]]
         spec, created = self.store.add_node(
             document["app"],
@@ -223,10 +234,22 @@ class LocalAgent:
         python: Any = UNSET,
         task_events: bool | None = None,
         roll: bool = False,
+        revision: int | None = None,
     ) -> dict[str, Any]:
         """Create or update an app.  ``roll``: an agent restarts the app's
         workers one at a time for the new settings (a rolling restart), so
-        the supervisor leaves them be meanwhile (``hold_reconfigure``)."""
+        the supervisor leaves them be meanwhile (``hold_reconfigure``).
+        ``revision``: the change's, from the agent that took it (None: a new
+        one); a change older than what is here is ignored (``stale``)."""
+        if revision is not None and self._outdated(app, revision):
+            log.info(
+                "app {app}: a change at revision {revision} is older than ours, ignored",
+                app=app,
+                revision=revision,
+                event="app.stale",
+            )
+            current = self.store.get_app(app).to_json() if self.store.has_app(app) else None
+            return {"app": current, "created": False, "changed": False, "stale": True}
         before = self.store.get_app(app) if self.store.has_app(app) else None
         if roll and before is not None and self.supervisor is not None:
             self.supervisor.hold_reconfigure(app, ROLL_HOLD)
@@ -240,6 +263,7 @@ class LocalAgent:
             workdir=workdir,
             python=python,
             task_events=task_events,
+            revision=revision,
         )
         if not created:
             # The workers of this app must run with its new settings.
@@ -250,33 +274,53 @@ class LocalAgent:
     def app_get(self, app: str) -> dict[str, Any]:
         return self.store.get_app(app).to_json()
 
+    def _outdated(self, app: str, revision: int) -> bool:
+        """Whether a change of ``app`` at ``revision`` is older than what
+        is here (an app with a higher revision, a deletion as high)."""
+        app_revision, deleted_at = self.store.app_revision(app)
+        return (app_revision is not None and revision < app_revision) or (
+            deleted_at is not None and revision <= deleted_at
+        )
+
     def app_export(self) -> list[dict[str, Any]]:
-        """Every app with its real broker URL, for a peer copying them.
+        """Every app with its real broker URL, for a peer copying them (the
+        agents before ``app_state`` ask for this).
 
         Only peers of the same cluster on the same broker can ask for this;
         the API never shows it.
         """
-        return [
-            {
-                "app": a.name,
-                "broker": a.broker.url,
-                "celery_app": a.celery_app,
-                "arguments": list(a.arguments),
-                "env": dict(a.env),
-                "workdir": a.workdir,
-                "python": a.python,
-                "task_events": a.task_events,
-            }
-            for a in self.store.list_apps()
-        ]
+        return [_app_item(a) for a in self.store.list_apps()]
 
-    def app_delete(self, app: str) -> dict[str, Any]:
-        """Delete an app here.  Its workers are stopped by the supervisor's
-        next wake-up, not awaited: an app may have many, and every agent of
-        the cluster answers this at once."""
+    def app_item(self, app: str) -> dict[str, Any]:
+        """One app's whole settings with its revision, for the peers."""
+        record = self.store.get_app(app)
+        return {**_app_item(record), "revision": record.revision}
+
+    def app_state(self) -> list[dict[str, Any]]:
+        """Every app with its revision, and every deleted app's name with
+        the revision of its deletion, for a peer merging them
+        (``scs.app_sync``)."""
+        apps = [{**_app_item(a), "revision": a.revision} for a in self.store.list_apps()]
+        deleted = [
+            {"app": name, "revision": revision, "deleted": True}
+            for name, revision in sorted(self.store.tombstones().items())
+        ]
+        return apps + deleted
+
+    def apps_digest(self) -> str:
+        return state_digest(self.app_state())
+
+    def app_delete(self, app: str, revision: int | None = None) -> dict[str, Any]:
+        """Delete an app here, leaving a tombstone at ``revision`` (None: a
+        new one; an app changed later than that is kept).  Its workers are
+        stopped by the supervisor's next wake-up, not awaited: an app may
+        have many, and every agent of the cluster answers this at once."""
         specs = self.store.list_nodes(app)
+        app_revision = self.store.app_revision(app)[0]
+        if app_revision is None or (revision is not None and app_revision > revision):
+            return {"deleted": False, "instances": []}
         try:
-            names = self.store.delete_app(app)
+            names = self.store.delete_app(app, revision)
         except NotFound:
             return {"deleted": False, "instances": []}
         stopped = self._changed()
@@ -630,6 +674,20 @@ class LocalAgent:
             await done
         except Exception as e:  # noqa: BLE001 - a slow stop is logged, not fatal
             log.warn("supervisor did not settle in time: {error}", error=repr(e))
+
+
+def _app_item(app: AppRecord) -> dict[str, Any]:
+    """An app's settings with its real broker URL (never for the API)."""
+    return {
+        "app": app.name,
+        "broker": app.broker.url,
+        "celery_app": app.celery_app,
+        "arguments": list(app.arguments),
+        "env": dict(app.env),
+        "workdir": app.workdir,
+        "python": app.python,
+        "task_events": app.task_events,
+    }
 
 
 def default_binding(queue: str) -> QueueBinding:

@@ -44,7 +44,8 @@ MIN_PERIOD, MAX_PERIOD = 0.05, 60.0
 DEFAULT_MAX_PEERS = 256
 DEFAULT_FORGET_AFTER = 24 * 3600.0
 MAX_URL_LENGTH = 512
-# A heartbeat's summary may carry a digest of the member's instances.
+# A heartbeat's summary may carry a digest of the member's instances, and
+# one of its apps.
 MAX_DIGEST_LENGTH = 64
 
 # Why a member is dead (``Member.dead_cause``).
@@ -80,6 +81,8 @@ class Member:
     dead_cause: str = ""
     # The "digest" of its last heartbeat's summary ("" when absent or bad).
     digest: str = ""
+    # The "apps" digest of that summary: its apps and tombstones (scs.app_sync).
+    apps_digest: str = ""
     # Its last heartbeat said it is draining: it takes no placements.
     draining: bool = False
 
@@ -148,6 +151,7 @@ class Membership:
         # Only the fields we use, type-checked: a peer cannot park data here.
         member.instances = count(summary.get("instances"))
         member.digest = digest(summary.get("digest"))
+        member.apps_digest = digest(summary.get("apps"))
         member.draining = summary.get("draining") is True
         member.requires_token = payload.get("token") is True
         _alive_again(member)

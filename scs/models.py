@@ -47,10 +47,28 @@ class App(Base):
     python: Mapped[str | None] = mapped_column(String(4096), nullable=True)
     # Start the workers with ``--task-events`` (``-E``) for monitors.
     task_events: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    # Which version of its settings this is (``scs.app_sync``): the highest
+    # wins across agents.  Milliseconds of the clock of the agent that took
+    # the change, or one more than the last revision it knew.
+    revision: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     broker: Mapped[Broker] = relationship(lazy="joined")
     nodes: Mapped[list[Node]] = relationship(back_populates="app", cascade="all, delete-orphan", passive_deletes=True)
     queues: Mapped[list[Queue]] = relationship(back_populates="app", cascade="all, delete-orphan", passive_deletes=True)
+
+
+class AppTombstone(Base):
+    """A deleted app: its name and the revision of the deletion, so that a
+    peer that still has an older copy of the app deletes it too rather than
+    giving it back (``scs.app_sync``).  A later put of the name with a
+    higher revision removes it; it is purged after ``--forget-dead-after``."""
+
+    __tablename__ = "app_tombstone"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    revision: Mapped[int] = mapped_column(Integer)
+    # When this agent recorded it (its own clock, for people reading the store).
+    deleted_at: Mapped[float] = mapped_column(Float, default=0.0)
 
 
 class Node(Base):

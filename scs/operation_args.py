@@ -77,11 +77,14 @@ _OPERATIONS: dict[str, dict[str, tuple[bool, Callable[[Any], Any]]]] = {
         "python": (False, lambda value: v.check_python(value, on_this_machine=False)),
         "task_events": (False, _optional(lambda value: v.check_bool(value, "task_events"))),
         "roll": (False, lambda value: v.check_bool(value, "roll")),
+        # Given by the agent that took the change (scs.app_sync).
+        "revision": (False, v.check_revision),
     },
     "app_get": {"app": (True, _APP)},
     "app_export": {},
+    "app_state": {},
     "app_names": {},
-    "app_delete": {"app": (True, _APP)},
+    "app_delete": {"app": (True, _APP), "revision": (False, v.check_revision)},
     "instance_export": {},
     "instance_adopt": {
         "document": (True, check_document),

@@ -4,6 +4,7 @@ supervisor.  The store turns its ORM rows into these so that nothing outside
 
 from __future__ import annotations
 
+import time
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
@@ -15,6 +16,14 @@ DEFAULT_BROKER = "amqp://guest:guest@127.0.0.1:5672//"
 
 # Sentinel for "parameter not given" where None is a meaningful value.
 UNSET: Any = object()
+
+
+def now_ms() -> int:
+    """This agent's clock in milliseconds: what app revisions are made of
+    (``scs.app_sync``)."""
+    return int(time.time() * 1000)
+
+
 DEFAULT_AMQPS_PORT = 5671
 DEFAULT_PORTS = {"amqp": DEFAULT_AMQP_PORT, "amqps": DEFAULT_AMQPS_PORT}
 
@@ -172,6 +181,9 @@ class AppRecord:
     python: str | None = None
     # Workers started with --task-events, so that monitors see tasks.
     task_events: bool = False
+    # The version of these settings across agents (``scs.app_sync``); not
+    # a setting: two records with the same settings are equal.
+    revision: int = attrs.field(default=0, eq=False)
 
     def to_json(self) -> dict[str, Any]:
         return {

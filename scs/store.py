@@ -38,6 +38,7 @@ from scs.errors import Conflict, NotFound
 from scs.models import (
     AgentSetting,
     App,
+    AppTombstone,
     AutoscalingPolicyRow,
     Broker,
     Consumption,
@@ -46,7 +47,7 @@ from scs.models import (
     ReplicaInstance,
     ReplicaOwner,
 )
-from scs.records import UNSET, AppRecord, AutoscalingPolicy, BrokerInfo, InstanceSpec, QueueBinding
+from scs.records import UNSET, AppRecord, AutoscalingPolicy, BrokerInfo, InstanceSpec, QueueBinding, now_ms
 
 STORE_FILENAME = ".scs-store.sqlite"
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -298,13 +299,85 @@ class Store:
             raise NotFound(f"no app named {name!r}", app=name)
         return app
 
-    def _app_or_create(self, session: Session, name: str, default_broker: str) -> App:
+    def _app_or_create(self, session: Session, name: str, default_broker: str, revision: int | None = None) -> App:
+        """The app ``name``, made with ``revision`` if it is new (its older
+        tombstone goes).  Without one (an instance or queue of an app not
+        here), the revision is just above the name's deletion if one is
+        known here (the app is made anew), else 0: the app's own settings,
+        which this agent may have missed, win over these defaults."""
         app = session.scalar(select(App).where(App.name == name))
         if app is None:
-            app = App(name=name, broker=self._broker(session, default_broker), arguments="[]", env="{}")
+            if revision is None:
+                tombstone = session.get(AppTombstone, name)
+                revision = 0 if tombstone is None else tombstone.revision + 1
+            app = App(
+                name=name,
+                broker=self._broker(session, default_broker),
+                arguments="[]",
+                env="{}",
+                revision=revision,
+            )
             session.add(app)
+            self._drop_tombstone(session, name, revision)
             session.flush()
         return app
+
+    # -- app revisions and tombstones (scs.app_sync) ------------------------
+
+    def _known_revision(self, session: Session, name: str) -> int:
+        """The highest revision known here for ``name`` (its app's or its
+        tombstone's); -1 when none."""
+        app = session.scalar(select(App.revision).where(App.name == name))
+        tombstone = session.get(AppTombstone, name)
+        return max(-1, -1 if app is None else app, -1 if tombstone is None else tombstone.revision)
+
+    def _next_revision(self, session: Session, name: str) -> int:
+        return max(now_ms(), self._known_revision(session, name) + 1)
+
+    def _drop_tombstone(self, session: Session, name: str, revision: int) -> None:
+        tombstone = session.get(AppTombstone, name)
+        if tombstone is not None and tombstone.revision < revision:
+            session.delete(tombstone)
+
+    def next_app_revision(self, name: str) -> int:
+        """The revision a change of ``name`` taken here gets: the time in
+        ms, or one more than the highest revision known for the name."""
+        with self.transaction() as session:
+            return self._next_revision(session, name)
+
+    def app_revision(self, name: str) -> tuple[int | None, int | None]:
+        """(the app's revision, its tombstone's revision), None for either
+        that is not here."""
+        with self.transaction() as session:
+            app = session.scalar(select(App.revision).where(App.name == name))
+            tombstone = session.get(AppTombstone, name)
+            return app, None if tombstone is None else tombstone.revision
+
+    def tombstones(self) -> dict[str, int]:
+        """Deleted app name -> revision of its deletion."""
+        with self.transaction() as session:
+            return {row.name: row.revision for row in session.scalars(select(AppTombstone))}
+
+    def put_tombstone(self, name: str, revision: int) -> None:
+        """Remember that ``name`` was deleted at ``revision`` (the higher of
+        two tombstones is kept)."""
+        with self.transaction() as session:
+            self._put_tombstone(session, name, revision)
+
+    def _put_tombstone(self, session: Session, name: str, revision: int) -> None:
+        tombstone = session.get(AppTombstone, name)
+        if tombstone is None:
+            session.add(AppTombstone(name=name, revision=revision, deleted_at=time.time()))
+        elif tombstone.revision < revision:
+            tombstone.revision, tombstone.deleted_at = revision, time.time()
+
+    def purge_tombstones(self, before: int) -> list[str]:
+        """Forget the deletions whose revision is older than ``before`` (ms)."""
+        with self.transaction() as session:
+            rows = list(session.scalars(select(AppTombstone).where(AppTombstone.revision < before)))
+            for row in rows:
+                session.delete(row)
+            return sorted(row.name for row in rows)
 
     def put_app(
         self,
@@ -318,15 +391,21 @@ class Store:
         workdir: Any = UNSET,
         python: Any = UNSET,
         task_events: bool | None = None,
+        revision: int | None = None,
     ) -> tuple[AppRecord, bool]:
         """Create or update an app; returns it and whether it was created.
 
         A setting left out (None, or UNSET where None means "the agent's
         default") keeps its stored value; ``env`` replaces the whole set of
-        variables (``{}`` clears it)."""
+        variables (``{}`` clears it).  ``revision``: the change's, given by
+        the agent that took it (None: a new one when something changed, see
+        ``next_app_revision``); an older tombstone of the name goes."""
         with self.transaction() as session:
             existing = session.scalar(select(App).where(App.name == name))
-            app = self._app_or_create(session, name, broker or default_broker)
+            before = None if existing is None else _app_record(existing)
+            if revision is None and existing is None:
+                revision = self._next_revision(session, name)
+            app = self._app_or_create(session, name, broker or default_broker, revision)
             if broker is not None:
                 app.broker = self._broker(session, broker)
             if celery_app is not UNSET:
@@ -341,6 +420,11 @@ class Store:
                 app.python = python
             if task_events is not None:
                 app.task_events = task_events
+            if revision is not None:
+                app.revision = revision
+            elif before is not None and _app_record(app) != before:
+                app.revision = self._next_revision(session, name)
+            self._drop_tombstone(session, name, app.revision)
             session.flush()
             return _app_record(app), existing is None
 
@@ -359,12 +443,16 @@ class Store:
         with self.transaction() as session:
             return [_app_record(a) for a in session.scalars(select(App).order_by(App.name))]
 
-    def delete_app(self, name: str) -> list[str]:
-        """Delete an app with its instances and queues; returns the instances' names."""
+    def delete_app(self, name: str, revision: int | None = None) -> list[str]:
+        """Delete an app with its instances and queues, leaving a tombstone
+        at ``revision`` (None: a new one); returns the instances' names."""
         with self.transaction() as session:
             app = self._app(session, name)
             names = [n.name for n in app.nodes]
+            if revision is None:
+                revision = self._next_revision(session, name)
             session.delete(app)
+            self._put_tombstone(session, name, revision)
             return names
 
     # -- nodes -----------------------------------------------------------
@@ -579,6 +667,7 @@ class Store:
                 ("replica_instance", "owner, name"),
                 ("agent_setting", "key"),
                 ("autoscaling_policy", "app_id"),
+                ("app_tombstone", "name"),
             ):
                 rows = connection.exec_driver_sql(f"SELECT * FROM {table} ORDER BY {order}")
                 tables[table] = [tuple(row) for row in rows]
@@ -728,6 +817,7 @@ def _app_record(app: App) -> AppRecord:
         workdir=app.workdir,
         python=app.python,
         task_events=bool(app.task_events),
+        revision=app.revision or 0,
     )
 
 

@@ -488,7 +488,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         # The supervisor's CeleryControl: one Celery app per broker for both.
         control=supervisor._control,
     )
-    agent = Agent(local, srs, url=url)
+    agent = Agent(local, srs, url=url, forget_dead_after=options["forget-dead-after"])
     keeper = None
     if srs is not None:
         keeper = _build_failover(options, agent, supervisor, gate, reactor)
@@ -501,8 +501,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     _ClosingStore(store).setServiceParent(top)
     supervisor.setServiceParent(top)
     if srs is not None:
+        from scs.app_sync import app_sync_service
+
         srs.setServiceParent(top)
         keeper.setServiceParent(top)
+        # Apps converge: a peer whose apps digest differs is merged (scs.app_sync).
+        app_sync_service(agent.app_sync, reactor).setServiceParent(top)
     from scs.autoscaling import Autoscaler
 
     # Queue-depth autoscaling (DESIGN §9.5): decided by the coordinator,

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from scs import records
 from scs.errors import BadParameter
 from scs.records import BrokerInfo, QueueBinding
 from scs.worker_arguments import RefusedArgument, check_worker_arguments
@@ -152,6 +153,21 @@ def check_concurrency_range(max_concurrency: int, min_concurrency: int) -> None:
             f"min_concurrency ({min_concurrency}) is greater than max_concurrency ({max_concurrency})",
             parameter="min_concurrency",
         )
+
+
+# An app's revision from a peer may be at most this far ahead of this
+# agent's clock (ms): a hostile or broken peer cannot pin an app for ever.
+MAX_REVISION_AHEAD_MS = 24 * 3600 * 1000
+
+
+def check_revision(value: Any) -> int:
+    """An app's revision from a peer (``scs.app_sync``): a non-negative
+    integer, not more than a day ahead of this agent's clock."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadParameter("revision must be a non-negative integer", parameter="revision")
+    if value > records.now_ms() + MAX_REVISION_AHEAD_MS:
+        raise BadParameter("revision is more than a day ahead of this agent's clock", parameter="revision")
+    return value
 
 
 def check_bool(value: Any, what: str) -> bool:

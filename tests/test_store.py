@@ -65,6 +65,53 @@ def test_upgrade_from_first_revision_keeps_data(tmp_path: Path) -> None:
     store.close()
 
 
+def test_upgrade_from_revision_0005_keeps_data_and_starts_apps_at_revision_0(tmp_path: Path) -> None:
+    """0006 adds app revisions (existing apps: 0) and the tombstones of
+    deleted apps; everything stored before is kept."""
+    path = tmp_path / STORE_FILENAME
+    engine = create_engine(f"sqlite:///{path}")
+    migrate(engine, "0005")
+    with engine.begin() as connection:
+        connection.exec_driver_sql("INSERT INTO broker (id, url) VALUES (1, 'amqp://guest:guest@127.0.0.1:5672/%2F')")
+        connection.exec_driver_sql(
+            "INSERT INTO app (id, name, broker_id, celery_app, arguments, env, workdir, python, task_events)"
+            " VALUES (1, 'foo', 1, 'proj:app', '[\"-Ofair\"]', '{\"A\": \"1\"}', '/srv/foo', NULL, 1)"
+        )
+        connection.exec_driver_sql(
+            "INSERT INTO node (id, name, app_id, broker_id, max_concurrency, min_concurrency,"
+            " is_enabled, created_at, arguments, moved_from) VALUES (1, 'w1', 1, NULL, 4, 2, 1, 0.0, '[]', 'agent9')"
+        )
+        connection.exec_driver_sql(
+            "INSERT INTO autoscaling_policy (app_id, queue, min_instances, max_instances,"
+            " messages_per_instance, scale_down_after) VALUES (1, 'tasks', 1, 3, 10, 60.0)"
+        )
+        connection.exec_driver_sql("INSERT INTO agent_setting (key, value) VALUES ('draining', '1')")
+    engine.dispose()
+
+    store = Store.in_directory(tmp_path)
+    assert schema_revision(store.engine) == "0006"
+    app = store.get_app("foo")
+    assert (app.celery_app, app.arguments, app.env, app.workdir, app.task_events) == (
+        "proj:app",
+        ("-Ofair",),
+        (("A", "1"),),
+        "/srv/foo",
+        True,
+    )
+    assert app.revision == 0
+    assert store.tombstones() == {}
+    spec = store.get_node("w1")
+    assert (spec.max_concurrency, spec.min_concurrency, spec.moved_from) == (4, 2, "agent9")
+    assert store.get_policy("foo").max_instances == 3
+    assert store.setting("draining") == "1"
+    # The new table works: a deletion leaves a tombstone, a later put removes it.
+    store.delete_app("foo", revision=10)
+    assert store.tombstones() == {"foo": 10}
+    store.put_app("foo", BROKER, revision=11)
+    assert (store.tombstones(), store.get_app("foo").revision) == ({}, 11)
+    store.close()
+
+
 def test_everything_survives_reopen(tmp_path: Path) -> None:
     store = Store.in_directory(tmp_path)
     store.put_app("foo", BROKER, celery_app="proj.celery:app", arguments=["--prefetch-multiplier=1"])

@@ -361,12 +361,12 @@ class Agent:
         return await self._logged("App.delete", {"app": app}, run())
 
     async def sync_apps_from_peers(self) -> None:
-        """Merge the apps of the cluster here (an agent that connects):
-        what is newer there, changes and deletions, wins (scs.app_sync)."""
+        """Merge the apps and autoscaling policies of the cluster here (an
+        agent that connects): what is newer there, changes and deletions,
+        wins (scs.app_sync)."""
         if not self.peers.clustered():
             return
         await self.app_sync.pull_all()
-        await self.policies.sync_from_peers()
 
     # -- autoscaling policies (scs.autoscaling_policies), named for the surfaces --
 

@@ -28,6 +28,15 @@ day ahead of this agent's clock); an item refused is logged
 (``srs.copy.refused``) and left out, and a state larger than
 ``MAX_ITEMS`` or naming an app twice is refused whole.
 
+Autoscaling policies converge the same way, in the same state and digest:
+each carries a revision given as an app's (``Store.next_revision``), a
+deletion of the policy (or of its app with one) leaves a policy tombstone,
+and ``app_state`` lists them after the apps as items with ``"kind":
+"autoscaling"``, checked as ``autoscaling_put`` or ``autoscaling_delete``.
+The apps of a state are merged first, then the policies: a policy is kept
+only with its app, and an app that arrives brings its policy in the same
+round.
+
 Tombstones older than ``forget_after`` (``--forget-dead-after``, by their
 revision's time, which is the same on every agent) are purged, and a peer's
 tombstone that old is not taken: an agent away longer than that may give a
@@ -51,19 +60,40 @@ from scs.membership import DEFAULT_FORGET_AFTER
 from scs.operation_args import check_operation
 from scs.records import now_ms
 from scs.replica import MAX_DOCUMENTS, MIN_FETCH_INTERVAL
+from scs.store import APP, POLICY
+from scs.validation import POLICY_FIELDS
 
 log = Logger(namespace="scs.app_sync")
 
-# A peer's state holds at most this many apps and tombstones.
+# A peer's state holds at most this many apps and tombstones, and as many
+# policies and their tombstones.
 MAX_ITEMS = MAX_DOCUMENTS
 # An app's settings, as ``app_state`` and ``app_export`` give them.
 SETTINGS = ("app", "broker", "celery_app", "arguments", "env", "workdir", "python", "task_events")
 
 
+@attrs.frozen
+class Kind:
+    """What an item of an ``app_state`` is of: ``name`` (its ``kind``; an
+    app's item has none) is the prefix of the operations it stands for
+    (``<name>_put``, and ``<name>_delete`` for a tombstone); ``settings``
+    are compared at equal revisions."""
+
+    name: str
+    settings: tuple[str, ...]
+
+
+APP_KIND = Kind(APP, SETTINGS)
+POLICY_KIND = Kind(POLICY, ("app", *POLICY_FIELDS))
+# Merged in this order: an app that arrives takes its policy in the same round.
+KINDS = (APP_KIND, POLICY_KIND)
+_KIND_BY_NAME = {kind.name: kind for kind in KINDS}
+
+
 def state_digest(items: list[dict[str, Any]]) -> str:
     """The digest of an ``app_state``: the same items in any order give
     the same digest."""
-    ordered = sorted(items, key=lambda item: (item["app"], bool(item.get("deleted"))))
+    ordered = sorted(items, key=lambda item: (item.get("kind", APP), item["app"], bool(item.get("deleted"))))
     text = json.dumps(ordered, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
@@ -79,25 +109,39 @@ class Version:
 
 
 def check_item(item: Any) -> tuple[Version, dict[str, Any]]:
-    """A peer's app or tombstone checked as the operation it stands for:
-    its version and the clean arguments (``app_put``'s, or ``app_delete``'s
-    for a tombstone); BadParameter otherwise."""
+    """A peer's app, policy or tombstone checked as the operation it stands
+    for: its version and the clean arguments (``app_put``'s or
+    ``autoscaling_put``'s, ``*_delete``'s for a tombstone); BadParameter
+    otherwise."""
+    return check_kind_item(item)[1:]
+
+
+def check_kind_item(item: Any) -> tuple[Kind, Version, dict[str, Any]]:
+    """``check_item``, with the kind of the item."""
     if not isinstance(item, dict):
         raise BadParameter("an app must be an object", parameter="app")
+    kind = APP_KIND
+    if "kind" in item:
+        # An app's item has no kind; any other kind is named.
+        named = _KIND_BY_NAME.get(item["kind"]) if isinstance(item["kind"], str) else None
+        if named is None or named is APP_KIND:
+            raise BadParameter("unknown kind of item", parameter="kind")
+        kind = named
+    arguments = {k: v for k, v in item.items() if k not in ("kind", "deleted")}
     if "deleted" in item:
         if item["deleted"] is not True or "revision" not in item:
-            raise BadParameter("a deleted app is {app, revision, deleted: true}", parameter="deleted")
-        clean = check_operation("app_delete", {k: v for k, v in item.items() if k != "deleted"})
-        return Version(clean["revision"], True, ""), clean
+            raise BadParameter("a deleted item is {app, revision, deleted: true}", parameter="deleted")
+        clean = check_operation(f"{kind.name}_delete", arguments)
+        return kind, Version(clean["revision"], True, ""), clean
     if "roll" in item:
         raise BadParameter("unknown parameter roll", parameter="roll")
-    clean = check_operation("app_put", item)
+    clean = check_operation(f"{kind.name}_put", arguments)
     clean.setdefault("revision", 0)
-    return Version(clean["revision"], False, _canonical(clean)), clean
+    return kind, Version(clean["revision"], False, _canonical(kind, clean)), clean
 
 
-def _canonical(clean: dict[str, Any]) -> str:
-    return json.dumps({k: clean.get(k) for k in SETTINGS}, sort_keys=True, separators=(",", ":"))
+def _canonical(kind: Kind, clean: dict[str, Any]) -> str:
+    return json.dumps({k: clean.get(k) for k in kind.settings}, sort_keys=True, separators=(",", ":"))
 
 
 class AppSync:
@@ -141,9 +185,12 @@ class AppSync:
     def sync(self) -> Deferred:
         """Purge old tombstones; fetch and merge the state of every stale
         peer (one request per peer at a time, at most one per interval)."""
-        purged = self.local.store.purge_tombstones(self._horizon())
-        if purged:
-            log.info("forgot the deletion of {apps}", apps=purged, event="app.tombstone.purged")
+        for kind in KINDS:
+            purged = self.local.store.purge_tombstones(self._horizon(), kind.name)
+            if purged:
+                log.info(
+                    "forgot the deletion of {apps} ({kind})", apps=purged, kind=kind.name, event="app.tombstone.purged"
+                )
         now = self._seconds()
         due = [
             agent
@@ -175,27 +222,38 @@ class AppSync:
                 self.merge(agent, answers[agent])
 
     def checked(self, agent: str, answer: Any) -> dict[str, tuple[Version, dict[str, Any]]]:
-        """A peer's state, checked: name -> (version, clean arguments).
-        Items refused are logged and left out; a state too large or naming
-        an app twice is refused whole (BadParameter)."""
-        if not isinstance(answer, list) or len(answer) > MAX_ITEMS:
+        """A peer's apps, checked: name -> (version, clean arguments); see
+        ``checked_kinds``."""
+        return self.checked_kinds(agent, answer)[APP]
+
+    def checked_kinds(self, agent: str, answer: Any) -> dict[str, dict[str, tuple[Version, dict[str, Any]]]]:
+        """A peer's state, checked: kind -> name -> (version, clean
+        arguments).  Items refused are logged and left out; a state too
+        large (more than ``MAX_ITEMS`` of a kind) or naming an app twice in
+        a kind is refused whole (BadParameter)."""
+        if not isinstance(answer, list) or len(answer) > MAX_ITEMS * len(KINDS):
             raise BadParameter(f"an app state must be a list of at most {MAX_ITEMS} items", parameter="apps")
-        theirs: dict[str, tuple[Version, dict[str, Any]]] = {}
+        theirs: dict[str, dict[str, tuple[Version, dict[str, Any]]]] = {kind.name: {} for kind in KINDS}
         for item in answer:
             try:
-                version, clean = check_item(item)
+                kind, version, clean = check_kind_item(item)
             except SCSError as e:
                 _refused(agent, e.message)
                 continue
-            if clean["app"] in theirs:
+            of_kind = theirs[kind.name]
+            if clean["app"] in of_kind:
                 raise BadParameter("an app state names an app twice", parameter="apps")
-            theirs[clean["app"]] = (version, clean)
+            if len(of_kind) >= MAX_ITEMS:
+                raise BadParameter(f"an app state must be a list of at most {MAX_ITEMS} items", parameter="apps")
+            of_kind[clean["app"]] = (version, clean)
         return theirs
 
-    def ours(self) -> dict[str, Version]:
-        """This agent's versions, computed as a peer's are."""
+    def ours(self, kind: str = APP) -> dict[str, Version]:
+        """This agent's versions of ``kind``, computed as a peer's are."""
         versions = {}
         for item in self.local.app_state():
+            if item.get("kind", APP) != kind:
+                continue
             try:
                 versions[item["app"]] = check_item(item)[0]
             except SCSError:
@@ -204,36 +262,56 @@ class AppSync:
 
     def merge(self, agent: str, answer: Any) -> list[str]:
         """Take from a peer's state what is newer than ours; the names
-        changed here."""
+        changed here (a policy's as ``autoscaling:<app>``)."""
         try:
-            theirs = self.checked(agent, answer)
+            theirs = self.checked_kinds(agent, answer)
         except SCSError as e:
             _refused(agent, e.message)
             return []
-        ours = self.ours()
         horizon = self._horizon()
         changed = []
-        for name in sorted(theirs):
-            version, clean = theirs[name]
-            if version.deleted and version.revision < horizon:
-                continue  # a deletion forgotten here already
-            if name in ours and not version > ours[name]:
-                continue
-            if version.deleted:
-                if not self.local.app_delete(name, revision=version.revision)["deleted"]:
-                    self.local.store.put_tombstone(name, version.revision)
-            else:
-                self.local.app_put(**clean)
-            changed.append(name)
-            log.info(
-                "app {app} {what} as {agent} has it (revision {revision})",
-                app=name,
-                what="deleted" if version.deleted else "updated",
-                agent=agent,
-                revision=version.revision,
-                event="app.merged",
-            )
+        for kind in KINDS:
+            # Ours again for each kind: the apps merged may have taken
+            # their policies with them.
+            ours = self.ours(kind.name)
+            for name in sorted(theirs[kind.name]):
+                version, clean = theirs[kind.name][name]
+                if version.deleted and version.revision < horizon:
+                    continue  # a deletion forgotten here already
+                if name in ours and not version > ours[name]:
+                    continue
+                if not self._apply(kind, name, version, clean):
+                    continue
+                changed.append(name if kind is APP_KIND else f"{kind.name}:{name}")
+                log.info(
+                    "{what_of} {app} {what} as {agent} has it (revision {revision})",
+                    what_of="app" if kind is APP_KIND else "autoscaling policy of",
+                    app=name,
+                    what="deleted" if version.deleted else "updated",
+                    agent=agent,
+                    revision=version.revision,
+                    kind=kind.name,
+                    event="app.merged",
+                )
         return changed
+
+    def _apply(self, kind: Kind, name: str, version: Version, clean: dict[str, Any]) -> bool:
+        """Store a peer's newer item here; whether it was."""
+        local = self.local
+        if kind is APP_KIND:
+            if not version.deleted:
+                local.app_put(**clean)
+            elif not local.app_delete(name, revision=version.revision)["deleted"]:
+                local.store.put_tombstone(name, version.revision)
+            return True
+        if version.deleted:
+            if not local.autoscaling_delete(name, revision=version.revision)["deleted"]:
+                local.store.put_tombstone(name, version.revision, POLICY)
+            return True
+        if not local.store.has_app(name):
+            return False  # a policy is kept with its app only
+        local.autoscaling_put(**clean)
+        return True
 
 
 def _refused(agent: str, error: str) -> None:

@@ -2,7 +2,9 @@
 
 A policy (``scs.autoscaling``) is kept by every agent, like its app:
 ``PUT``, ``GET`` and ``DELETE /<app>/autoscaling/`` act here and on every
-live agent, and an agent that joins later copies the peers' policies.
+live agent, the change with a revision given here, and a deletion leaves a
+tombstone; an agent that missed a change (down, or cut off) gets it as it
+gets the apps' (``scs.app_sync``: the policies are in ``app_state``).
 :class:`AutoscalingPolicies` answers those operations for the cluster
 façade (``scs.agent.Agent``, which keeps their names for the HTTP API and
 the admin page).  It was part of the façade and is its own class so that
@@ -21,7 +23,7 @@ from scs.operation_log import OperationLog
 from scs.peers import Peers
 from scs.placement import Placement
 from scs.reply import Reply
-from scs.store import Store
+from scs.store import POLICY, Store
 from scs.validation import DEFAULT_POLICY, check_policy
 
 
@@ -46,13 +48,6 @@ class AutoscalingPolicies:
     def store(self) -> Store:
         return self.local.store
 
-    async def sync_from_peers(self) -> None:
-        """Copy the peers' autoscaling policies of the apps that have none
-        here (an agent that joins later, or was away when one was set)."""
-        for clean in await self.peers.copied("autoscaling_export", "autoscaling_put", "a policy"):
-            if self.store.has_app(clean["app"]) and self.store.get_policy(clean["app"]) is None:
-                self.local.autoscaling_put(**clean)
-
     async def put(self, app: str, fields: dict[str, Any]) -> Reply:
         """``PUT /<app>/autoscaling/``: the ``fields`` given (each checked
         by ``check_policy_fields``) over the stored policy, or over the
@@ -66,13 +61,16 @@ class AutoscalingPolicies:
             base.pop("app", None)
             policy = check_policy({**base, **fields}, given=fields)
             await self._require_queue(app, policy["queue"])
+            # This agent gives the change its revision; every agent stores
+            # the policy with it (scs.app_sync).
+            revision = self.store.next_revision(app, POLICY)
             created = current is None
             if self.store.has_app(app):
-                created = self.local.autoscaling_put(app, **policy)["created"]
+                created = self.local.autoscaling_put(app, **policy, revision=revision)["created"]
             missing: tuple[str, ...] = self.peers.missing()
             if self.peers.clustered():
                 _answers, missing_list = await self.peers.srs.scatter(
-                    "autoscaling_put", {"app": app, **policy}, timeout=self.call_timeout
+                    "autoscaling_put", {"app": app, **policy, "revision": revision}, timeout=self.call_timeout
                 )
                 missing = tuple(missing_list)
             body = {"app": app, **policy}
@@ -139,11 +137,13 @@ class AutoscalingPolicies:
 
     async def delete(self, app: str) -> Reply:
         async def run() -> Reply:
-            deleted = self.local.autoscaling_delete(app)["deleted"]
+            # Every agent keeps a tombstone at this revision (scs.app_sync).
+            revision = self.store.next_revision(app, POLICY)
+            deleted = self.local.autoscaling_delete(app, revision=revision)["deleted"]
             missing: tuple[str, ...] = self.peers.missing()
             if self.peers.clustered():
                 answers, missing_list = await self.peers.srs.scatter(
-                    "autoscaling_delete", {"app": app}, timeout=self.call_timeout
+                    "autoscaling_delete", {"app": app, "revision": revision}, timeout=self.call_timeout
                 )
                 missing = tuple(missing_list)
                 deleted = deleted or any(isinstance(a, dict) and a.get("deleted") for a in answers.values())

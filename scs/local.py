@@ -18,7 +18,7 @@ from scs.app_sync import state_digest
 from scs.errors import BadParameter, NotFound, Unavailable, WorkerFailed
 from scs.records import UNSET, AppRecord, AutoscalingPolicy, InstanceSpec, QueueBinding, WorkerStatus
 from scs.replica import digest as replica_digest, instance_document
-from scs.store import Store
+from scs.store import APP, POLICY, Store
 from scs.validation import check_concurrency_range, check_lines
 from scs.worker import node_name, private_queue
 from scs.worker_log import DEFAULT_LINES as DEFAULT_LOG_LINES, read_tail
@@ -274,10 +274,11 @@ class LocalAgent:
     def app_get(self, app: str) -> dict[str, Any]:
         return self.store.get_app(app).to_json()
 
-    def _outdated(self, app: str, revision: int) -> bool:
-        """Whether a change of ``app`` at ``revision`` is older than what
-        is here (an app with a higher revision, a deletion as high)."""
-        app_revision, deleted_at = self.store.app_revision(app)
+    def _outdated(self, app: str, revision: int, kind: str = APP) -> bool:
+        """Whether a change of ``app`` (or of its policy: ``kind``) at
+        ``revision`` is older than what is here (a higher revision, a
+        deletion as high)."""
+        app_revision, deleted_at = self.store.revisions(app, kind)
         return (app_revision is not None and revision < app_revision) or (
             deleted_at is not None and revision <= deleted_at
         )
@@ -298,14 +299,23 @@ class LocalAgent:
 
     def app_state(self) -> list[dict[str, Any]]:
         """Every app with its revision, and every deleted app's name with
-        the revision of its deletion, for a peer merging them
+        the revision of its deletion; then the same of the autoscaling
+        policies (marked ``"kind": "autoscaling"``); for a peer merging them
         (``scs.app_sync``)."""
         apps = [{**_app_item(a), "revision": a.revision} for a in self.store.list_apps()]
         deleted = [
             {"app": name, "revision": revision, "deleted": True}
             for name, revision in sorted(self.store.tombstones().items())
         ]
-        return apps + deleted
+        policies = [
+            {"kind": POLICY, **policy.to_json(), "revision": revision}
+            for policy, revision in self.store.policy_revisions()
+        ]
+        policies_deleted = [
+            {"kind": POLICY, "app": name, "revision": revision, "deleted": True}
+            for name, revision in sorted(self.store.tombstones(POLICY).items())
+        ]
+        return apps + deleted + policies + policies_deleted
 
     def apps_digest(self) -> str:
         return state_digest(self.app_state())
@@ -344,10 +354,23 @@ class LocalAgent:
         max_instances: int,
         messages_per_instance: int,
         scale_down_after: float,
+        revision: int | None = None,
     ) -> dict[str, Any]:
-        """Store an app's whole (checked) policy here."""
+        """Store an app's whole (checked) policy here.  ``revision``: the
+        change's, from the agent that took it (None: a new one); a change
+        older than what is here is ignored (``stale``), as for apps."""
+        if revision is not None and self._outdated(app, revision, POLICY):
+            log.info(
+                "autoscaling policy of {app}: a change at revision {revision} is older than ours, ignored",
+                app=app,
+                revision=revision,
+                event="autoscaling.stale",
+            )
+            current = self.store.get_policy(app) if self.store.has_app(app) else None
+            return {"policy": None if current is None else current.to_json(), "created": False, "stale": True}
         policy, created = self.store.put_policy(
-            AutoscalingPolicy(app, queue, min_instances, max_instances, messages_per_instance, scale_down_after)
+            AutoscalingPolicy(app, queue, min_instances, max_instances, messages_per_instance, scale_down_after),
+            revision,
         )
         return {"policy": policy.to_json(), "created": created}
 
@@ -357,15 +380,14 @@ class LocalAgent:
             raise NotFound(f"app {app!r} has no autoscaling policy", app=app)
         return policy.to_json()
 
-    def autoscaling_delete(self, app: str) -> dict[str, Any]:
-        try:
-            deleted = self.store.delete_policy(app)
-        except NotFound:
-            deleted = False
-        return {"deleted": deleted}
+    def autoscaling_delete(self, app: str, revision: int | None = None) -> dict[str, Any]:
+        """Delete an app's policy here, leaving a tombstone at ``revision``
+        (None: a new one; a policy changed later than that is kept)."""
+        return {"deleted": self.store.delete_policy(app, revision)}
 
     def autoscaling_export(self) -> list[dict[str, Any]]:
-        """Every policy here, for a peer copying them."""
+        """Every policy here, for a peer copying them (the agents before
+        ``app_state`` carried the policies ask for this)."""
         return [policy.to_json() for policy in self.store.list_policies()]
 
     def autoscaling_status(self, app: str) -> dict[str, Any] | None:

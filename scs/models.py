@@ -188,3 +188,17 @@ class AutoscalingPolicyRow(Base):
     max_instances: Mapped[int] = mapped_column(Integer)
     messages_per_instance: Mapped[int] = mapped_column(Integer)
     scale_down_after: Mapped[float] = mapped_column(Float)
+    # As an app's (``scs.app_sync``): given by the agent that took the change.
+    revision: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
+class AutoscalingTombstone(Base):
+    """A deleted autoscaling policy (by ``DELETE /<app>/autoscaling/`` or
+    with its app): the app's name and the revision of the deletion, as
+    ``AppTombstone`` is for apps (``scs.app_sync``)."""
+
+    __tablename__ = "autoscaling_tombstone"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    revision: Mapped[int] = mapped_column(Integer)
+    deleted_at: Mapped[float] = mapped_column(Float, default=0.0)

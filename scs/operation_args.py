@@ -130,9 +130,13 @@ _OPERATIONS: dict[str, dict[str, tuple[bool, Callable[[Any], Any]]]] = {
     "queue_delete": {"app": (True, _APP), "name": (True, _QUEUE)},
     "queue_purge": {"app": (True, _APP), "name": (True, _QUEUE)},
     # Autoscaling policies (scs.autoscaling): a whole policy, checked as the
-    # API checks it (v.check_policy, below).
-    "autoscaling_put": {"app": (True, _APP), **{field: (True, lambda value: value) for field in v.POLICY_FIELDS}},
-    "autoscaling_delete": {"app": (True, _APP)},
+    # API checks it (v.check_policy, below); the revision as an app's.
+    "autoscaling_put": {
+        "app": (True, _APP),
+        **{field: (True, lambda value: value) for field in v.POLICY_FIELDS},
+        "revision": (False, v.check_revision),
+    },
+    "autoscaling_delete": {"app": (True, _APP), "revision": (False, v.check_revision)},
     "autoscaling_get": {"app": (True, _APP)},
     "autoscaling_export": {},
     "autoscaling_status": {"app": (True, _APP)},
@@ -172,5 +176,6 @@ def check_operation(operation: Any, arguments: Any) -> dict[str, Any]:
     if operation == "autoscale_set" and clean.get("max") is not None and clean.get("min") is not None:
         v.check_concurrency_range(clean["max"], clean["min"])
     if operation == "autoscaling_put":
-        clean = {"app": clean["app"], **v.check_policy(clean)}
+        revision = {"revision": clean["revision"]} if "revision" in clean else {}
+        clean = {"app": clean["app"], **v.check_policy(clean), **revision}
     return clean

@@ -3,8 +3,7 @@
 The façade (``scs.agent.Agent``) and the parts split out of it
 (``scs.custody``, ``scs.autoscaling_policies``, ``scs.app_wide``) all need
 the same few things from SRS: whether the cluster can be reached, which
-peers a listing could not ask, a listing run on every live agent, the
-peers' copies of what lives on every agent, and whether a peer is alive or
+peers a listing could not ask, a listing run on every live agent, and whether a peer is alive or
 draining.  :class:`Peers` answers them from this agent's ``LocalAgent`` and
 its SRS (``None``: an agent alone), so that each part is built with it
 rather than with the whole façade.
@@ -14,14 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.logger import Logger
-
-from scs.errors import NotFound, SCSError
+from scs.errors import NotFound
 from scs.local import LocalAgent
-from scs.operation_args import check_operation
-
-# The façade's log lines, wherever its code now lives.
-log = Logger(namespace="scs.agent")
 
 
 class Peers:
@@ -62,30 +55,6 @@ class Peers:
             if not isinstance(answer, Exception):
                 results[agent] = answer
         return results, tuple(sorted(missing))
-
-    async def copied(self, export: str, operation: str, what: str) -> list[dict[str, Any]]:
-        """What every peer answers to ``export``, each item checked as the
-        arguments of ``operation`` (a peer's copy is a door too); the items
-        refused are logged and left out."""
-        answers, _missing = await self.srs.scatter(export, {})
-        copied = []
-        for agent in sorted(answers):
-            answer = answers[agent]
-            if not isinstance(answer, list):
-                continue
-            for item in answer:
-                try:
-                    copied.append(check_operation(operation, item))
-                except SCSError as e:
-                    log.warn(
-                        "refused {what} copied from {agent}: {error}",
-                        what=what,
-                        agent=agent,
-                        error=e.message,
-                        event="srs.copy.refused",
-                        operation=operation,
-                    )
-        return copied
 
     async def require_app(self, app: str) -> None:
         """NotFound unless ``app`` is known here or to a peer that answers."""

@@ -40,6 +40,7 @@ from scs.models import (
     App,
     AppTombstone,
     AutoscalingPolicyRow,
+    AutoscalingTombstone,
     Broker,
     Consumption,
     Node,
@@ -57,6 +58,11 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 SQLITE_HEADER_SIZE = 100
 # Every revision of the schema has these; a store without them is not ours.
 REQUIRED_TABLES = ("broker", "app", "node", "queue", "consumption")
+# What a revision or a tombstone is of (``scs.app_sync``): an app, or its
+# autoscaling policy.
+APP = "app"
+POLICY = "autoscaling"
+_TOMBSTONES: dict[str, Any] = {APP: AppTombstone, POLICY: AutoscalingTombstone}
 # Files SQLite keeps next to a database; they belong to it.
 COMPANION_SUFFIXES = ("-journal", "-wal", "-shm")
 
@@ -322,59 +328,76 @@ class Store:
             session.flush()
         return app
 
-    # -- app revisions and tombstones (scs.app_sync) ------------------------
+    # -- revisions and tombstones of apps and policies (scs.app_sync) --------
 
-    def _known_revision(self, session: Session, name: str) -> int:
-        """The highest revision known here for ``name`` (its app's or its
-        tombstone's); -1 when none."""
-        app = session.scalar(select(App.revision).where(App.name == name))
-        tombstone = session.get(AppTombstone, name)
-        return max(-1, -1 if app is None else app, -1 if tombstone is None else tombstone.revision)
+    def _current_revision(self, session: Session, name: str, kind: str) -> int | None:
+        """The revision of app ``name`` (``kind`` APP) or of its policy
+        (POLICY) here; None when there is none."""
+        if kind == POLICY:
+            query = select(AutoscalingPolicyRow.revision).join(App, App.id == AutoscalingPolicyRow.app_id)
+            return session.scalar(query.where(App.name == name))
+        return session.scalar(select(App.revision).where(App.name == name))
 
-    def _next_revision(self, session: Session, name: str) -> int:
-        return max(now_ms(), self._known_revision(session, name) + 1)
+    def _known_revision(self, session: Session, name: str, kind: str = APP) -> int:
+        """The highest revision known here for ``name`` of ``kind`` (the
+        app's or policy's, or its tombstone's); -1 when none."""
+        current = self._current_revision(session, name, kind)
+        tombstone = session.get(_TOMBSTONES[kind], name)
+        return max(-1, -1 if current is None else current, -1 if tombstone is None else tombstone.revision)
 
-    def _drop_tombstone(self, session: Session, name: str, revision: int) -> None:
-        tombstone = session.get(AppTombstone, name)
+    def _next_revision(self, session: Session, name: str, kind: str = APP) -> int:
+        return max(now_ms(), self._known_revision(session, name, kind) + 1)
+
+    def _drop_tombstone(self, session: Session, name: str, revision: int, kind: str = APP) -> None:
+        tombstone = session.get(_TOMBSTONES[kind], name)
         if tombstone is not None and tombstone.revision < revision:
             session.delete(tombstone)
 
-    def next_app_revision(self, name: str) -> int:
-        """The revision a change of ``name`` taken here gets: the time in
-        ms, or one more than the highest revision known for the name."""
+    def next_revision(self, name: str, kind: str = APP) -> int:
+        """The revision a change of ``name`` (its app, or its policy: see
+        ``kind``) taken here gets: the time in ms, or one more than the
+        highest revision known for it, a deletion's included."""
         with self.transaction() as session:
-            return self._next_revision(session, name)
+            return self._next_revision(session, name, kind)
+
+    def next_app_revision(self, name: str) -> int:
+        return self.next_revision(name, APP)
+
+    def revisions(self, name: str, kind: str = APP) -> tuple[int | None, int | None]:
+        """(the revision of app ``name``'s or its policy's, its tombstone's
+        revision), None for either that is not here."""
+        with self.transaction() as session:
+            tombstone = session.get(_TOMBSTONES[kind], name)
+            return self._current_revision(session, name, kind), None if tombstone is None else tombstone.revision
 
     def app_revision(self, name: str) -> tuple[int | None, int | None]:
-        """(the app's revision, its tombstone's revision), None for either
-        that is not here."""
-        with self.transaction() as session:
-            app = session.scalar(select(App.revision).where(App.name == name))
-            tombstone = session.get(AppTombstone, name)
-            return app, None if tombstone is None else tombstone.revision
+        return self.revisions(name, APP)
 
-    def tombstones(self) -> dict[str, int]:
-        """Deleted app name -> revision of its deletion."""
+    def tombstones(self, kind: str = APP) -> dict[str, int]:
+        """Deleted app (or policy: ``kind``) name -> revision of its deletion."""
+        model = _TOMBSTONES[kind]
         with self.transaction() as session:
-            return {row.name: row.revision for row in session.scalars(select(AppTombstone))}
+            return {row.name: row.revision for row in session.scalars(select(model))}
 
-    def put_tombstone(self, name: str, revision: int) -> None:
+    def put_tombstone(self, name: str, revision: int, kind: str = APP) -> None:
         """Remember that ``name`` was deleted at ``revision`` (the higher of
         two tombstones is kept)."""
         with self.transaction() as session:
-            self._put_tombstone(session, name, revision)
+            self._put_tombstone(session, name, revision, kind)
 
-    def _put_tombstone(self, session: Session, name: str, revision: int) -> None:
-        tombstone = session.get(AppTombstone, name)
+    def _put_tombstone(self, session: Session, name: str, revision: int, kind: str = APP) -> None:
+        model = _TOMBSTONES[kind]
+        tombstone = session.get(model, name)
         if tombstone is None:
-            session.add(AppTombstone(name=name, revision=revision, deleted_at=time.time()))
+            session.add(model(name=name, revision=revision, deleted_at=time.time()))
         elif tombstone.revision < revision:
             tombstone.revision, tombstone.deleted_at = revision, time.time()
 
-    def purge_tombstones(self, before: int) -> list[str]:
+    def purge_tombstones(self, before: int, kind: str = APP) -> list[str]:
         """Forget the deletions whose revision is older than ``before`` (ms)."""
+        model = _TOMBSTONES[kind]
         with self.transaction() as session:
-            rows = list(session.scalars(select(AppTombstone).where(AppTombstone.revision < before)))
+            rows = list(session.scalars(select(model).where(model.revision < before)))
             for row in rows:
                 session.delete(row)
             return sorted(row.name for row in rows)
@@ -451,8 +474,13 @@ class Store:
             names = [n.name for n in app.nodes]
             if revision is None:
                 revision = self._next_revision(session, name)
+            had_policy = session.get(AutoscalingPolicyRow, app.id) is not None
             session.delete(app)
             self._put_tombstone(session, name, revision)
+            if had_policy:
+                # Its policy goes with it: a peer's older copy of it must
+                # not come back with a later app of the same name.
+                self._put_tombstone(session, name, revision, POLICY)
             return names
 
     # -- nodes -----------------------------------------------------------
@@ -668,6 +696,7 @@ class Store:
                 ("agent_setting", "key"),
                 ("autoscaling_policy", "app_id"),
                 ("app_tombstone", "name"),
+                ("autoscaling_tombstone", "name"),
             ):
                 rows = connection.exec_driver_sql(f"SELECT * FROM {table} ORDER BY {order}")
                 tables[table] = [tuple(row) for row in rows]
@@ -747,11 +776,15 @@ class Store:
 
     # -- autoscaling policies (scs.autoscaling) --------------------------------
 
-    def put_policy(self, policy: AutoscalingPolicy) -> tuple[AutoscalingPolicy, bool]:
-        """Store an app's autoscaling policy (replacing its old one);
-        returns it and whether it is new.  The app must exist."""
+    def put_policy(self, policy: AutoscalingPolicy, revision: int | None = None) -> tuple[AutoscalingPolicy, bool]:
+        """Store an app's autoscaling policy (replacing its old one) at
+        ``revision`` (None: a new one, see ``next_revision``); returns it
+        and whether it is new.  The app must exist; an older tombstone of
+        the policy goes."""
         with self.transaction() as session:
             app = self._app(session, policy.app)
+            if revision is None:
+                revision = self._next_revision(session, policy.app, POLICY)
             row = session.get(AutoscalingPolicyRow, app.id)
             created = row is None
             if row is None:
@@ -762,6 +795,8 @@ class Store:
             row.max_instances = policy.max_instances
             row.messages_per_instance = policy.messages_per_instance
             row.scale_down_after = float(policy.scale_down_after)
+            row.revision = revision
+            self._drop_tombstone(session, policy.app, revision, POLICY)
             session.flush()
             return _policy_record(app.name, row), created
 
@@ -772,18 +807,30 @@ class Store:
             return None if row is None else _policy_record(app_row.name, row)
 
     def list_policies(self) -> list[AutoscalingPolicy]:
+        return [policy for policy, _revision in self.policy_revisions()]
+
+    def policy_revisions(self) -> list[tuple[AutoscalingPolicy, int]]:
+        """Every policy here with its revision (``scs.app_sync``)."""
         with self.transaction() as session:
             query = select(App.name, AutoscalingPolicyRow).join(App, App.id == AutoscalingPolicyRow.app_id)
-            return [_policy_record(name, row) for name, row in session.execute(query.order_by(App.name))]
+            return [
+                (_policy_record(name, row), row.revision or 0)
+                for name, row in session.execute(query.order_by(App.name))
+            ]
 
-    def delete_policy(self, app: str) -> bool:
-        """Drop an app's policy; whether it had one."""
+    def delete_policy(self, app: str, revision: int | None = None) -> bool:
+        """Drop an app's policy, leaving a tombstone at ``revision`` (None:
+        a new one; a policy changed later than that is kept); whether it
+        had one (nothing is stored when it had none)."""
         with self.transaction() as session:
-            app_row = self._app(session, app)
-            row = session.get(AutoscalingPolicyRow, app_row.id)
-            if row is None:
+            query = select(AutoscalingPolicyRow).join(App, App.id == AutoscalingPolicyRow.app_id)
+            row = session.scalar(query.where(App.name == app))
+            if row is None or (revision is not None and row.revision > revision):
                 return False
+            if revision is None:
+                revision = self._next_revision(session, app, POLICY)
             session.delete(row)
+            self._put_tombstone(session, app, revision, POLICY)
             return True
 
     def setting(self, key: str, default: str | None = None) -> str | None:

@@ -89,7 +89,7 @@ def test_upgrade_from_revision_0005_keeps_data_and_starts_apps_at_revision_0(tmp
     engine.dispose()
 
     store = Store.in_directory(tmp_path)
-    assert schema_revision(store.engine) == "0006"
+    assert schema_revision(store.engine) == max(known_revisions())  # through 0006 to the newest
     app = store.get_app("foo")
     assert (app.celery_app, app.arguments, app.env, app.workdir, app.task_events) == (
         "proj:app",
@@ -109,6 +109,45 @@ def test_upgrade_from_revision_0005_keeps_data_and_starts_apps_at_revision_0(tmp
     assert store.tombstones() == {"foo": 10}
     store.put_app("foo", BROKER, revision=11)
     assert (store.tombstones(), store.get_app("foo").revision) == ({}, 11)
+    store.close()
+
+
+def test_upgrade_from_revision_0006_keeps_policies_and_starts_them_at_revision_0(tmp_path: Path) -> None:
+    """0007 adds policy revisions (existing policies: 0) and the tombstones
+    of deleted policies; everything stored before is kept."""
+    path = tmp_path / STORE_FILENAME
+    engine = create_engine(f"sqlite:///{path}")
+    migrate(engine, "0006")
+    with engine.begin() as connection:
+        connection.exec_driver_sql("INSERT INTO broker (id, url) VALUES (1, 'amqp://guest:guest@127.0.0.1:5672/%2F')")
+        connection.exec_driver_sql(
+            "INSERT INTO app (id, name, broker_id, celery_app, arguments, env, workdir, python, task_events, revision)"
+            " VALUES (1, 'foo', 1, 'proj:app', '[]', '{}', NULL, NULL, 0, 1234)"
+        )
+        connection.exec_driver_sql(
+            "INSERT INTO autoscaling_policy (app_id, queue, min_instances, max_instances,"
+            " messages_per_instance, scale_down_after) VALUES (1, 'tasks', 2, 5, 7, 30.0)"
+        )
+        connection.exec_driver_sql("INSERT INTO app_tombstone (name, revision, deleted_at) VALUES ('gone', 99, 1.0)")
+    engine.dispose()
+
+    store = Store.in_directory(tmp_path)
+    assert schema_revision(store.engine) == "0007"
+    assert store.get_app("foo").revision == 1234
+    assert store.tombstones() == {"gone": 99}
+    policy = store.get_policy("foo")
+    assert (policy.queue, policy.min_instances, policy.max_instances) == ("tasks", 2, 5)
+    assert (policy.messages_per_instance, policy.scale_down_after) == (7, 30.0)
+    assert store.policy_revisions() == [(policy, 0)]
+    assert store.tombstones("autoscaling") == {}
+    # The new table works: a deletion leaves a tombstone, a later put removes it.
+    assert store.delete_policy("foo", revision=10)
+    assert (store.get_policy("foo"), store.tombstones("autoscaling")) == (None, {"foo": 10})
+    store.put_policy(policy, revision=11)
+    assert (store.tombstones("autoscaling"), store.policy_revisions()) == ({}, [(policy, 11)])
+    # An app's deletion is its policy's too.
+    store.delete_app("foo", revision=20)
+    assert store.tombstones("autoscaling") == {"foo": 20}
     store.close()
 
 

@@ -300,13 +300,12 @@ class Agent:
             if self.peers.clustered() and not result["created"]:
                 # Apps live on every agent.  Each must have the new settings
                 # before the rolling restart below reaches its workers.
-                answers, missing_list = await self.srs.scatter(
+                answers, missing = await self.peers.scatter_change(
                     "app_put", {**item, "roll": True}, timeout=self.call_timeout
                 )
-                missing = tuple(missing_list)
                 changed = changed or any(isinstance(a, dict) and a.get("changed") for a in answers.values())
             elif self.srs is not None:
-                self.srs.broadcast("app_put", item)
+                self.peers.broadcast_change("app_put", item)
             body = result["app"]
             if changed:
                 # New settings reach running workers by a rolling restart.
@@ -346,10 +345,9 @@ class Agent:
             instances = list(local["instances"])
             missing: tuple[str, ...] = self.peers.missing()
             if self.peers.clustered():
-                answers, missing_list = await self.srs.scatter(
+                answers, missing = await self.peers.scatter_change(
                     "app_delete", {"app": app, "revision": revision}, timeout=self.call_timeout
                 )
-                missing = tuple(missing_list)
                 for answer in answers.values():
                     if isinstance(answer, dict):
                         deleted = deleted or answer["deleted"]

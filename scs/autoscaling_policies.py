@@ -69,10 +69,9 @@ class AutoscalingPolicies:
                 created = self.local.autoscaling_put(app, **policy, revision=revision)["created"]
             missing: tuple[str, ...] = self.peers.missing()
             if self.peers.clustered():
-                _answers, missing_list = await self.peers.srs.scatter(
+                _answers, missing = await self.peers.scatter_change(
                     "autoscaling_put", {"app": app, **policy, "revision": revision}, timeout=self.call_timeout
                 )
-                missing = tuple(missing_list)
             body = {"app": app, **policy}
             return Reply(body, status=201 if created else 200, missing=missing)
 
@@ -142,10 +141,9 @@ class AutoscalingPolicies:
             deleted = self.local.autoscaling_delete(app, revision=revision)["deleted"]
             missing: tuple[str, ...] = self.peers.missing()
             if self.peers.clustered():
-                answers, missing_list = await self.peers.srs.scatter(
+                answers, missing = await self.peers.scatter_change(
                     "autoscaling_delete", {"app": app, "revision": revision}, timeout=self.call_timeout
                 )
-                missing = tuple(missing_list)
                 deleted = deleted or any(isinstance(a, dict) and a.get("deleted") for a in answers.values())
             if not deleted:
                 await self.peers.require_app(app)

@@ -129,6 +129,11 @@ class Custody:
 
     # -- moving an instance ----------------------------------------------------
 
+    def app_deleted(self, app: str) -> bool:
+        """Whether ``app`` was deleted here (a tombstone, the app not made
+        again since): its instances are not to be adopted anywhere."""
+        return not self.store.has_app(app) and self.store.app_revision(app)[1] is not None
+
     async def adopt_once(self, target: str, document: dict[str, Any], moved_from: str) -> dict[str, Any]:
         """Have ``target`` take over an instance of a dead agent unless a
         live agent has it already; decided on the coordinator, one name at

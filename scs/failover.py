@@ -38,7 +38,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from scs.custody import Custody
-from scs.errors import SCSError
+from scs.errors import NotFound, SCSError
 from scs.peers import Peers
 from scs.store import Store
 from scs.worker import node_name
@@ -180,7 +180,7 @@ class Failover:
         """Move the instances of ``dead`` whose workers are silent (with
         ``move`` false, only ping them); returns instance -> new owner for
         those moved now."""
-        documents = self.store.replica_instances(dead).get(dead, [])
+        documents = self._of_live_apps(dead, self.store.replica_instances(dead).get(dead, []))
         held = self.held_by_live_agents()
         already = [d["name"] for d in documents if d["name"] in held]
         if already:
@@ -244,6 +244,13 @@ class Failover:
         try:
             outcome = await self.custody.adopt_once(target, document, moved_from=dead)
         except SCSError as e:
+            if _app_was_deleted(e, document["app"]):
+                # The target has the app's tombstone (we missed the deletion):
+                # no agent will take it, ever.  Final for this copy.
+                self.store.replica_drop(dead, [name])
+                self._silent.pop(name, None)
+                _log_deleted(dead, document, target)
+                return
             log.warn(
                 "failover of {instance} from {dead} to {target} failed: {error} (tried again later)",
                 instance=name,
@@ -268,6 +275,19 @@ class Failover:
             enabled=document["is_enabled"],
             event="failover.moved",
         )
+
+    def _of_live_apps(self, dead: str, documents: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``documents`` but those of apps deleted here (a tombstone): no
+        agent would adopt them (``instance_adopt`` refuses), so they are
+        dropped from our copy of ``dead``, neither pinged nor moved."""
+        deleted = [d for d in documents if self.custody.app_deleted(d["app"])]
+        if not deleted:
+            return documents
+        self.store.replica_drop(dead, [d["name"] for d in deleted])
+        for document in deleted:
+            self._silent.pop(document["name"], None)
+            _log_deleted(dead, document, None)
+        return [d for d in documents if d not in deleted]
 
     async def _answering(self, dead: str, documents: list[dict[str, Any]]) -> set[str]:
         """The instances among ``documents`` whose worker (``name@dead``)
@@ -295,6 +315,24 @@ class Failover:
             return self.store.get_app(app).broker.url
         except SCSError:
             return None
+
+
+def _app_was_deleted(error: SCSError, app: str) -> bool:
+    """Whether an adoption was refused because ``app`` was deleted on the
+    target (``LocalAgent.instance_adopt``: NotFound "app ... was deleted")."""
+    return isinstance(error, NotFound) and error.details.get("app") == app and error.message.endswith("was deleted")
+
+
+def _log_deleted(dead: str, document: dict[str, Any], target: str | None) -> None:
+    """Said once per copy: the copy is dropped with it."""
+    log.info(
+        "failover: {instance} of dead agent {dead} not moved: its app {app} was deleted",
+        instance=document["name"],
+        dead=dead,
+        app=document["app"],
+        target=target,
+        event="failover.app_deleted",
+    )
 
 
 class Fence:

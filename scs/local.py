@@ -18,7 +18,7 @@ from scs.app_sync import state_digest
 from scs.errors import BadParameter, NotFound, Unavailable, WorkerFailed
 from scs.records import UNSET, AppRecord, AutoscalingPolicy, InstanceSpec, QueueBinding, WorkerStatus
 from scs.replica import digest as replica_digest, instance_document
-from scs.store import APP, POLICY, Store
+from scs.store import APP, POLICY, Store, revision_bound
 from scs.validation import check_concurrency_range, check_lines
 from scs.worker import node_name, private_queue
 from scs.worker_log import DEFAULT_LINES as DEFAULT_LOG_LINES, read_tail
@@ -104,6 +104,10 @@ class LocalAgent:
         # App -> the last autoscaling decision, while this agent is the one
         # that decides (written by scs.autoscaling.Autoscaler).
         self.autoscaling_decisions: dict[str, dict[str, Any]] = {}
+        # The apps, app state and its digest as of ``_writes()``: every
+        # heartbeat and sync tick reads them, a change is rare.
+        self._apps_cache: tuple[int, list[AppRecord]] | None = None
+        self._state_cache: tuple[int, list[dict[str, Any]], str] | None = None
 
     # -- helpers ---------------------------------------------------------
 
@@ -128,15 +132,28 @@ class LocalAgent:
         """The Celery node name the worker of instance ``name`` answers to."""
         return node_name(name, getattr(self.supervisor, "hostname", None) or self.agent_id)
 
+    def _apps(self) -> list[AppRecord]:
+        """Every app here, read again only after a write to them."""
+        writes = self._writes()
+        if writes is None or self._apps_cache is None or self._apps_cache[0] != writes:
+            self._apps_cache = (writes, self.store.list_apps())
+        return list(self._apps_cache[1])
+
+    def _writes(self) -> int | None:
+        """What the cached apps are valid for: ``Store.app_writes`` (unique
+        across stores: a store put in place of another is read again);
+        None: a store without it, never cached."""
+        return getattr(self.store, "app_writes", None)
+
     def app_names(self) -> list[str]:
-        return [app.name for app in self.store.list_apps()]
+        return [app.name for app in self._apps()]
 
     def instances(self) -> list[tuple[InstanceSpec, WorkerStatus]]:
         """This agent's instances with their workers' status (metrics)."""
         return [(spec, self.status(spec.name)) for spec in self.store.list_nodes()]
 
     def app_records(self) -> list[AppRecord]:
-        return self.store.list_apps()
+        return self._apps()
 
     def queue_records(self, app: str) -> list[QueueBinding]:
         return self.store.list_queues(app)
@@ -165,7 +182,7 @@ class LocalAgent:
 
     def instance_export(self) -> list[dict[str, Any]]:
         """The documents of this agent's instances, for the peers' copies."""
-        app_brokers = {app.name: app.broker.url for app in self.store.list_apps()}
+        app_brokers = {app.name: app.broker.url for app in self._apps()}
         return [
             instance_document(spec, app_brokers.get(spec.app), self.status(spec.name))
             for spec in self.store.list_nodes()
@@ -277,10 +294,12 @@ class LocalAgent:
     def _outdated(self, app: str, revision: int, kind: str = APP) -> bool:
         """Whether a change of ``app`` (or of its policy: ``kind``) at
         ``revision`` is older than what is here (a higher revision, a
-        deletion as high)."""
+        deletion as high).  A revision stored here beyond the bound the
+        peers accept is ignored: it would pin the app here."""
         app_revision, deleted_at = self.store.revisions(app, kind)
-        return (app_revision is not None and revision < app_revision) or (
-            deleted_at is not None and revision <= deleted_at
+        bound = revision_bound()
+        return (app_revision is not None and revision < app_revision <= bound) or (
+            deleted_at is not None and revision <= deleted_at <= bound
         )
 
     def app_export(self) -> list[dict[str, Any]]:
@@ -290,7 +309,7 @@ class LocalAgent:
         Only peers of the same cluster on the same broker can ask for this;
         the API never shows it.
         """
-        return [_app_item(a) for a in self.store.list_apps()]
+        return [_app_item(a) for a in self._apps()]
 
     def app_item(self, app: str) -> dict[str, Any]:
         """One app's whole settings with its revision, for the peers."""
@@ -301,8 +320,19 @@ class LocalAgent:
         """Every app with its revision, and every deleted app's name with
         the revision of its deletion; then the same of the autoscaling
         policies (marked ``"kind": "autoscaling"``); for a peer merging them
-        (``scs.app_sync``)."""
-        apps = [{**_app_item(a), "revision": a.revision} for a in self.store.list_apps()]
+        (``scs.app_sync``).  Read again only after a write to them
+        (``Store.app_writes``)."""
+        return [dict(item) for item in self._state()[0]]
+
+    def _state(self) -> tuple[list[dict[str, Any]], str]:
+        writes = self._writes()
+        if writes is None or self._state_cache is None or self._state_cache[0] != writes:
+            state = self._read_state()
+            self._state_cache = (writes, state, state_digest(state))
+        return self._state_cache[1], self._state_cache[2]
+
+    def _read_state(self) -> list[dict[str, Any]]:
+        apps = [{**_app_item(a), "revision": a.revision} for a in self._apps()]
         deleted = [
             {"app": name, "revision": revision, "deleted": True}
             for name, revision in sorted(self.store.tombstones().items())
@@ -318,7 +348,7 @@ class LocalAgent:
         return apps + deleted + policies + policies_deleted
 
     def apps_digest(self) -> str:
-        return state_digest(self.app_state())
+        return self._state()[1]
 
     def app_delete(self, app: str, revision: int | None = None) -> dict[str, Any]:
         """Delete an app here, leaving a tombstone at ``revision`` (None: a
@@ -327,7 +357,7 @@ class LocalAgent:
         have many, and every agent of the cluster answers this at once."""
         specs = self.store.list_nodes(app)
         app_revision = self.store.app_revision(app)[0]
-        if app_revision is None or (revision is not None and app_revision > revision):
+        if app_revision is None or (revision is not None and revision < app_revision <= revision_bound()):
             return {"deleted": False, "instances": []}
         try:
             names = self.store.delete_app(app, revision)

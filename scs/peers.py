@@ -13,8 +13,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.logger import Logger
+
 from scs.errors import NotFound
 from scs.local import LocalAgent
+
+log = Logger(namespace="scs.peers")
+
+# What an agent of the version before app convergence refuses as an unknown
+# argument of the changes it is sent (``app_put``, ``app_delete``,
+# ``autoscaling_put``, ``autoscaling_delete``).
+NEW_ARGUMENTS = ("revision",)
 
 
 class Peers:
@@ -55,6 +64,68 @@ class Peers:
             if not isinstance(answer, Exception):
                 results[agent] = answer
         return results, tuple(sorted(missing))
+
+    def understands_revisions(self, agent_id: str) -> bool:
+        """Whether a peer takes the revisions of app and policy changes:
+        its heartbeat carries an apps digest (``scs.app_sync``).  An agent
+        of the version before has neither (a rolling upgrade)."""
+        member = self.srs.membership.get(agent_id) if self.srs is not None else None
+        return bool(getattr(member, "apps_digest", ""))
+
+    def arguments_for(self, agent_id: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        """The arguments of a change that ``agent_id`` understands: the
+        one place that says so.  An older agent gets them without a
+        revision (it takes the change as its own, new one)."""
+        if self.understands_revisions(agent_id):
+            return arguments
+        return {k: v for k, v in arguments.items() if k not in NEW_ARGUMENTS}
+
+    async def scatter_change(
+        self, operation: str, arguments: dict[str, Any], timeout: float
+    ) -> tuple[dict[str, Any], tuple[str, ...]]:
+        """Send a change to every live peer, each with the arguments it
+        understands: ({agent: answer}, missing).  A peer that answered with
+        an error did not take the change: it is logged and named in
+        ``missing`` (the caller's reply says so), its answer left out."""
+        answers, missing = await self.srs.scatter(
+            operation, arguments, timeout=timeout, arguments_for=lambda agent: self.arguments_for(agent, arguments)
+        )
+        taken = {}
+        refused = []
+        for agent, answer in answers.items():
+            if isinstance(answer, Exception):
+                refused.append(agent)
+                log.warn(
+                    "{agent} did not take {operation} of {app}: {error}",
+                    agent=agent,
+                    operation=operation,
+                    app=arguments.get("app"),
+                    error=getattr(answer, "message", type(answer).__name__),
+                    event="peers.change.refused",
+                )
+            else:
+                taken[agent] = answer
+        return taken, tuple(sorted({*missing, *refused}))
+
+    def broadcast_change(self, operation: str, arguments: dict[str, Any]) -> None:
+        """Fire and forget a change to every agent; an older agent (which
+        refuses the broadcast's new arguments) is sent its own, not awaited."""
+        self.srs.broadcast(operation, arguments)
+        if not self.srs.is_connected():
+            return  # dropped (SRS says so); the app sync brings it later
+        for agent in self.srs.live_agents():
+            if agent != self.agent_id and not self.understands_revisions(agent):
+                sent = self.srs.call(agent, operation, self.arguments_for(agent, arguments))
+                sent.addErrback(
+                    lambda f, agent=agent: log.warn(
+                        "{agent} did not take {operation} of {app}: {error}",
+                        agent=agent,
+                        operation=operation,
+                        app=arguments.get("app"),
+                        error=getattr(f.value, "message", type(f.value).__name__),
+                        event="peers.change.refused",
+                    )
+                )
 
     async def require_app(self, app: str) -> None:
         """NotFound unless ``app`` is known here or to a peer that answers."""

@@ -262,8 +262,11 @@ class SRS(MultiService):
         )
         return d
 
-    def scatter(self, op: str, args: dict, timeout: float = 2.0) -> Deferred:
+    def scatter(
+        self, op: str, args: dict, timeout: float = 2.0, arguments_for: Callable[[str], dict] | None = None
+    ) -> Deferred:
         """Ask every other live agent; fires ``({id: result or SCSError}, missing)``.
+        ``arguments_for``: a peer's own arguments (``args`` when None).
 
         Fires as soon as every peer believed alive at the start answered or
         was returned by the broker (its queue is gone), or at ``timeout``
@@ -284,7 +287,7 @@ class SRS(MultiService):
                 DIRECT,
                 peer,
                 "request",
-                {"op": op, "args": args},
+                {"op": op, "args": args if arguments_for is None else arguments_for(peer)},
                 cid=correlation_id,
                 reply_to=self._reply_queue,
                 mandatory=True,

@@ -16,8 +16,10 @@ fresh over an existing file is only done on purpose, by
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import re
 import sqlite3
 import stat
 import time
@@ -33,6 +35,7 @@ from sqlalchemy import Engine, create_engine, event, func, inspect, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
+from twisted.logger import Logger
 
 from scs.errors import Conflict, NotFound
 from scs.models import (
@@ -49,6 +52,9 @@ from scs.models import (
     ReplicaOwner,
 )
 from scs.records import UNSET, AppRecord, AutoscalingPolicy, BrokerInfo, InstanceSpec, QueueBinding, now_ms
+from scs.validation import MAX_REVISION_AHEAD_MS
+
+log = Logger(namespace="scs.store")
 
 STORE_FILENAME = ".scs-store.sqlite"
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -63,6 +69,20 @@ REQUIRED_TABLES = ("broker", "app", "node", "queue", "consumption")
 APP = "app"
 POLICY = "autoscaling"
 _TOMBSTONES: dict[str, Any] = {APP: AppTombstone, POLICY: AutoscalingTombstone}
+# The store keeps at most this many tombstones of each kind: past it the
+# oldest (lowest revision, then name) go, as a peer's state leaves them out.
+MAX_TOMBSTONES = 2_000
+# The tables ``LocalAgent.app_state`` is made of: a write to any of them
+# bumps ``Store.app_writes``.
+APP_STATE_TABLES = frozenset({"app", "broker", "app_tombstone", "autoscaling_policy", "autoscaling_tombstone"})
+# A statement that writes, and the table it writes to.
+_WRITE = re.compile(
+    r"""\s*(?:INSERT(?:\s+OR\s+\w+)?\s+INTO|REPLACE\s+INTO|UPDATE(?:\s+OR\s+\w+)?|DELETE\s+FROM)\s+["`\[]?(\w+)""",
+    re.IGNORECASE,
+)
+_NOT_WRITES = ("SELECT", "PRAGMA", "BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE")
+# Gives ``Store.app_writes`` its values: never the same twice, in any store.
+_APP_WRITES = itertools.count(1)
 # Files SQLite keeps next to a database; they belong to it.
 COMPANION_SUFFIXES = ("-journal", "-wal", "-shm")
 
@@ -242,6 +262,50 @@ class Store:
         # read them far more often than heartbeats change them.  Kept by
         # the only two writers, replica_put and replica_drop.
         self._replica_documents: dict[str, list[dict[str, Any]]] | None = None
+        # Changed by every statement that writes to the tables of the apps'
+        # state (APP_STATE_TABLES), whatever method, session or connection
+        # of this engine runs it: ``LocalAgent`` keeps its app state and
+        # digest while it stays.  Never the same value in two stores.
+        self.app_writes = next(_APP_WRITES)
+        event.listen(engine, "after_cursor_execute", self._after_execute)
+        self._clamp_revisions()
+
+    def _after_execute(self, _conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.lstrip()[:9].upper().startswith(_NOT_WRITES):
+            return
+        written = _WRITE.match(statement)
+        # A write whose table is not recognised counts (never a stale digest).
+        if written is None or written.group(1).lower() in APP_STATE_TABLES:
+            self.app_writes = next(_APP_WRITES)
+
+    def _clamp_revisions(self) -> None:
+        """Bring every revision beyond the bound (``MAX_REVISION_AHEAD_MS``
+        ahead of now: a clock that was ahead, a store edited or restored)
+        down to it: such a revision would pin its app here, every peer
+        refusing it and every later change being older."""
+        tables = inspect(self.engine).get_table_names()
+        if "autoscaling_tombstone" not in tables:
+            return  # a schema older than the revisions (migration tests)
+        bound = revision_bound()
+        clamped = []
+        with self.transaction() as session:
+            for model, what in (
+                (App, APP),
+                (AutoscalingPolicyRow, POLICY),
+                (AppTombstone, "deleted app"),
+                (AutoscalingTombstone, "deleted autoscaling"),
+            ):
+                for row in session.scalars(select(model).where(model.revision > bound)):
+                    row.revision = bound
+                    name = session.get(App, row.app_id).name if model is AutoscalingPolicyRow else row.name
+                    clamped.append(f"{name} ({what})")
+        if clamped:
+            log.warn(
+                "revisions beyond {hours} h ahead brought down to it: {items}",
+                hours=MAX_REVISION_AHEAD_MS // 3_600_000,
+                items=", ".join(sorted(clamped)),
+                event="store.revision.clamped",
+            )
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], revision: str = "head") -> Store:
@@ -346,7 +410,9 @@ class Store:
         return max(-1, -1 if current is None else current, -1 if tombstone is None else tombstone.revision)
 
     def _next_revision(self, session: Session, name: str, kind: str = APP) -> int:
-        return max(now_ms(), self._known_revision(session, name, kind) + 1)
+        # Never beyond the bound the peers accept (a revision known here
+        # beyond it is one the peers ignore, see ``LocalAgent._outdated``).
+        return min(max(now_ms(), self._known_revision(session, name, kind) + 1), revision_bound())
 
     def _drop_tombstone(self, session: Session, name: str, revision: int, kind: str = APP) -> None:
         tombstone = session.get(_TOMBSTONES[kind], name)
@@ -390,8 +456,19 @@ class Store:
         tombstone = session.get(model, name)
         if tombstone is None:
             session.add(model(name=name, revision=revision, deleted_at=time.time()))
+            session.flush()
+            self._cap_tombstones(session, kind)
         elif tombstone.revision < revision:
             tombstone.revision, tombstone.deleted_at = revision, time.time()
+
+    def _cap_tombstones(self, session: Session, kind: str) -> None:
+        """Keep at most ``MAX_TOMBSTONES`` of ``kind``: the oldest go."""
+        model = _TOMBSTONES[kind]
+        excess = session.scalar(select(func.count()).select_from(model)) - MAX_TOMBSTONES
+        if excess > 0:
+            oldest = session.scalars(select(model).order_by(model.revision, model.name).limit(excess))
+            for row in list(oldest):
+                session.delete(row)
 
     def purge_tombstones(self, before: int, kind: str = APP) -> list[str]:
         """Forget the deletions whose revision is older than ``before`` (ms)."""
@@ -825,7 +902,7 @@ class Store:
         with self.transaction() as session:
             query = select(AutoscalingPolicyRow).join(App, App.id == AutoscalingPolicyRow.app_id)
             row = session.scalar(query.where(App.name == app))
-            if row is None or (revision is not None and row.revision > revision):
+            if row is None or (revision is not None and revision < row.revision <= revision_bound()):
                 return False
             if revision is None:
                 revision = self._next_revision(session, app, POLICY)
@@ -848,6 +925,11 @@ class Store:
                 session.add(AgentSetting(key=key, value=value))
             else:
                 row.value = value
+
+
+def revision_bound() -> int:
+    """The highest revision a peer accepts now (``check_revision``)."""
+    return now_ms() + MAX_REVISION_AHEAD_MS
 
 
 def _app_env(app: App) -> tuple[tuple[str, str], ...]:

@@ -11,9 +11,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
-from scs import srs
+from scs import failover, srs
 from scs.agent import Agent, ClusterQueues, LocalAgent
-from scs.errors import BadParameter, Unavailable
+from scs.errors import BadParameter, NotFound, Unavailable
 from scs.failover import Failover, FailoverService, Fence, StartGate, spread
 from scs.replica import PeerView, Replicas, check_document, digest
 from scs.srs_trust import MessageCodec
@@ -459,3 +459,71 @@ class ForgetTests(SynchronousTestCase):
         self.assertIn("agent2", c.stores["agent1"].replica_digests())  # still listed for a while
         c.advance(60)
         self.assertNotIn("agent2", c.stores["agent1"].replica_digests())
+
+
+class DeletedAppTests(SynchronousTestCase):
+    """The instances of a dead agent whose app was deleted meanwhile are
+    not moved: no agent would take them (``instance_adopt`` refuses)."""
+
+    def _cluster(self) -> tuple[Cluster, list[dict[str, Any]], list[str]]:
+        events: list[dict[str, Any]] = []
+        self.patch(failover, "log", Logger(namespace="scs.failover", observer=events.append))
+        c = Cluster(self, "agent1", "agent2", "agent3")
+        c.run(c.agents["agent1"].app_put("foo"))
+        c.create("agent3", "foo", "w1")
+        c.create("agent3", "foo", "w2")
+        c.advance(INTERVAL + 1)
+        pinged: list[str] = []
+        ping = c.control.ping
+
+        def counting(url: str, nodes: list[str], timeout: float) -> Any:
+            pinged.extend(nodes)
+            return ping(url, nodes, timeout)
+
+        c.control.ping = counting
+        return c, events, pinged
+
+    def test_copies_of_an_app_deleted_here_are_dropped_neither_pinged_nor_moved(self) -> None:
+        c, events, pinged = self._cluster()
+        c.kill("agent3")
+        c.run(c.agents["agent1"].app_delete("foo"))
+        c.advance(FAILOVER_AFTER + 10)
+        self.assertEqual((c.where("w1"), c.where("w2")), ([], []))
+        self.assertEqual(pinged, [])
+        self.assertEqual(c.stores["agent1"].replica_instances("agent3").get("agent3", []), [])
+        said = sorted(e["instance"] for e in events if e.get("event") == "failover.app_deleted")
+        self.assertEqual(said, ["w1", "w2"])  # once each
+        self.assertEqual([e for e in events if e.get("event") == "failover.error"], [])
+
+    def test_a_target_that_has_the_deletion_refuses_once_for_good(self) -> None:
+        """The coordinator missed the deletion (no tombstone here); the
+        target refuses the adoption ("was deleted"): the copy is dropped,
+        said once, not tried again."""
+        c, events, _pinged = self._cluster()
+        c.kill("agent3")
+        c.agents["agent2"].local.app_delete("foo")  # agent1 does not know
+        c.agents["agent1"].local.set_draining(True)  # every move goes to agent2
+        c.advance(FAILOVER_AFTER + 20)
+        self.assertEqual((c.where("w1"), c.where("w2")), ([], []))
+        self.assertEqual(c.stores["agent1"].replica_instances("agent3").get("agent3", []), [])
+        said = sorted(e["instance"] for e in events if e.get("event") == "failover.app_deleted")
+        self.assertEqual(said, ["w1", "w2"])
+        self.assertEqual([e for e in events if e.get("event") == "failover.error"], [])
+
+    def test_another_refusal_is_tried_again(self) -> None:
+        """Only "was deleted" is final: a target that cannot take it now
+        (here: a NotFound of something else) is asked again later."""
+        c, events, _pinged = self._cluster()
+        custody = c.agents["agent1"].custody
+        refused: list[str] = []
+
+        async def refuse(target: str, document: dict[str, Any], moved_from: str) -> dict[str, Any]:
+            refused.append(document["name"])
+            raise NotFound(f"no app named {document['app']!r}", app=document["app"])
+
+        custody.adopt_once = refuse
+        c.kill("agent3")
+        c.advance(FAILOVER_AFTER + 10)
+        self.assertGreater(refused.count("w1"), 1)
+        self.assertEqual(len(c.stores["agent1"].replica_instances("agent3")["agent3"]), 2)
+        self.assertEqual([e for e in events if e.get("event") == "failover.app_deleted"], [])

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 from twisted.logger import Logger, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -78,12 +77,6 @@ class Events:
 
 
 class FindingTests(SynchronousTestCase):
-    @pytest.mark.xfail(
-        strict=True,
-        reason="migration 0006 gives every existing app revision 0: settings that diverged before the "
-        "upgrade (the bug being fixed) converge to the lexicographically larger one, here the stale one, "
-        "pushed with worker restarts to the agent that had the newer settings",
-    )
     def test_an_upgrade_does_not_push_stale_settings_over_newer_ones(self) -> None:
         stores = {"agent1": Store.in_memory(), "agent2": Store.in_memory()}
         for store in stores.values():
@@ -98,12 +91,6 @@ class FindingTests(SynchronousTestCase):
         # silently, least of all the operator's last change.
         self.assertEqual(c.stores["agent1"].get_app("foo").env, (("MODE", "new"),))
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="a revision beyond the one-day bound in an agent's own store (clock that was ahead, store "
-        "edited or restored) pins the app there: every later change from the peers is 'stale' there, its "
-        "own changes get revision+1 which every peer refuses; the digests differ for ever",
-    )
     def test_a_revision_beyond_the_bound_in_a_store_does_not_pin_the_app(self) -> None:
         c = AppCluster(self, "agent1", "agent2")
         c.run(c.agents["agent1"].app_put("foo", env={"MODE": "old"}))
@@ -117,12 +104,6 @@ class FindingTests(SynchronousTestCase):
         self.assertEqual(c.stores["agent1"].get_app("foo").env, (("MODE", "fixed"),))
         self.assertEqual(len(set(digests(c).values())), 1, digests(c))
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="app_state holds every tombstone of the last day; with more than MAX_ITEMS apps and "
-        "tombstones (many deletions in a day) every agent's state is refused whole by every other: "
-        "anti-entropy stops cluster-wide",
-    )
     def test_many_deletions_in_a_day_do_not_stop_convergence(self) -> None:
         c = AppCluster(self, "agent1", "agent2")
         c.run(c.agents["agent1"].app_put("foo", env={"MODE": "old"}))
@@ -136,12 +117,6 @@ class FindingTests(SynchronousTestCase):
         c.advance(3 * INTERVAL)
         self.assertEqual(c.stores["agent1"].get_app("foo").env, (("MODE", "new"),))
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="a peer's tombstones of names unknown here are all stored: a hostile peer (any broker user of "
-        "an unsigned cluster) serving MAX_ITEMS new names per fetch grows the tombstone table without "
-        "bound, past what peers accept",
-    )
     def test_a_peer_cannot_grow_our_tombstones_without_bound(self) -> None:
         c = AppCluster(self, "agent1", "agent2")
         sync = c.agents["agent1"].app_sync
@@ -151,12 +126,6 @@ class FindingTests(SynchronousTestCase):
             sync.merge("agent2", state)
         self.assertLessEqual(len(c.stores["agent1"].tombstones()), MAX_ITEMS)
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="an agent of the previous version refuses app_put/app_delete with 'revision' (unknown "
-        "parameter) and has no app_state: during a rolling upgrade a deletion through an upgraded agent "
-        "never reaches it, and the API answers 200 without naming it missing",
-    )
     def test_an_older_peer_gets_the_deletion_or_is_reported(self) -> None:
         c = AppCluster(self, "agent1", "agent2")
         c.run(c.agents["agent1"].app_put("bar"))
@@ -180,11 +149,6 @@ class FindingTests(SynchronousTestCase):
         c.advance(3 * INTERVAL)
         self.assertTrue("agent2" in reply.missing or not c.stores["agent2"].has_app("bar"), reply.missing)
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="the instances of a dead agent's deleted app stay in every peer's copy: the failover tries "
-        "to move them every round for up to a day (instance_adopt refuses), a warning each time",
-    )
     def test_a_deleted_apps_instances_are_not_failed_over_again_and_again(self) -> None:
         events: list[dict[str, Any]] = []
         self.patch(failover, "log", Logger(namespace="scs.failover", observer=events.append))
@@ -197,11 +161,6 @@ class FindingTests(SynchronousTestCase):
         for agent_id in ("agent1", "agent2"):
             self.assertFalse(c.stores[agent_id].has_app("bar"))
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="a peer whose state does not converge (an item refused here) is fetched whole every "
-        "MIN_FETCH_INTERVAL for ever, though neither digest changed",
-    )
     def test_a_state_that_changes_nothing_is_not_fetched_again_and_again(self) -> None:
         c = AppCluster(self, "agent1", "agent2")
         c.run(c.agents["agent1"].app_put("foo"))
@@ -214,11 +173,6 @@ class FindingTests(SynchronousTestCase):
         fetched = [peer for caller, peer in calls if caller == "agent1"]
         self.assertLessEqual(len(fetched), 3, len(fetched))
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="every refused item is one warning: a state of MAX_ITEMS bad items is MAX_ITEMS warnings "
-        "per fetch (every MIN_FETCH_INTERVAL, from any broker user of an unsigned cluster)",
-    )
     def test_a_hostile_state_is_not_a_log_flood(self) -> None:
         events: list[dict[str, Any]] = []
         self.patch(app_sync, "log", Logger(namespace="scs.app_sync", observer=events.append))
@@ -228,11 +182,6 @@ class FindingTests(SynchronousTestCase):
         refused = [e for e in events if e.get("event") == "srs.copy.refused"]
         self.assertLessEqual(len(refused), 10, len(refused))
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="a partial item (settings left out) at our revision sorts above ours ('null' > '[' ...): "
-        "it is 'merged' (a no-op app_put, a supervisor wake-up, an app.merged line) at every fetch for ever",
-    )
     def test_a_partial_item_at_our_revision_is_not_merged_again_and_again(self) -> None:
         c = AppCluster(self, "agent1", "agent2")
         c.run(c.agents["agent1"].app_put("foo", env={"A": "1"}))
@@ -242,12 +191,6 @@ class FindingTests(SynchronousTestCase):
         sync.merge("agent2", partial)
         self.assertEqual(sync.merge("agent2", partial), [])
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="the apps digest is recomputed from the whole store (every app and tombstone, JSON, sha256) "
-        "at every 0.5 s sync tick and every heartbeat, though nothing changed: ~60 ms per 1000 apps "
-        "and 1000 tombstones, on the reactor thread",
-    )
     def test_a_steady_cluster_does_not_reread_its_apps_twice_a_second(self) -> None:
         c = AppCluster(self, "agent1", "agent2")
         c.run(c.agents["agent1"].app_put("foo"))

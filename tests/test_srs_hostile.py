@@ -411,7 +411,17 @@ class UnsignedClusterTests(SynchronousTestCase):
         bus = Bus(self, "agent1", secret=None)
         peer = bus.agents["agent1"]
         peer.srs.handler = lambda op, args: [
-            {"app": "good", "broker": BROKER, "celery_app": None, "arguments": []},
+            # An app's item carries every setting (scs.app_sync.SETTINGS).
+            {
+                "app": "good",
+                "broker": BROKER,
+                "celery_app": None,
+                "arguments": [],
+                "env": {},
+                "workdir": None,
+                "python": None,
+                "task_events": False,
+            },
             {"app": "bad", "broker": BROKER, "arguments": ["accept_content=pickle"]},
             {"app": "../x"},
         ]

@@ -339,7 +339,7 @@ class Agent:
     async def app_delete(self, app: str) -> Reply:
         async def run() -> Reply:
             # Every agent keeps a tombstone at this revision (scs.app_sync).
-            revision = self.store.next_app_revision(app)
+            revision = self.store.revisions.next(app)
             local = self.local.app_delete(app, revision=revision)
             deleted = local["deleted"]
             instances = list(local["instances"])

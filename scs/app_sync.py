@@ -41,7 +41,7 @@ ahead, a store edited) loses to any peer's version; the store brings such
 revisions down to the bound when it opens.
 
 Autoscaling policies converge the same way, in the same state and digest:
-each carries a revision given as an app's (``Store.next_revision``), a
+each carries a revision given as an app's (``Revisions.next``), a
 deletion of the policy (or of its app with one) leaves a policy tombstone,
 and ``app_state`` lists them after the apps as items with ``"kind":
 "autoscaling"``, checked as ``autoscaling_put`` or ``autoscaling_delete``.
@@ -73,7 +73,7 @@ from scs.membership import DEFAULT_FORGET_AFTER
 from scs.operation_args import check_operation
 from scs.records import now_ms
 from scs.replica import MAX_DOCUMENTS, MIN_FETCH_INTERVAL
-from scs.store import APP, MAX_TOMBSTONES, POLICY
+from scs.store_revisions import APP, MAX_TOMBSTONES, POLICY
 from scs.validation import POLICY_FIELDS
 
 log = Logger(namespace="scs.app_sync")
@@ -230,7 +230,7 @@ class AppSync:
         """Purge old tombstones; fetch and merge the state of every stale
         peer (one request per peer at a time, at most one per interval)."""
         for kind in KINDS:
-            purged = self.local.store.purge_tombstones(self._horizon(), kind.name)
+            purged = self.local.store.revisions.purge_tombstones(self._horizon(), kind.name)
             if purged:
                 log.info(
                     "forgot the deletion of {apps} ({kind})", apps=purged, kind=kind.name, event="app.tombstone.purged"
@@ -426,11 +426,11 @@ class AppSync:
             if not version.deleted:
                 local.app_put(**clean)
             elif not local.app_delete(name, revision=version.revision)["deleted"]:
-                local.store.put_tombstone(name, version.revision)
+                local.store.revisions.put_tombstone(name, version.revision)
             return True
         if version.deleted:
             if not local.autoscaling_delete(name, revision=version.revision)["deleted"]:
-                local.store.put_tombstone(name, version.revision, POLICY)
+                local.store.revisions.put_tombstone(name, version.revision, POLICY)
             return True
         if not local.store.has_app(name):
             return False  # a policy is kept with its app only

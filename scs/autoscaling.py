@@ -140,7 +140,7 @@ class Autoscaler(Service):
         self._take_role(self.is_decider())
         if not self.deciding:
             return None
-        policies = self.agent.store.list_policies()
+        policies = self.agent.store.policies.list_all()
         self._forget((set(self._targets) | set(self.decisions)) - {p.app for p in policies})
         if not policies:
             return None

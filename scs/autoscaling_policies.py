@@ -23,7 +23,8 @@ from scs.operation_log import OperationLog
 from scs.peers import Peers
 from scs.placement import Placement
 from scs.reply import Reply
-from scs.store import POLICY, Store
+from scs.store import Store
+from scs.store_revisions import POLICY
 from scs.validation import DEFAULT_POLICY, check_policy
 
 
@@ -56,14 +57,14 @@ class AutoscalingPolicies:
 
         async def run() -> Reply:
             await self.peers.require_app(app)
-            current = self.store.get_policy(app) if self.store.has_app(app) else None
+            current = self.store.policies.get(app) if self.store.has_app(app) else None
             base = current.to_json() if current is not None else dict(DEFAULT_POLICY)
             base.pop("app", None)
             policy = check_policy({**base, **fields}, given=fields)
             await self._require_queue(app, policy["queue"])
             # This agent gives the change its revision; every agent stores
             # the policy with it (scs.app_sync).
-            revision = self.store.next_revision(app, POLICY)
+            revision = self.store.revisions.next(app, POLICY)
             created = current is None
             if self.store.has_app(app):
                 created = self.local.autoscaling_put(app, **policy, revision=revision)["created"]
@@ -137,7 +138,7 @@ class AutoscalingPolicies:
     async def delete(self, app: str) -> Reply:
         async def run() -> Reply:
             # Every agent keeps a tombstone at this revision (scs.app_sync).
-            revision = self.store.next_revision(app, POLICY)
+            revision = self.store.revisions.next(app, POLICY)
             deleted = self.local.autoscaling_delete(app, revision=revision)["deleted"]
             missing: tuple[str, ...] = self.peers.missing()
             if self.peers.clustered():

@@ -70,9 +70,9 @@ class Custody:
     def may_hold(self, agent_id: str, name: str) -> bool:
         """Whether an agent we cannot ask may have instance ``name``: its
         copy here says, if we have one."""
-        if agent_id not in self.store.replica_digests():
+        if agent_id not in self.store.replicas.digests():
             return True
-        documents = self.store.replica_instances(agent_id).get(agent_id, [])
+        documents = self.store.replicas.instances(agent_id).get(agent_id, [])
         return any(document["name"] == name for document in documents)
 
     def orphans(self, app: str | None = None) -> list[dict[str, Any]]:
@@ -83,7 +83,7 @@ class Custody:
         if self.srs is None or not self.srs.sees_the_cluster():
             return []
         found = []
-        for owner, documents in self.store.replica_instances().items():
+        for owner, documents in self.store.replicas.instances().items():
             if self.peers.peer_alive(owner):
                 continue
             for document in documents:
@@ -118,7 +118,7 @@ class Custody:
         them) and ``moved`` (instance -> the live agent that took it)."""
         moved = {spec.name: self.agent_id for spec in self.store.list_nodes() if spec.moved_from == dead}
         orphaned = []
-        for owner, documents in self.store.replica_instances().items():
+        for owner, documents in self.store.replicas.instances().items():
             for document in documents:
                 if owner == dead:
                     orphaned.append(document["name"])
@@ -132,7 +132,7 @@ class Custody:
     def app_deleted(self, app: str) -> bool:
         """Whether ``app`` was deleted here (a tombstone, the app not made
         again since): its instances are not to be adopted anywhere."""
-        return not self.store.has_app(app) and self.store.app_revision(app)[1] is not None
+        return not self.store.has_app(app) and self.store.revisions.of(app)[1] is not None
 
     async def adopt_once(self, target: str, document: dict[str, Any], moved_from: str) -> dict[str, Any]:
         """Have ``target`` take over an instance of a dead agent unless a

@@ -148,7 +148,7 @@ class Failover:
         first, so that by then they have missed their pings."""
         now = self.clock.seconds()
         due = {}
-        for owner, documents in self.store.replica_instances().items():
+        for owner, documents in self.store.replicas.instances().items():
             member = self.srs.membership.get(owner)
             if member is None or not documents or owner == self.agent_id:
                 continue
@@ -165,7 +165,7 @@ class Failover:
         """Instance -> the live agent that has it (here, or in our copies,
         or moved there by us lately: a copy lags a heartbeat behind)."""
         held = {name: self.agent_id for name in self.store.node_names()}
-        for owner, documents in self.store.replica_instances().items():
+        for owner, documents in self.store.replicas.instances().items():
             if owner != self.agent_id and self.peers.peer_alive(owner):
                 for document in documents:
                     held.setdefault(document["name"], owner)
@@ -180,12 +180,12 @@ class Failover:
         """Move the instances of ``dead`` whose workers are silent (with
         ``move`` false, only ping them); returns instance -> new owner for
         those moved now."""
-        documents = self._of_live_apps(dead, self.store.replica_instances(dead).get(dead, []))
+        documents = self._of_live_apps(dead, self.store.replicas.instances(dead).get(dead, []))
         held = self.held_by_live_agents()
         already = [d["name"] for d in documents if d["name"] in held]
         if already:
             # Moved before (by us or an earlier coordinator): only our copy is behind.
-            self.store.replica_drop(dead, already)
+            self.store.replicas.drop(dead, already)
         candidates = [d for d in documents if d["name"] not in held]
         # A worker must miss two pings in a row (a loaded machine may answer
         # one late): a live worker moved would run twice.  Those pinged since
@@ -221,7 +221,7 @@ class Failover:
         if owners is None:
             return {}  # an agent did not answer: next time
         if owners:
-            self.store.replica_drop(dead, sorted(owners))
+            self.store.replicas.drop(dead, sorted(owners))
             to_move = [d for d in to_move if d["name"] not in owners]
         load = dict.fromkeys(live, 0)
         for holder in held.values():
@@ -247,7 +247,7 @@ class Failover:
             if _app_was_deleted(e, document["app"]):
                 # The target has the app's tombstone (we missed the deletion):
                 # no agent will take it, ever.  Final for this copy.
-                self.store.replica_drop(dead, [name])
+                self.store.replicas.drop(dead, [name])
                 self._silent.pop(name, None)
                 _log_deleted(dead, document, target)
                 return
@@ -260,7 +260,7 @@ class Failover:
                 event="failover.error",
             )
             return
-        self.store.replica_drop(dead, [name])
+        self.store.replicas.drop(dead, [name])
         self._silent.pop(name, None)
         if not outcome["moved"]:
             return  # moved already, by another decision
@@ -283,7 +283,7 @@ class Failover:
         deleted = [d for d in documents if self.custody.app_deleted(d["app"])]
         if not deleted:
             return documents
-        self.store.replica_drop(dead, [d["name"] for d in deleted])
+        self.store.replicas.drop(dead, [d["name"] for d in deleted])
         for document in deleted:
             self._silent.pop(document["name"], None)
             _log_deleted(dead, document, None)
@@ -349,7 +349,7 @@ class Fence:
         local = self.custody.local
         mine = {spec.name: spec for spec in local.store.list_nodes()}
         losing = set()
-        for owner, documents in local.store.replica_instances().items():
+        for owner, documents in local.store.replicas.instances().items():
             if owner == local.agent_id or not self.custody.peers.peer_alive(owner):
                 continue
             for document in documents:

@@ -18,7 +18,8 @@ from scs.app_sync import state_digest
 from scs.errors import BadParameter, NotFound, Unavailable, WorkerFailed
 from scs.records import UNSET, AppRecord, AutoscalingPolicy, InstanceSpec, QueueBinding, WorkerStatus
 from scs.replica import digest as replica_digest, instance_document
-from scs.store import APP, POLICY, Store, revision_bound
+from scs.store import Store
+from scs.store_revisions import APP, POLICY, revision_bound
 from scs.validation import check_concurrency_range, check_lines
 from scs.worker import node_name, private_queue
 from scs.worker_log import DEFAULT_LINES as DEFAULT_LOG_LINES, read_tail
@@ -175,10 +176,10 @@ class LocalAgent:
 
     @property
     def draining(self) -> bool:
-        return self.store.setting("draining") == "1"
+        return self.store.settings.get("draining") == "1"
 
     def set_draining(self, draining: bool) -> None:
-        self.store.set_setting("draining", "1" if draining else None)
+        self.store.settings.set("draining", "1" if draining else None)
 
     def instance_export(self) -> list[dict[str, Any]]:
         """The documents of this agent's instances, for the peers' copies."""
@@ -195,7 +196,7 @@ class LocalAgent:
         answer once its worker answered a ping (bounded), with ``ready``.
         An instance of an app deleted meanwhile is not taken (that would
         give the app back)."""
-        if not self.store.has_app(document["app"]) and self.store.app_revision(document["app"])[1] is not None:
+        if not self.store.has_app(document["app"]) and self.store.revisions.of(document["app"])[1] is not None:
             raise NotFound(f"app {document['app']!r} was deleted", app=document["app"])
         bindings = [QueueBinding(**binding) for binding in document["queues"]]
         spec, created = self.store.add_node(
@@ -296,7 +297,7 @@ class LocalAgent:
         ``revision`` is older than what is here (a higher revision, a
         deletion as high).  A revision stored here beyond the bound the
         peers accept is ignored: it would pin the app here."""
-        app_revision, deleted_at = self.store.revisions(app, kind)
+        app_revision, deleted_at = self.store.revisions.of(app, kind)
         bound = revision_bound()
         return (app_revision is not None and revision < app_revision <= bound) or (
             deleted_at is not None and revision <= deleted_at <= bound
@@ -335,15 +336,15 @@ class LocalAgent:
         apps = [{**_app_item(a), "revision": a.revision} for a in self._apps()]
         deleted = [
             {"app": name, "revision": revision, "deleted": True}
-            for name, revision in sorted(self.store.tombstones().items())
+            for name, revision in sorted(self.store.revisions.tombstones().items())
         ]
         policies = [
             {"kind": POLICY, **policy.to_json(), "revision": revision}
-            for policy, revision in self.store.policy_revisions()
+            for policy, revision in self.store.policies.with_revisions()
         ]
         policies_deleted = [
             {"kind": POLICY, "app": name, "revision": revision, "deleted": True}
-            for name, revision in sorted(self.store.tombstones(POLICY).items())
+            for name, revision in sorted(self.store.revisions.tombstones(POLICY).items())
         ]
         return apps + deleted + policies + policies_deleted
 
@@ -356,7 +357,7 @@ class LocalAgent:
         stopped by the supervisor's next wake-up, not awaited: an app may
         have many, and every agent of the cluster answers this at once."""
         specs = self.store.list_nodes(app)
-        app_revision = self.store.app_revision(app)[0]
+        app_revision = self.store.revisions.of(app)[0]
         if app_revision is None or (revision is not None and revision < app_revision <= revision_bound()):
             return {"deleted": False, "instances": []}
         try:
@@ -396,16 +397,16 @@ class LocalAgent:
                 revision=revision,
                 event="autoscaling.stale",
             )
-            current = self.store.get_policy(app) if self.store.has_app(app) else None
+            current = self.store.policies.get(app) if self.store.has_app(app) else None
             return {"policy": None if current is None else current.to_json(), "created": False, "stale": True}
-        policy, created = self.store.put_policy(
+        policy, created = self.store.policies.put(
             AutoscalingPolicy(app, queue, min_instances, max_instances, messages_per_instance, scale_down_after),
             revision,
         )
         return {"policy": policy.to_json(), "created": created}
 
     def autoscaling_get(self, app: str) -> dict[str, Any]:
-        policy = self.store.get_policy(app)
+        policy = self.store.policies.get(app)
         if policy is None:
             raise NotFound(f"app {app!r} has no autoscaling policy", app=app)
         return policy.to_json()
@@ -413,12 +414,12 @@ class LocalAgent:
     def autoscaling_delete(self, app: str, revision: int | None = None) -> dict[str, Any]:
         """Delete an app's policy here, leaving a tombstone at ``revision``
         (None: a new one; a policy changed later than that is kept)."""
-        return {"deleted": self.store.delete_policy(app, revision)}
+        return {"deleted": self.store.policies.delete(app, revision)}
 
     def autoscaling_export(self) -> list[dict[str, Any]]:
         """Every policy here, for a peer copying them (the agents before
         ``app_state`` carried the policies ask for this)."""
-        return [policy.to_json() for policy in self.store.list_policies()]
+        return [policy.to_json() for policy in self.store.policies.list_all()]
 
     def autoscaling_status(self, app: str) -> dict[str, Any] | None:
         """The last decision about ``app``, if this agent decides."""

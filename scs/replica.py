@@ -168,7 +168,7 @@ class Replicas:
 
     def stale(self) -> list[str]:
         """Live peers whose heartbeat digest differs from our copy's."""
-        held = self.store.replica_digests()
+        held = self.store.replicas.digests()
         return [
             member.id
             for member in self.members()
@@ -184,10 +184,10 @@ class Replicas:
         drop those of peers long forgotten."""
         known = {member.id for member in self.members()}
         now = self.clock.seconds()
-        for owner, synced_at in self.store.replica_synced_at().items():
+        for owner, synced_at in self.store.replicas.synced_at().items():
             if owner not in known and now - synced_at > self.forget_after:
                 log.info("forgot the copy of {agent}'s instances", agent=owner, event="replica.forgotten")
-                self.store.replica_drop(owner)
+                self.store.replicas.drop(owner)
         due = [
             agent
             for agent in self.stale()
@@ -208,10 +208,10 @@ class Replicas:
             return
         finally:
             self._fetching.discard(agent)
-        self.store.replica_put(agent, digest(documents), documents, self.clock.seconds())
+        self.store.replicas.put(agent, digest(documents), documents, self.clock.seconds())
         log.debug("replica of {agent}: {count} instances", agent=agent, count=len(documents), event="replica.synced")
         self.on_synced(agent)
 
     def forget(self, agent: str) -> None:
         """A peer gone from the membership table for good."""
-        self.store.replica_drop(agent)
+        self.store.replicas.drop(agent)

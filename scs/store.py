@@ -5,6 +5,8 @@ reactor thread as Axiom's were; SQLite answers these in well under a
 millisecond, so nothing is gained by moving them to a thread.  Methods take
 validated values (see ``scs.validation``) and return the immutable records of
 ``scs.records``; integrity problems come back as ``NotFound``/``Conflict``.
+The parts of the store with jobs of their own live in ``scs.store_*``
+modules (see :class:`Store`).
 
 Opening is strict: an existing store file that is empty, not a SQLite
 database, damaged (``PRAGMA integrity_check``) or without the agent's schema
@@ -35,26 +37,22 @@ from sqlalchemy import Engine, create_engine, event, func, inspect, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
-from twisted.logger import Logger
 
 from scs.errors import Conflict, NotFound
 from scs.models import (
-    AgentSetting,
     App,
     AppTombstone,
     AutoscalingPolicyRow,
-    AutoscalingTombstone,
     Broker,
     Consumption,
     Node,
     Queue,
-    ReplicaInstance,
-    ReplicaOwner,
 )
-from scs.records import UNSET, AppRecord, AutoscalingPolicy, BrokerInfo, InstanceSpec, QueueBinding, now_ms
-from scs.validation import MAX_REVISION_AHEAD_MS
-
-log = Logger(namespace="scs.store")
+from scs.records import UNSET, AppRecord, BrokerInfo, InstanceSpec, QueueBinding
+from scs.store_policies import StoredPolicies
+from scs.store_replicas import ReplicaCopies
+from scs.store_revisions import POLICY, Revisions, drop_tombstone_in, next_revision_in, put_tombstone_in
+from scs.store_settings import AgentSettings
 
 STORE_FILENAME = ".scs-store.sqlite"
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -64,14 +62,6 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 SQLITE_HEADER_SIZE = 100
 # Every revision of the schema has these; a store without them is not ours.
 REQUIRED_TABLES = ("broker", "app", "node", "queue", "consumption")
-# What a revision or a tombstone is of (``scs.app_sync``): an app, or its
-# autoscaling policy.
-APP = "app"
-POLICY = "autoscaling"
-_TOMBSTONES: dict[str, Any] = {APP: AppTombstone, POLICY: AutoscalingTombstone}
-# The store keeps at most this many tombstones of each kind: past it the
-# oldest (lowest revision, then name) go, as a peer's state leaves them out.
-MAX_TOMBSTONES = 2_000
 # The tables ``LocalAgent.app_state`` is made of: a write to any of them
 # bumps ``Store.app_writes``.
 APP_STATE_TABLES = frozenset({"app", "broker", "app_tombstone", "autoscaling_policy", "autoscaling_tombstone"})
@@ -252,23 +242,33 @@ def schema_revision(engine: Engine) -> str | None:
 
 
 class Store:
-    """The desired state of one agent: apps, instances, queues."""
+    """The desired state of one agent: brokers, apps, instances, queues.
+
+    The owner of the engine and its sessions (opening, upgrading and
+    checking the file, the write counter ``app_writes``); the tables with
+    jobs of their own are its parts, built here on the same sessions so
+    that one file, one transaction style and one write counter cover them:
+    ``revisions`` (revisions and tombstones, ``scs.store_revisions``),
+    ``policies`` (``scs.store_policies``), ``replicas`` (the copies of the
+    peers' instances, ``scs.store_replicas``) and ``settings``
+    (``scs.store_settings``)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
-        # Owner -> the decoded documents of our copy of its instances, read
-        # once: listings, the failover check (every second) and the fence
-        # read them far more often than heartbeats change them.  Kept by
-        # the only two writers, replica_put and replica_drop.
-        self._replica_documents: dict[str, list[dict[str, Any]]] | None = None
         # Changed by every statement that writes to the tables of the apps'
         # state (APP_STATE_TABLES), whatever method, session or connection
         # of this engine runs it: ``LocalAgent`` keeps its app state and
         # digest while it stays.  Never the same value in two stores.
         self.app_writes = next(_APP_WRITES)
         event.listen(engine, "after_cursor_execute", self._after_execute)
-        self._clamp_revisions()
+        # The parts with jobs of their own, on the same engine and sessions
+        # (so that their writes count in ``app_writes`` too).
+        self.revisions = Revisions(engine, self._sessions)
+        self.policies = StoredPolicies(self._sessions, self._app)
+        self.replicas = ReplicaCopies(self._sessions)
+        self.settings = AgentSettings(self._sessions)
+        self.revisions.clamp()
 
     def _after_execute(self, _conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         if statement.lstrip()[:9].upper().startswith(_NOT_WRITES):
@@ -277,35 +277,6 @@ class Store:
         # A write whose table is not recognised counts (never a stale digest).
         if written is None or written.group(1).lower() in APP_STATE_TABLES:
             self.app_writes = next(_APP_WRITES)
-
-    def _clamp_revisions(self) -> None:
-        """Bring every revision beyond the bound (``MAX_REVISION_AHEAD_MS``
-        ahead of now: a clock that was ahead, a store edited or restored)
-        down to it: such a revision would pin its app here, every peer
-        refusing it and every later change being older."""
-        tables = inspect(self.engine).get_table_names()
-        if "autoscaling_tombstone" not in tables:
-            return  # a schema older than the revisions (migration tests)
-        bound = revision_bound()
-        clamped = []
-        with self.transaction() as session:
-            for model, what in (
-                (App, APP),
-                (AutoscalingPolicyRow, POLICY),
-                (AppTombstone, "deleted app"),
-                (AutoscalingTombstone, "deleted autoscaling"),
-            ):
-                for row in session.scalars(select(model).where(model.revision > bound)):
-                    row.revision = bound
-                    name = session.get(App, row.app_id).name if model is AutoscalingPolicyRow else row.name
-                    clamped.append(f"{name} ({what})")
-        if clamped:
-            log.warn(
-                "revisions beyond {hours} h ahead brought down to it: {items}",
-                hours=MAX_REVISION_AHEAD_MS // 3_600_000,
-                items=", ".join(sorted(clamped)),
-                event="store.revision.clamped",
-            )
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], revision: str = "head") -> Store:
@@ -388,96 +359,9 @@ class Store:
                 revision=revision,
             )
             session.add(app)
-            self._drop_tombstone(session, name, revision)
+            drop_tombstone_in(session, name, revision)
             session.flush()
         return app
-
-    # -- revisions and tombstones of apps and policies (scs.app_sync) --------
-
-    def _current_revision(self, session: Session, name: str, kind: str) -> int | None:
-        """The revision of app ``name`` (``kind`` APP) or of its policy
-        (POLICY) here; None when there is none."""
-        if kind == POLICY:
-            query = select(AutoscalingPolicyRow.revision).join(App, App.id == AutoscalingPolicyRow.app_id)
-            return session.scalar(query.where(App.name == name))
-        return session.scalar(select(App.revision).where(App.name == name))
-
-    def _known_revision(self, session: Session, name: str, kind: str = APP) -> int:
-        """The highest revision known here for ``name`` of ``kind`` (the
-        app's or policy's, or its tombstone's); -1 when none."""
-        current = self._current_revision(session, name, kind)
-        tombstone = session.get(_TOMBSTONES[kind], name)
-        return max(-1, -1 if current is None else current, -1 if tombstone is None else tombstone.revision)
-
-    def _next_revision(self, session: Session, name: str, kind: str = APP) -> int:
-        # Never beyond the bound the peers accept (a revision known here
-        # beyond it is one the peers ignore, see ``LocalAgent._outdated``).
-        return min(max(now_ms(), self._known_revision(session, name, kind) + 1), revision_bound())
-
-    def _drop_tombstone(self, session: Session, name: str, revision: int, kind: str = APP) -> None:
-        tombstone = session.get(_TOMBSTONES[kind], name)
-        if tombstone is not None and tombstone.revision < revision:
-            session.delete(tombstone)
-
-    def next_revision(self, name: str, kind: str = APP) -> int:
-        """The revision a change of ``name`` (its app, or its policy: see
-        ``kind``) taken here gets: the time in ms, or one more than the
-        highest revision known for it, a deletion's included."""
-        with self.transaction() as session:
-            return self._next_revision(session, name, kind)
-
-    def next_app_revision(self, name: str) -> int:
-        return self.next_revision(name, APP)
-
-    def revisions(self, name: str, kind: str = APP) -> tuple[int | None, int | None]:
-        """(the revision of app ``name``'s or its policy's, its tombstone's
-        revision), None for either that is not here."""
-        with self.transaction() as session:
-            tombstone = session.get(_TOMBSTONES[kind], name)
-            return self._current_revision(session, name, kind), None if tombstone is None else tombstone.revision
-
-    def app_revision(self, name: str) -> tuple[int | None, int | None]:
-        return self.revisions(name, APP)
-
-    def tombstones(self, kind: str = APP) -> dict[str, int]:
-        """Deleted app (or policy: ``kind``) name -> revision of its deletion."""
-        model = _TOMBSTONES[kind]
-        with self.transaction() as session:
-            return {row.name: row.revision for row in session.scalars(select(model))}
-
-    def put_tombstone(self, name: str, revision: int, kind: str = APP) -> None:
-        """Remember that ``name`` was deleted at ``revision`` (the higher of
-        two tombstones is kept)."""
-        with self.transaction() as session:
-            self._put_tombstone(session, name, revision, kind)
-
-    def _put_tombstone(self, session: Session, name: str, revision: int, kind: str = APP) -> None:
-        model = _TOMBSTONES[kind]
-        tombstone = session.get(model, name)
-        if tombstone is None:
-            session.add(model(name=name, revision=revision, deleted_at=time.time()))
-            session.flush()
-            self._cap_tombstones(session, kind)
-        elif tombstone.revision < revision:
-            tombstone.revision, tombstone.deleted_at = revision, time.time()
-
-    def _cap_tombstones(self, session: Session, kind: str) -> None:
-        """Keep at most ``MAX_TOMBSTONES`` of ``kind``: the oldest go."""
-        model = _TOMBSTONES[kind]
-        excess = session.scalar(select(func.count()).select_from(model)) - MAX_TOMBSTONES
-        if excess > 0:
-            oldest = session.scalars(select(model).order_by(model.revision, model.name).limit(excess))
-            for row in list(oldest):
-                session.delete(row)
-
-    def purge_tombstones(self, before: int, kind: str = APP) -> list[str]:
-        """Forget the deletions whose revision is older than ``before`` (ms)."""
-        model = _TOMBSTONES[kind]
-        with self.transaction() as session:
-            rows = list(session.scalars(select(model).where(model.revision < before)))
-            for row in rows:
-                session.delete(row)
-            return sorted(row.name for row in rows)
 
     def put_app(
         self,
@@ -499,12 +383,12 @@ class Store:
         default") keeps its stored value; ``env`` replaces the whole set of
         variables (``{}`` clears it).  ``revision``: the change's, given by
         the agent that took it (None: a new one when something changed, see
-        ``next_app_revision``); an older tombstone of the name goes."""
+        ``Revisions.next``); an older tombstone of the name goes."""
         with self.transaction() as session:
             existing = session.scalar(select(App).where(App.name == name))
             before = None if existing is None else _app_record(existing)
             if revision is None and existing is None:
-                revision = self._next_revision(session, name)
+                revision = next_revision_in(session, name)
             app = self._app_or_create(session, name, broker or default_broker, revision)
             if broker is not None:
                 app.broker = self._broker(session, broker)
@@ -523,8 +407,8 @@ class Store:
             if revision is not None:
                 app.revision = revision
             elif before is not None and _app_record(app) != before:
-                app.revision = self._next_revision(session, name)
-            self._drop_tombstone(session, name, app.revision)
+                app.revision = next_revision_in(session, name)
+            drop_tombstone_in(session, name, app.revision)
             session.flush()
             return _app_record(app), existing is None
 
@@ -550,14 +434,14 @@ class Store:
             app = self._app(session, name)
             names = [n.name for n in app.nodes]
             if revision is None:
-                revision = self._next_revision(session, name)
+                revision = next_revision_in(session, name)
             had_policy = session.get(AutoscalingPolicyRow, app.id) is not None
             session.delete(app)
-            self._put_tombstone(session, name, revision)
+            put_tombstone_in(session, name, revision)
             if had_policy:
                 # Its policy goes with it: a peer's older copy of it must
                 # not come back with a later app of the same name.
-                self._put_tombstone(session, name, revision, POLICY)
+                put_tombstone_in(session, name, revision, POLICY)
             return names
 
     # -- nodes -----------------------------------------------------------
@@ -779,158 +663,6 @@ class Store:
                 tables[table] = [tuple(row) for row in rows]
         return tables
 
-    # -- replicas of the peers' instances (scs.replica) ---------------------
-
-    def replica_synced_at(self) -> dict[str, float]:
-        """Peer -> when the copy of its instances was last refreshed."""
-        with self.transaction() as session:
-            return {row.owner: row.synced_at for row in session.scalars(select(ReplicaOwner))}
-
-    def replica_digests(self) -> dict[str, str]:
-        """Peer -> digest of the copy of its instances held here."""
-        with self.transaction() as session:
-            return {row.owner: row.digest for row in session.scalars(select(ReplicaOwner))}
-
-    def replica_put(self, owner: str, digest: str, documents: Sequence[Mapping[str, Any]], now: float) -> None:
-        """Replace the copy of ``owner``'s instances (checked documents)."""
-        documents = sorted((dict(d) for d in documents), key=lambda d: d["name"])
-        with self.transaction() as session:
-            row = session.get(ReplicaOwner, owner)
-            if row is None:
-                row = ReplicaOwner(owner=owner)
-                session.add(row)
-            row.digest, row.synced_at = digest, now
-            session.execute(ReplicaInstance.__table__.delete().where(ReplicaInstance.owner == owner))
-            if documents:
-                session.execute(
-                    ReplicaInstance.__table__.insert(),
-                    [{"owner": owner, "name": d["name"], "document": json.dumps(d)} for d in documents],
-                )
-        copies = self._replica_copies()
-        copies.pop(owner, None)
-        if documents:
-            copies[owner] = documents
-
-    def replica_instances(self, owner: str | None = None) -> dict[str, list[dict[str, Any]]]:
-        """Owner -> the documents of its instances, by name.  The documents
-        are shared with the store's cache: read them, never change them."""
-        copies = self._replica_copies()
-        owners = sorted(copies) if owner is None else [owner] if owner in copies else []
-        return {name: list(copies[name]) for name in owners}
-
-    def _replica_copies(self) -> dict[str, list[dict[str, Any]]]:
-        if self._replica_documents is None:
-            query = select(ReplicaInstance).order_by(ReplicaInstance.owner, ReplicaInstance.name)
-            copies: dict[str, list[dict[str, Any]]] = {}
-            with self.transaction() as session:
-                for row in session.scalars(query):
-                    copies.setdefault(row.owner, []).append(json.loads(row.document))
-            self._replica_documents = copies
-        return self._replica_documents
-
-    def replica_drop(self, owner: str, names: Sequence[str] | None = None) -> None:
-        """Forget instances of ``owner`` (all of them when ``names`` is None);
-        its digest no longer matches, so the next heartbeat re-syncs."""
-        with self.transaction() as session:
-            if names is None:
-                session.execute(ReplicaOwner.__table__.delete().where(ReplicaOwner.owner == owner))
-                session.execute(ReplicaInstance.__table__.delete().where(ReplicaInstance.owner == owner))
-            else:
-                session.execute(
-                    ReplicaInstance.__table__.delete().where(
-                        ReplicaInstance.owner == owner, ReplicaInstance.name.in_(list(names))
-                    )
-                )
-                row = session.get(ReplicaOwner, owner)
-                if row is not None:
-                    row.digest = ""
-        copies = self._replica_copies()
-        dropped = None if names is None else set(names)
-        kept = [] if dropped is None else [d for d in copies.get(owner, []) if d["name"] not in dropped]
-        copies.pop(owner, None)
-        if kept:
-            copies[owner] = kept
-
-    # -- autoscaling policies (scs.autoscaling) --------------------------------
-
-    def put_policy(self, policy: AutoscalingPolicy, revision: int | None = None) -> tuple[AutoscalingPolicy, bool]:
-        """Store an app's autoscaling policy (replacing its old one) at
-        ``revision`` (None: a new one, see ``next_revision``); returns it
-        and whether it is new.  The app must exist; an older tombstone of
-        the policy goes."""
-        with self.transaction() as session:
-            app = self._app(session, policy.app)
-            if revision is None:
-                revision = self._next_revision(session, policy.app, POLICY)
-            row = session.get(AutoscalingPolicyRow, app.id)
-            created = row is None
-            if row is None:
-                row = AutoscalingPolicyRow(app_id=app.id)
-                session.add(row)
-            row.queue = policy.queue
-            row.min_instances = policy.min_instances
-            row.max_instances = policy.max_instances
-            row.messages_per_instance = policy.messages_per_instance
-            row.scale_down_after = float(policy.scale_down_after)
-            row.revision = revision
-            self._drop_tombstone(session, policy.app, revision, POLICY)
-            session.flush()
-            return _policy_record(app.name, row), created
-
-    def get_policy(self, app: str) -> AutoscalingPolicy | None:
-        with self.transaction() as session:
-            app_row = self._app(session, app)
-            row = session.get(AutoscalingPolicyRow, app_row.id)
-            return None if row is None else _policy_record(app_row.name, row)
-
-    def list_policies(self) -> list[AutoscalingPolicy]:
-        return [policy for policy, _revision in self.policy_revisions()]
-
-    def policy_revisions(self) -> list[tuple[AutoscalingPolicy, int]]:
-        """Every policy here with its revision (``scs.app_sync``)."""
-        with self.transaction() as session:
-            query = select(App.name, AutoscalingPolicyRow).join(App, App.id == AutoscalingPolicyRow.app_id)
-            return [
-                (_policy_record(name, row), row.revision or 0)
-                for name, row in session.execute(query.order_by(App.name))
-            ]
-
-    def delete_policy(self, app: str, revision: int | None = None) -> bool:
-        """Drop an app's policy, leaving a tombstone at ``revision`` (None:
-        a new one; a policy changed later than that is kept); whether it
-        had one (nothing is stored when it had none)."""
-        with self.transaction() as session:
-            query = select(AutoscalingPolicyRow).join(App, App.id == AutoscalingPolicyRow.app_id)
-            row = session.scalar(query.where(App.name == app))
-            if row is None or (revision is not None and revision < row.revision <= revision_bound()):
-                return False
-            if revision is None:
-                revision = self._next_revision(session, app, POLICY)
-            session.delete(row)
-            self._put_tombstone(session, app, revision, POLICY)
-            return True
-
-    def setting(self, key: str, default: str | None = None) -> str | None:
-        with self.transaction() as session:
-            row = session.get(AgentSetting, key)
-            return default if row is None else row.value
-
-    def set_setting(self, key: str, value: str | None) -> None:
-        with self.transaction() as session:
-            row = session.get(AgentSetting, key)
-            if value is None:
-                if row is not None:
-                    session.delete(row)
-            elif row is None:
-                session.add(AgentSetting(key=key, value=value))
-            else:
-                row.value = value
-
-
-def revision_bound() -> int:
-    """The highest revision a peer accepts now (``check_revision``)."""
-    return now_ms() + MAX_REVISION_AHEAD_MS
-
 
 def _app_env(app: App) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(json.loads(app.env or "{}").items()))
@@ -947,17 +679,6 @@ def _app_record(app: App) -> AppRecord:
         python=app.python,
         task_events=bool(app.task_events),
         revision=app.revision or 0,
-    )
-
-
-def _policy_record(app: str, row: AutoscalingPolicyRow) -> AutoscalingPolicy:
-    return AutoscalingPolicy(
-        app=app,
-        queue=row.queue,
-        min_instances=row.min_instances,
-        max_instances=row.max_instances,
-        messages_per_instance=row.messages_per_instance,
-        scale_down_after=float(row.scale_down_after),
     )
 
 

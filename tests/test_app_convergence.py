@@ -121,7 +121,7 @@ class ConvergenceTests(SynchronousTestCase):
         self.assertNotIn("b3", c.stores["agent3"].node_names())
         for agent_id in c.agents:
             self.assertEqual(c.app_list(agent_id), ["foo"])
-        self.assertIn("bar", c.stores["agent3"].tombstones())
+        self.assertIn("bar", c.stores["agent3"].revisions.tombstones())
         self.assertGreater(c.nodes["agent3"].supervisor.wakes, 0)
         del agent3
         self.assertConverged(c)
@@ -159,16 +159,16 @@ class ConvergenceTests(SynchronousTestCase):
         c = three(self)
         c.kill("agent3")
         c.run(c.agents["agent1"].app_delete("foo"))
-        tombstone = c.stores["agent1"].tombstones()["foo"]
+        tombstone = c.stores["agent1"].revisions.tombstones()["foo"]
         c.run(c.agents["agent2"].app_put("foo", env={"MODE": "again"}))
         c.advance(1)
         for agent_id in ("agent1", "agent2"):
-            self.assertEqual(c.stores[agent_id].tombstones(), {})
+            self.assertEqual(c.stores[agent_id].revisions.tombstones(), {})
             self.assertGreater(c.stores[agent_id].get_app("foo").revision, tombstone)
         agent3 = c.restart("agent3")
         c.advance(2 * INTERVAL)
         self.assertEqual(agent3.local.app_get("foo")["env"], {"MODE": "again"})
-        self.assertEqual(c.stores["agent3"].tombstones(), {})
+        self.assertEqual(c.stores["agent3"].revisions.tombstones(), {})
         # A late copy of the old deletion changes nothing.
         changed = agent3.app_sync.merge("agent9", [{"app": "foo", "revision": tombstone, "deleted": True}])
         self.assertEqual(changed, [])
@@ -217,7 +217,7 @@ class RevisionTests(SynchronousTestCase):
         self.assertFalse(local.app_delete("foo", revision=150)["deleted"])
         self.assertTrue(local.store.has_app("foo"))
         self.assertTrue(local.app_delete("foo", revision=200)["deleted"])
-        self.assertEqual(local.store.tombstones(), {"foo": 200})
+        self.assertEqual(local.store.revisions.tombstones(), {"foo": 200})
         self.assertTrue(local.app_put("foo", revision=200)["stale"])
         self.assertFalse(local.store.has_app("foo"))
 
@@ -232,7 +232,7 @@ class RevisionTests(SynchronousTestCase):
         second = local.store.get_app("foo").revision
         self.assertGreater(second, first)
         local.app_delete("foo")
-        self.assertGreater(local.store.tombstones()["foo"], second)
+        self.assertGreater(local.store.revisions.tombstones()["foo"], second)
         # A revision far ahead (within the bound) still orders the next ones.
         local.app_put("foo", revision=records.now_ms() + 3_600_000)
         ahead = local.store.get_app("foo").revision
@@ -243,12 +243,12 @@ class RevisionTests(SynchronousTestCase):
         c = AppCluster(self, "agent1", "agent2")
         agent = c.agents["agent1"]
         old = records.now_ms() - DAY_MS - 1000
-        agent.store.put_tombstone("gone", old)
-        agent.store.put_tombstone("recent", records.now_ms())
+        agent.store.revisions.put_tombstone("gone", old)
+        agent.store.revisions.put_tombstone("recent", records.now_ms())
         c.advance(1)
-        self.assertEqual(sorted(agent.store.tombstones()), ["recent"])
+        self.assertEqual(sorted(agent.store.revisions.tombstones()), ["recent"])
         self.assertEqual(agent.app_sync.merge("agent2", [{"app": "gone", "revision": old, "deleted": True}]), [])
-        self.assertNotIn("gone", agent.store.tombstones())
+        self.assertNotIn("gone", agent.store.revisions.tombstones())
 
     def test_ties_are_broken_the_same_way_everywhere(self) -> None:
         a = Version(5, False, '{"app":"foo","env":{"A":"1"}}')

@@ -13,12 +13,13 @@ import pytest
 from twisted.logger import Logger, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from scs import app_sync, records, store as store_module
+from scs import app_sync, records, store_revisions
 from scs.app_sync import LOWEST, AppSync, check_item
 from scs.errors import BadParameter
 from scs.local import LocalAgent
 from scs.records import AutoscalingPolicy, QueueBinding
-from scs.store import POLICY, Store, revision_bound
+from scs.store import Store
+from scs.store_revisions import POLICY, revision_bound
 from tests.test_app_convergence import DAY_MS, AppCluster
 from tests.test_redteam_app_sync import ENV_SECRET, PASSWORD, SECRET_BROKER, count_calls
 from tests.test_srs_hostile import BROKER, INTERVAL
@@ -56,14 +57,14 @@ WRITERS: dict[str, Callable[[Store], Any]] = {
     "add_node (implicit app)": lambda s: s.add_node("implicit", "i1", BROKER),
     "declare_queue (implicit app)": lambda s: s.declare_queue("implicit", QueueBinding("q", "q", "q"), BROKER),
     "delete_app": lambda s: s.delete_app("foo"),
-    "put_policy": lambda s: s.put_policy(AutoscalingPolicy("foo", **POLICY_FIELDS)),
-    "put_policy (changed)": lambda s: s.put_policy(AutoscalingPolicy("bar", **{**POLICY_FIELDS, "max_instances": 3})),
-    "delete_policy": lambda s: s.delete_policy("bar"),
-    "put_tombstone": lambda s: s.put_tombstone("gone", records.now_ms()),
-    "put_tombstone (higher)": lambda s: s.put_tombstone("old", records.now_ms()),
-    "put_tombstone (policy)": lambda s: s.put_tombstone("gone", records.now_ms(), POLICY),
-    "purge_tombstones": lambda s: s.purge_tombstones(records.now_ms()),
-    "purge_tombstones (policy)": lambda s: s.purge_tombstones(records.now_ms(), POLICY),
+    "put_policy": lambda s: s.policies.put(AutoscalingPolicy("foo", **POLICY_FIELDS)),
+    "put_policy (changed)": lambda s: s.policies.put(AutoscalingPolicy("bar", **{**POLICY_FIELDS, "max_instances": 3})),
+    "delete_policy": lambda s: s.policies.delete("bar"),
+    "put_tombstone": lambda s: s.revisions.put_tombstone("gone", records.now_ms()),
+    "put_tombstone (higher)": lambda s: s.revisions.put_tombstone("old", records.now_ms()),
+    "put_tombstone (policy)": lambda s: s.revisions.put_tombstone("gone", records.now_ms(), POLICY),
+    "purge_tombstones": lambda s: s.revisions.purge_tombstones(records.now_ms()),
+    "purge_tombstones (policy)": lambda s: s.revisions.purge_tombstones(records.now_ms(), POLICY),
     "a session of its own": lambda s: _in_a_session(s),
     "plain SQL on the engine": lambda s: _plain_sql(s),
 }
@@ -84,9 +85,9 @@ def _plain_sql(s: Store) -> None:
 def _seeded(s: Store) -> LocalAgent:
     s.put_app("foo", BROKER, env={"A": "1"})
     s.put_app("bar", BROKER)
-    s.put_policy(AutoscalingPolicy("bar", **POLICY_FIELDS))
-    s.put_tombstone("old", 5)
-    s.put_tombstone("old", 5, POLICY)
+    s.policies.put(AutoscalingPolicy("bar", **POLICY_FIELDS))
+    s.revisions.put_tombstone("old", 5)
+    s.revisions.put_tombstone("old", 5, POLICY)
     return LocalAgent(s, "agent1", BROKER)
 
 
@@ -113,8 +114,8 @@ def test_writes_to_instances_and_settings_keep_the_cached_state(store: Store) ->
     store.add_node("foo", "f2", BROKER)
     store.set_enabled("f2", False)
     store.delete_node("f1")
-    store.set_setting("draining", "1")
-    store.replica_put("agent2", "d" * 32, [], 1.0)
+    store.settings.set("draining", "1")
+    store.replicas.put("agent2", "d" * 32, [], 1.0)
     for _ in range(5):
         local.apps_digest()
         local.app_state()
@@ -144,21 +145,21 @@ def test_revisions_beyond_the_bound_are_clamped_when_the_store_opens(tmp_path: A
     try:
         s = Store.in_directory(tmp_path)
         s.put_app("foo", BROKER)
-        s.put_policy(AutoscalingPolicy("foo", **POLICY_FIELDS))
+        s.policies.put(AutoscalingPolicy("foo", **POLICY_FIELDS))
         far = records.now_ms() + 2 * DAY_MS
         with s.engine.begin() as connection:
             connection.exec_driver_sql(f"UPDATE app SET revision = {far}")
             connection.exec_driver_sql(f"UPDATE autoscaling_policy SET revision = {far}")
-        s.put_tombstone("gone", far)
-        s.put_tombstone("gone", far, POLICY)
+        s.revisions.put_tombstone("gone", far)
+        s.revisions.put_tombstone("gone", far, POLICY)
         s.close()
         s = Store.in_directory(tmp_path)
         try:
             bound = revision_bound()
             assert records.now_ms() < s.get_app("foo").revision <= bound
-            assert s.policy_revisions()[0][1] <= bound
-            assert s.tombstones()["gone"] <= bound
-            assert s.tombstones(POLICY)["gone"] <= bound
+            assert s.policies.with_revisions()[0][1] <= bound
+            assert s.revisions.tombstones()["gone"] <= bound
+            assert s.revisions.tombstones(POLICY)["gone"] <= bound
         finally:
             s.close()
     finally:
@@ -172,11 +173,11 @@ def test_no_revision_is_given_beyond_the_bound(store: Store) -> None:
     store.put_app("foo", BROKER)
     with store.engine.begin() as connection:
         connection.exec_driver_sql(f"UPDATE app SET revision = {records.now_ms() + 2 * DAY_MS}")
-    assert store.next_revision("foo") <= revision_bound()
+    assert store.revisions.next("foo") <= revision_bound()
     store.put_app("foo", BROKER, env={"A": "2"})
     assert store.get_app("foo").revision <= revision_bound()
     store.delete_app("foo")
-    assert store.tombstones()["foo"] <= revision_bound()
+    assert store.revisions.tombstones()["foo"] <= revision_bound()
 
 
 def test_an_own_item_beyond_the_bound_loses_to_any_peer_version(store: Store) -> None:
@@ -239,7 +240,7 @@ class StateTests(SynchronousTestCase):
         now = records.now_ms()
         state = [{"app": f"t{i}", "revision": now, "deleted": True} for i in range(4)]
         self.assertEqual(self.sync.merge("agent2", state), [])
-        self.assertEqual(self.store.tombstones(), {})
+        self.assertEqual(self.store.revisions.tombstones(), {})
 
     def test_tombstones_of_unknown_names_are_taken_a_budget_per_merge(self) -> None:
         self.patch(app_sync, "TOMBSTONE_BUDGET", 3)
@@ -266,15 +267,15 @@ class StateTests(SynchronousTestCase):
 
 
 def test_the_store_keeps_the_newest_tombstones_of_each_kind(store: Store, monkeypatch: Any) -> None:
-    monkeypatch.setattr(store_module, "MAX_TOMBSTONES", 3)
+    monkeypatch.setattr(store_revisions, "MAX_TOMBSTONES", 3)
     for i in range(5):
-        store.put_tombstone(f"t{i}", 100 + i)
-        store.put_tombstone(f"p{i}", 200 - i, POLICY)
-    assert store.tombstones() == {"t2": 102, "t3": 103, "t4": 104}
-    assert store.tombstones(POLICY) == {"p0": 200, "p1": 199, "p2": 198}
+        store.revisions.put_tombstone(f"t{i}", 100 + i)
+        store.revisions.put_tombstone(f"p{i}", 200 - i, POLICY)
+    assert store.revisions.tombstones() == {"t2": 102, "t3": 103, "t4": 104}
+    assert store.revisions.tombstones(POLICY) == {"p0": 200, "p1": 199, "p2": 198}
     store.put_app("t5", BROKER)
     store.delete_app("t5")
-    assert sorted(store.tombstones()) == ["t3", "t4", "t5"]
+    assert sorted(store.revisions.tombstones()) == ["t3", "t4", "t5"]
 
 
 # -- conflicts at revision 0 (finding 1) -----------------------------------------------
@@ -287,7 +288,7 @@ class ConflictTests(SynchronousTestCase):
             stores[f"agent{i}"] = s = Store.in_memory()
             self.addCleanup(s.close)
             s.put_app("foo", SECRET_BROKER, env=env, revision=0)
-            s.put_policy(AutoscalingPolicy("foo", **{**POLICY_FIELDS, "max_instances": i}), 0)
+            s.policies.put(AutoscalingPolicy("foo", **{**POLICY_FIELDS, "max_instances": i}), 0)
         return AppCluster(self, *stores, stores=stores)
 
     def test_versions_without_a_revision_that_differ_are_left_and_logged_once_per_peer(self) -> None:
@@ -297,7 +298,7 @@ class ConflictTests(SynchronousTestCase):
         c.advance(30 * INTERVAL)
         for i, agent_id in enumerate(c.agents, 1):
             self.assertEqual(c.stores[agent_id].get_app("foo").env, (("TOKEN", ENV_SECRET + str(i)),))
-            self.assertEqual(c.stores[agent_id].get_policy("foo").max_instances, i)
+            self.assertEqual(c.stores[agent_id].policies.get("foo").max_instances, i)
         conflicts = [e for e in events if e.get("event") == "app.conflict"]
         # Once per kind, agent and peer (each agent logs its 2 peers).
         self.assertEqual(len(conflicts), 2 * 3 * 2, [(e["kind"], e["agent"]) for e in conflicts])
@@ -313,7 +314,7 @@ class ConflictTests(SynchronousTestCase):
         c.advance(3 * INTERVAL)
         for agent_id in c.agents:
             self.assertEqual(c.stores[agent_id].get_app("foo").env, (("MODE", "new"),))
-            self.assertEqual(c.stores[agent_id].get_policy("foo").max_instances, POLICY_FIELDS["max_instances"])
+            self.assertEqual(c.stores[agent_id].policies.get("foo").max_instances, POLICY_FIELDS["max_instances"])
         digests = {agent.local.apps_digest() for agent in c.agents.values()}
         self.assertEqual(len(digests), 1)
 

@@ -143,7 +143,7 @@ class Decisions(SynchronousTestCase):
         self.assertEqual(reply.status, 201)
         self.assertEqual(reply.body, {"app": APP, **POLICY, "scale_down_after": 5.0})
         for agent_id in ("agent1", "agent2"):
-            self.assertEqual(c.stores[agent_id].get_policy(APP).max_instances, 4)
+            self.assertEqual(c.stores[agent_id].policies.get(APP).max_instances, 4)
         c.advance(STEP + 0.1)
         self.assertEqual(len(c.instances()), 1)
         (instance,) = [spec for store in c.stores.values() for spec in store.list_nodes(APP)]
@@ -293,7 +293,9 @@ class Decisions(SynchronousTestCase):
         c.add("agent3")
         c.settle()
         c.advance(3 * STEP)
-        self.assertEqual(c.stores["agent3"].get_policy(APP).to_json(), {"app": APP, **POLICY, "scale_down_after": 5.0})
+        self.assertEqual(
+            c.stores["agent3"].policies.get(APP).to_json(), {"app": APP, **POLICY, "scale_down_after": 5.0}
+        )
 
     def test_delete_stops_the_scaling_and_keeps_the_instances(self) -> None:
         c = self.c
@@ -303,7 +305,7 @@ class Decisions(SynchronousTestCase):
         reply = c.run(c.agents["agent2"].autoscaling_delete(APP))
         self.assertEqual(reply.body, {"ok": "ok", "app": APP})
         for store in c.stores.values():
-            self.assertIsNone(store.get_policy(APP))
+            self.assertIsNone(store.policies.get(APP))
         c.workers_up()
         c.depth(0)
         c.advance(20 * STEP)
@@ -472,17 +474,17 @@ def test_admin_page_shows_and_sets_the_policy() -> None:
         },
     )
     assert response.code == 303, response.text
-    policy = s.store.get_policy("app1")
+    policy = s.store.policies.get("app1")
     assert (policy.queue, policy.min_instances, policy.max_instances, policy.scale_down_after) == ("q1", 1, 3, 9.0)
     page = s.page()
     assert 'data-app="app1"' in page.text and "no decision yet" in page.text
     # A bad one shows the error and stores nothing.
     response = s.submit("autoscaling", {"app": "app1", "min_instances": "5"})
     assert response.code == 400 and "min_instances" in response.text
-    assert s.store.get_policy("app1").min_instances == 1
+    assert s.store.policies.get("app1").min_instances == 1
     response = s.submit("autoscaling/delete", {"app": "app1"})
     assert response.code == 303
-    assert s.store.get_policy("app1") is None
+    assert s.store.policies.get("app1") is None
 
 
 def test_scs_autoscaling_command() -> None:

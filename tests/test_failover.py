@@ -147,24 +147,24 @@ class ReplicaTests(SynchronousTestCase):
         c.create("agent3", "foo", "w2")
         c.advance(INTERVAL + 1)
         for agent_id in ("agent1", "agent3"):
-            copy = c.stores[agent_id].replica_instances("agent2")["agent2"]
+            copy = c.stores[agent_id].replicas.instances("agent2")["agent2"]
             self.assertEqual(
                 [(d["name"], d["max_concurrency"], d["queues"][0]["name"]) for d in copy], [("w1", 3, "q1")]
             )
         # A change reaches the copies within a heartbeat.
         c.run(c.agents["agent2"].local.instance_disable("w1"))
         c.advance(INTERVAL + 1)
-        self.assertFalse(c.stores["agent1"].replica_instances("agent2")["agent2"][0]["is_enabled"])
+        self.assertFalse(c.stores["agent1"].replicas.instances("agent2")["agent2"][0]["is_enabled"])
 
     def test_a_copy_lost_or_damaged_is_repaired_by_the_next_heartbeat(self) -> None:
         """Anti-entropy: nothing depends on a message arriving once."""
         c = Cluster(self, "agent1", "agent2")
         c.create("agent2", "foo", "w1")
         c.advance(INTERVAL + 1)
-        c.stores["agent1"].replica_drop("agent2")  # as if every message about it had been lost
-        self.assertEqual(c.stores["agent1"].replica_instances("agent2"), {})
+        c.stores["agent1"].replicas.drop("agent2")  # as if every message about it had been lost
+        self.assertEqual(c.stores["agent1"].replicas.instances("agent2"), {})
         c.advance(INTERVAL + 1)
-        self.assertEqual([d["name"] for d in c.stores["agent1"].replica_instances("agent2")["agent2"]], ["w1"])
+        self.assertEqual([d["name"] for d in c.stores["agent1"].replicas.instances("agent2")["agent2"]], ["w1"])
 
     def test_hostile_documents_are_refused(self) -> None:
         good = {
@@ -342,7 +342,7 @@ class FailoverTests(SynchronousTestCase):
         """Two deciders that did not see each other moved w2 to two agents:
         once both copies are seen, the one on the larger id goes."""
         c = self._three()
-        document = c.stores["agent1"].replica_instances("agent3")["agent3"]
+        document = c.stores["agent1"].replicas.instances("agent3")["agent3"]
         w2 = next(d for d in document if d["name"] == "w2")
         c.kill("agent3")
         for node in c.nodes.values():
@@ -440,8 +440,8 @@ def test_a_store_at_revision_0003_upgrades_and_keeps_its_instances(tmp_path) -> 
     store = Store.open(path)
     spec = store.get_node("w1")
     assert (spec.app, spec.max_concurrency, spec.moved_from) == ("foo", 3, None)
-    assert store.replica_digests() == {}
-    assert store.setting("draining") is None
+    assert store.replicas.digests() == {}
+    assert store.settings.get("draining") is None
     store.close()
 
 
@@ -456,9 +456,9 @@ class ForgetTests(SynchronousTestCase):
         c.advance(3)
         c.agents["agent1"].srs.membership.members.pop("agent2")  # forgotten by the membership table
         c.advance(50)
-        self.assertIn("agent2", c.stores["agent1"].replica_digests())  # still listed for a while
+        self.assertIn("agent2", c.stores["agent1"].replicas.digests())  # still listed for a while
         c.advance(60)
-        self.assertNotIn("agent2", c.stores["agent1"].replica_digests())
+        self.assertNotIn("agent2", c.stores["agent1"].replicas.digests())
 
 
 class DeletedAppTests(SynchronousTestCase):
@@ -490,7 +490,7 @@ class DeletedAppTests(SynchronousTestCase):
         c.advance(FAILOVER_AFTER + 10)
         self.assertEqual((c.where("w1"), c.where("w2")), ([], []))
         self.assertEqual(pinged, [])
-        self.assertEqual(c.stores["agent1"].replica_instances("agent3").get("agent3", []), [])
+        self.assertEqual(c.stores["agent1"].replicas.instances("agent3").get("agent3", []), [])
         said = sorted(e["instance"] for e in events if e.get("event") == "failover.app_deleted")
         self.assertEqual(said, ["w1", "w2"])  # once each
         self.assertEqual([e for e in events if e.get("event") == "failover.error"], [])
@@ -505,7 +505,7 @@ class DeletedAppTests(SynchronousTestCase):
         c.agents["agent1"].local.set_draining(True)  # every move goes to agent2
         c.advance(FAILOVER_AFTER + 20)
         self.assertEqual((c.where("w1"), c.where("w2")), ([], []))
-        self.assertEqual(c.stores["agent1"].replica_instances("agent3").get("agent3", []), [])
+        self.assertEqual(c.stores["agent1"].replicas.instances("agent3").get("agent3", []), [])
         said = sorted(e["instance"] for e in events if e.get("event") == "failover.app_deleted")
         self.assertEqual(said, ["w1", "w2"])
         self.assertEqual([e for e in events if e.get("event") == "failover.error"], [])
@@ -525,5 +525,5 @@ class DeletedAppTests(SynchronousTestCase):
         c.kill("agent3")
         c.advance(FAILOVER_AFTER + 10)
         self.assertGreater(refused.count("w1"), 1)
-        self.assertEqual(len(c.stores["agent1"].replica_instances("agent3")["agent3"]), 2)
+        self.assertEqual(len(c.stores["agent1"].replicas.instances("agent3")["agent3"]), 2)
         self.assertEqual([e for e in events if e.get("event") == "failover.app_deleted"], [])

@@ -78,10 +78,10 @@ class OlderPeerTests(SynchronousTestCase):
         fields = v.check_policy_fields({**FIELDS, "queue": "jobs", "max_instances": 3})
         reply = c.run(c.agents["agent1"].autoscaling_put("baz", fields))
         self.assertEqual(reply.missing, ())
-        self.assertEqual(c.stores["agent2"].get_policy("baz").max_instances, 3)
+        self.assertEqual(c.stores["agent2"].policies.get("baz").max_instances, 3)
         reply = c.run(c.agents["agent1"].autoscaling_delete("baz"))
         self.assertEqual(reply.missing, ())
-        self.assertIsNone(c.stores["agent2"].get_policy("baz"))
+        self.assertIsNone(c.stores["agent2"].policies.get("baz"))
 
     def test_a_peer_that_refuses_a_change_is_missing_and_logged(self) -> None:
         events: list[dict[str, Any]] = []

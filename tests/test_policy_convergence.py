@@ -16,7 +16,8 @@ from scs.app_sync import MAX_ITEMS
 from scs.errors import BadParameter
 from scs.local import LocalAgent
 from scs.operation_args import check_operation
-from scs.store import POLICY, Store
+from scs.store import Store
+from scs.store_revisions import POLICY
 from scs.validation import MAX_REVISION_AHEAD_MS
 from tests import test_app_convergence as apps
 from tests.test_app_convergence import DAY_MS, AppCluster
@@ -28,7 +29,7 @@ class PolicyCluster(AppCluster, ScalingCluster):
     """Agents with their app sync and their autoscaler running."""
 
     def policy(self, agent_id: str) -> dict[str, Any] | None:
-        policy = self.stores[agent_id].get_policy(APP) if self.stores[agent_id].has_app(APP) else None
+        policy = self.stores[agent_id].policies.get(APP) if self.stores[agent_id].has_app(APP) else None
         return None if policy is None else policy.to_json()
 
     def policy_items(self, agent_id: str) -> list[dict[str, Any]]:
@@ -66,7 +67,7 @@ class PolicyConvergenceTests(SynchronousTestCase):
         c.advance(2 * INTERVAL)
         self.assertEqual(c.policy("agent3"), c.policy("agent1"))
         self.assertEqual((c.policy("agent3")["max_instances"], c.policy("agent3")["messages_per_instance"]), (2, 20))
-        revisions = {a: c.stores[a].revisions(APP, POLICY)[0] for a in c.agents}
+        revisions = {a: c.stores[a].revisions.of(APP, POLICY)[0] for a in c.agents}
         self.assertEqual(len(set(revisions.values())), 1, revisions)
         self.assertConverged(c)
         self.assertNotIn("revision", c.run(agent3.autoscaling_get(APP)).body)
@@ -102,7 +103,7 @@ class PolicyConvergenceTests(SynchronousTestCase):
         c.advance(2 * INTERVAL)
         for agent_id in c.agents:
             self.assertIsNone(c.policy(agent_id))
-            self.assertIn(APP, c.stores[agent_id].tombstones(POLICY))
+            self.assertIn(APP, c.stores[agent_id].revisions.tombstones(POLICY))
         self.assertConverged(c)
         # agent3 alone decides nothing for the app any more.
         c.kill("agent1")
@@ -150,7 +151,7 @@ class PolicyConvergenceTests(SynchronousTestCase):
         # One merge of a peer's state takes the app and its policy at once.
         changed = agent3.app_sync.merge("agent1", c.agents["agent1"].local.app_state())
         self.assertEqual(changed, ["baz", "autoscaling:baz"])
-        self.assertEqual(c.stores["agent3"].get_policy("baz").queue, "jobs")
+        self.assertEqual(c.stores["agent3"].policies.get("baz").queue, "jobs")
         c.advance(2 * INTERVAL)
         self.assertConverged(c)
 
@@ -197,38 +198,38 @@ class PolicyRevisionTests(SynchronousTestCase):
         # A deletion older than the policy leaves it; one as recent wins.
         self.assertFalse(local.autoscaling_delete(APP, revision=150)["deleted"])
         self.assertTrue(local.autoscaling_delete(APP, revision=200)["deleted"])
-        self.assertEqual(local.store.tombstones(POLICY), {APP: 200})
+        self.assertEqual(local.store.revisions.tombstones(POLICY), {APP: 200})
         self.assertTrue(local.autoscaling_put(APP, **FIELDS, revision=200)["stale"])
-        self.assertIsNone(local.store.get_policy(APP))
+        self.assertIsNone(local.store.policies.get(APP))
 
     def test_revisions_grow_past_the_deletions(self) -> None:
         local = self.local()
         local.autoscaling_put(APP, **FIELDS)
-        first = local.store.revisions(APP, POLICY)[0]
+        first = local.store.revisions.of(APP, POLICY)[0]
         self.assertGreaterEqual(first, records.now_ms() - 60_000)
         local.autoscaling_delete(APP)
-        deleted = local.store.tombstones(POLICY)[APP]
+        deleted = local.store.revisions.tombstones(POLICY)[APP]
         self.assertGreater(deleted, first)
         ahead = records.now_ms() + 3_600_000
         # Deleting what is not here stores nothing (an API 404 changes nothing).
         self.assertFalse(local.autoscaling_delete(APP, revision=ahead)["deleted"])
-        self.assertEqual(local.store.tombstones(POLICY), {APP: deleted})
-        local.store.put_tombstone(APP, ahead, POLICY)  # a peer's later deletion, merged
-        self.assertEqual(local.store.next_revision(APP, POLICY), ahead + 1)
+        self.assertEqual(local.store.revisions.tombstones(POLICY), {APP: deleted})
+        local.store.revisions.put_tombstone(APP, ahead, POLICY)  # a peer's later deletion, merged
+        self.assertEqual(local.store.revisions.next(APP, POLICY), ahead + 1)
         local.autoscaling_put(APP, **FIELDS)
-        self.assertEqual(local.store.revisions(APP, POLICY), (ahead + 1, None))
+        self.assertEqual(local.store.revisions.of(APP, POLICY), (ahead + 1, None))
 
     def test_old_policy_tombstones_are_purged(self) -> None:
         c = AppCluster(self, "agent1", "agent2")
         agent = c.agents["agent1"]
         old = records.now_ms() - DAY_MS - 1000
-        agent.store.put_tombstone("gone", old, POLICY)
-        agent.store.put_tombstone("recent", records.now_ms(), POLICY)
+        agent.store.revisions.put_tombstone("gone", old, POLICY)
+        agent.store.revisions.put_tombstone("recent", records.now_ms(), POLICY)
         c.advance(1)
-        self.assertEqual(sorted(agent.store.tombstones(POLICY)), ["recent"])
+        self.assertEqual(sorted(agent.store.revisions.tombstones(POLICY)), ["recent"])
         stale = [{"kind": POLICY, "app": "gone", "revision": old, "deleted": True}]
         self.assertEqual(agent.app_sync.merge("agent2", stale), [])
-        self.assertNotIn("gone", agent.store.tombstones(POLICY))
+        self.assertNotIn("gone", agent.store.revisions.tombstones(POLICY))
 
 
 class HostilePolicyCopyTests(SynchronousTestCase):

@@ -111,7 +111,7 @@ class FindingTests(SynchronousTestCase):
         revision = records.now_ms()
         for store in c.stores.values():
             for i in range(MAX_ITEMS):
-                store.put_tombstone(f"ci-run-{i}", revision)  # test apps made and deleted today
+                store.revisions.put_tombstone(f"ci-run-{i}", revision)  # test apps made and deleted today
         # A change agent1 missed (it was cut off): agent2 has it.
         c.agents["agent2"].local.app_put("foo", env={"MODE": "new"})
         c.advance(3 * INTERVAL)
@@ -124,7 +124,7 @@ class FindingTests(SynchronousTestCase):
         for round_ in range(3):
             state = [{"app": f"junk{round_}-{i}", "revision": revision, "deleted": True} for i in range(MAX_ITEMS)]
             sync.merge("agent2", state)
-        self.assertLessEqual(len(c.stores["agent1"].tombstones()), MAX_ITEMS)
+        self.assertLessEqual(len(c.stores["agent1"].revisions.tombstones()), MAX_ITEMS)
 
     def test_an_older_peer_gets_the_deletion_or_is_reported(self) -> None:
         c = AppCluster(self, "agent1", "agent2")
@@ -420,4 +420,4 @@ class DefendedTests(SynchronousTestCase):
         self.assertEqual(
             c.agents["agent1"].app_sync.merge("agent2", [{"app": "x", "revision": old, "deleted": True}]), []
         )
-        self.assertEqual(c.stores["agent1"].tombstones(), {})
+        self.assertEqual(c.stores["agent1"].revisions.tombstones(), {})

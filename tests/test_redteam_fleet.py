@@ -517,7 +517,7 @@ def test_a_peer_flipping_its_digest_is_fetched_at_most_once_per_interval() -> No
         digest[0] = f"d{step}"
         outcome_of(replicas.sync())
         clock.advance(0.5)
-    assert len(store.replica_instances("evil")["evil"]) == MAX_DOCUMENTS
+    assert len(store.replicas.instances("evil")["evil"]) == MAX_DOCUMENTS
     assert len(fetches) <= 20 / MIN_FETCH_INTERVAL + 1, fetches
     with pytest.raises(BadParameter):
         check_documents([*documents, good_document(name="one-too-many")])

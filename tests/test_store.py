@@ -99,16 +99,16 @@ def test_upgrade_from_revision_0005_keeps_data_and_starts_apps_at_revision_0(tmp
         True,
     )
     assert app.revision == 0
-    assert store.tombstones() == {}
+    assert store.revisions.tombstones() == {}
     spec = store.get_node("w1")
     assert (spec.max_concurrency, spec.min_concurrency, spec.moved_from) == (4, 2, "agent9")
-    assert store.get_policy("foo").max_instances == 3
-    assert store.setting("draining") == "1"
+    assert store.policies.get("foo").max_instances == 3
+    assert store.settings.get("draining") == "1"
     # The new table works: a deletion leaves a tombstone, a later put removes it.
     store.delete_app("foo", revision=10)
-    assert store.tombstones() == {"foo": 10}
+    assert store.revisions.tombstones() == {"foo": 10}
     store.put_app("foo", BROKER, revision=11)
-    assert (store.tombstones(), store.get_app("foo").revision) == ({}, 11)
+    assert (store.revisions.tombstones(), store.get_app("foo").revision) == ({}, 11)
     store.close()
 
 
@@ -134,20 +134,20 @@ def test_upgrade_from_revision_0006_keeps_policies_and_starts_them_at_revision_0
     store = Store.in_directory(tmp_path)
     assert schema_revision(store.engine) == "0007"
     assert store.get_app("foo").revision == 1234
-    assert store.tombstones() == {"gone": 99}
-    policy = store.get_policy("foo")
+    assert store.revisions.tombstones() == {"gone": 99}
+    policy = store.policies.get("foo")
     assert (policy.queue, policy.min_instances, policy.max_instances) == ("tasks", 2, 5)
     assert (policy.messages_per_instance, policy.scale_down_after) == (7, 30.0)
-    assert store.policy_revisions() == [(policy, 0)]
-    assert store.tombstones("autoscaling") == {}
+    assert store.policies.with_revisions() == [(policy, 0)]
+    assert store.revisions.tombstones("autoscaling") == {}
     # The new table works: a deletion leaves a tombstone, a later put removes it.
-    assert store.delete_policy("foo", revision=10)
-    assert (store.get_policy("foo"), store.tombstones("autoscaling")) == (None, {"foo": 10})
-    store.put_policy(policy, revision=11)
-    assert (store.tombstones("autoscaling"), store.policy_revisions()) == ({}, [(policy, 11)])
+    assert store.policies.delete("foo", revision=10)
+    assert (store.policies.get("foo"), store.revisions.tombstones("autoscaling")) == (None, {"foo": 10})
+    store.policies.put(policy, revision=11)
+    assert (store.revisions.tombstones("autoscaling"), store.policies.with_revisions()) == ({}, [(policy, 11)])
     # An app's deletion is its policy's too.
     store.delete_app("foo", revision=20)
-    assert store.tombstones("autoscaling") == {"foo": 20}
+    assert store.revisions.tombstones("autoscaling") == {"foo": 20}
     store.close()
 
 
@@ -436,30 +436,30 @@ def test_the_copies_of_peers_read_from_memory_match_the_file(tmp_path: Path) -> 
     def from_the_file() -> dict[str, list[dict]]:
         again = Store.in_directory(tmp_path)
         try:
-            return again.replica_instances()
+            return again.replicas.instances()
         finally:
             again.close()
 
     def documents(*names: str) -> list[dict]:
         return [{"name": name, "app": "foo", "pid": None} for name in names]
 
-    assert store.replica_instances() == {} == from_the_file()
+    assert store.replicas.instances() == {} == from_the_file()
     given = documents("w2", "ü", "w1")
-    store.replica_put("agent2", "d2", given, now=1.0)
-    store.replica_put("agent3", "d3", documents("x"), now=2.0)
+    store.replicas.put("agent2", "d2", given, now=1.0)
+    store.replicas.put("agent3", "d3", documents("x"), now=2.0)
     given[0]["app"] = "changed by the caller"  # the store kept its own
-    assert store.replica_instances() == from_the_file()
-    assert [d["name"] for d in store.replica_instances("agent2")["agent2"]] == ["w1", "w2", "ü"]
-    assert store.replica_instances("agent2")["agent2"][1]["app"] == "foo"
-    store.replica_instances("agent2")["agent2"].clear()  # a caller's list is its own
-    assert len(store.replica_instances("agent2")["agent2"]) == 3
+    assert store.replicas.instances() == from_the_file()
+    assert [d["name"] for d in store.replicas.instances("agent2")["agent2"]] == ["w1", "w2", "ü"]
+    assert store.replicas.instances("agent2")["agent2"][1]["app"] == "foo"
+    store.replicas.instances("agent2")["agent2"].clear()  # a caller's list is its own
+    assert len(store.replicas.instances("agent2")["agent2"]) == 3
 
-    store.replica_drop("agent2", ["w1", "ü"])
-    assert store.replica_instances() == from_the_file()
-    assert [d["name"] for d in store.replica_instances("agent2")["agent2"]] == ["w2"]
-    assert store.replica_digests()["agent2"] == ""
-    store.replica_put("agent3", "d3b", [], now=3.0)
-    store.replica_drop("agent2")
-    assert store.replica_instances() == {} == from_the_file()
-    assert store.replica_instances("agent9") == {}
+    store.replicas.drop("agent2", ["w1", "ü"])
+    assert store.replicas.instances() == from_the_file()
+    assert [d["name"] for d in store.replicas.instances("agent2")["agent2"]] == ["w2"]
+    assert store.replicas.digests()["agent2"] == ""
+    store.replicas.put("agent3", "d3b", [], now=3.0)
+    store.replicas.drop("agent2")
+    assert store.replicas.instances() == {} == from_the_file()
+    assert store.replicas.instances("agent9") == {}
     store.close()

@@ -710,7 +710,7 @@ class Admin:
         apps = local.app_records()
         queues = [(a.name, q) for a in apps for q in local.queue_records(a.name)]
         policies = []
-        for policy in local.store.list_policies():
+        for policy in local.store.policies.list_all():
             decision = None
             try:
                 decision = await self.agent.autoscaling_decision(policy.app)

@@ -58,7 +58,6 @@ deleted app back.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from typing import Any
@@ -72,7 +71,7 @@ from scs.errors import BadParameter, SCSError
 from scs.membership import DEFAULT_FORGET_AFTER
 from scs.operation_args import check_operation
 from scs.records import now_ms
-from scs.replica import MAX_DOCUMENTS, MIN_FETCH_INTERVAL
+from scs.replica import MAX_DOCUMENTS, MIN_FETCH_INTERVAL, sorted_digest
 from scs.store_revisions import APP, MAX_TOMBSTONES, POLICY
 from scs.validation import POLICY_FIELDS
 
@@ -118,9 +117,7 @@ _KIND_BY_NAME = {kind.name: kind for kind in KINDS}
 def state_digest(items: list[dict[str, Any]]) -> str:
     """The digest of an ``app_state``: the same items in any order give
     the same digest."""
-    ordered = sorted(items, key=lambda item: (item.get("kind", APP), item["app"], bool(item.get("deleted"))))
-    text = json.dumps(ordered, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+    return sorted_digest(items, key=lambda item: (item.get("kind", APP), item["app"], bool(item.get("deleted"))))
 
 
 @attrs.frozen(order=True)

@@ -82,7 +82,14 @@ def instance_document(spec: InstanceSpec, app_broker_url: str | None, status: Wo
 
 def digest(documents: list[dict[str, Any]]) -> str:
     """The same documents, in any order, give the same digest."""
-    text = json.dumps(sorted(documents, key=lambda d: d["name"]), sort_keys=True, separators=(",", ":"))
+    return sorted_digest(documents, key=lambda d: d["name"])
+
+
+def sorted_digest(items: list[dict[str, Any]], key: Callable[[dict[str, Any]], Any]) -> str:
+    """The digest of JSON ``items`` put in ``key`` order (their canonical
+    JSON), so that the same items in any order give the same digest: what a
+    heartbeat carries for a peer to compare with its copy."""
+    text = json.dumps(sorted(items, key=key), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 

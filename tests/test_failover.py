@@ -25,6 +25,24 @@ from tests.test_srs_hostile import BROKER, INTERVAL, SECRET, Bus
 FAILOVER_AFTER = 5.0
 
 
+def good_document(**change: Any) -> dict[str, Any]:
+    """A valid copy of an instance, with ``change`` over it."""
+    document = {
+        "name": "w1",
+        "app": "foo",
+        "is_enabled": True,
+        "max_concurrency": 1,
+        "min_concurrency": 1,
+        "broker": None,
+        "arguments": [],
+        "queues": [],
+        "moved_from": None,
+        "pid": 12,
+    }
+    document.update(change)
+    return document
+
+
 class Node:
     """One agent of the fake cluster, wired as scs.tap.makeService wires it."""
 
@@ -167,18 +185,7 @@ class ReplicaTests(SynchronousTestCase):
         self.assertEqual([d["name"] for d in c.stores["agent1"].replicas.instances("agent2")["agent2"]], ["w1"])
 
     def test_hostile_documents_are_refused(self) -> None:
-        good = {
-            "name": "w1",
-            "app": "foo",
-            "is_enabled": True,
-            "max_concurrency": 1,
-            "min_concurrency": 1,
-            "broker": None,
-            "arguments": [],
-            "queues": [],
-            "moved_from": None,
-            "pid": 12,
-        }
+        good = good_document()
         self.assertEqual(check_document(good), good)
         for change in (
             {"name": "../etc"},

@@ -25,7 +25,7 @@ from scs.replica import MIN_FETCH_INTERVAL
 from scs.store import Store
 from scs.validation import MAX_REVISION_AHEAD_MS
 from tests.test_app_convergence import DAY_MS, AppCluster, three
-from tests.test_failover import FAILOVER_AFTER
+from tests.test_failover import FAILOVER_AFTER, good_document
 from tests.test_srs_hostile import BROKER, INTERVAL
 
 PASSWORD = "s3cr3t-Broker-Pw"
@@ -308,18 +308,7 @@ class DefendedTests(SynchronousTestCase):
         c = three(self)
         c.run(c.agents["agent1"].app_delete("bar"))
         c.advance(INTERVAL)
-        document = {
-            "name": "b9",
-            "app": "bar",
-            "is_enabled": True,
-            "max_concurrency": 1,
-            "min_concurrency": 1,
-            "broker": None,
-            "arguments": [],
-            "queues": [],
-            "moved_from": None,
-            "pid": None,
-        }
+        document = good_document(name="b9", app="bar", pid=None)
         before = c.stores["agent2"].dump()
         self.failureResultOf(
             c.agents["agent2"].handle_remote("instance_adopt", {"document": document, "moved_from": "agent3"}),

@@ -40,7 +40,7 @@ from scs.worker import worker_directory
 from scs.worker_log import MAX_ANSWER_JSON_BYTES
 from tests.surfaces_support import FakeSupervisor
 from tests.test_api import Client, RecordingSupervisor
-from tests.test_failover import FAILOVER_AFTER, Cluster
+from tests.test_failover import FAILOVER_AFTER, Cluster, good_document
 from tests.test_srs_hostile import INTERVAL, SECRET, Bus, forged
 
 BROKER = "amqp://guest:guest@127.0.0.1:5672//"
@@ -84,23 +84,6 @@ def outcome_of(d: Deferred) -> Any:
     assert box, "the Deferred has not fired"
     result = box[0]
     return result.value if hasattr(result, "value") and hasattr(result, "raiseException") else result
-
-
-def good_document(**change: Any) -> dict[str, Any]:
-    document = {
-        "name": "w1",
-        "app": "foo",
-        "is_enabled": True,
-        "max_concurrency": 1,
-        "min_concurrency": 1,
-        "broker": None,
-        "arguments": [],
-        "queues": [],
-        "moved_from": None,
-        "pid": 12,
-    }
-    document.update(change)
-    return document
 
 
 @pytest.fixture

@@ -127,7 +127,9 @@ class Failover:
 
     def tick(self) -> Deferred | None:
         """One look at the dead; a failover in progress is not overlapped."""
-        if self._running is not None or not self.srs.is_connected():
+        # Cut off, or just back before the peers answered our hello, every
+        # peer looks dead: none is judged so (as for the orphaned listing).
+        if self._running is not None or not self.srs.sees_the_cluster():
             return None
         if self.custody.placement.coordinator() != self.agent_id:
             return None

@@ -95,14 +95,7 @@ class Peers:
         for agent, answer in answers.items():
             if isinstance(answer, Exception):
                 refused.append(agent)
-                log.warn(
-                    "{agent} did not take {operation} of {app}: {error}",
-                    agent=agent,
-                    operation=operation,
-                    app=arguments.get("app"),
-                    error=getattr(answer, "message", type(answer).__name__),
-                    event="peers.change.refused",
-                )
+                _change_refused(agent, operation, arguments, answer)
             else:
                 taken[agent] = answer
         return taken, tuple(sorted({*missing, *refused}))
@@ -116,16 +109,7 @@ class Peers:
         for agent in self.srs.live_agents():
             if agent != self.agent_id and not self.understands_revisions(agent):
                 sent = self.srs.call(agent, operation, self.arguments_for(agent, arguments))
-                sent.addErrback(
-                    lambda f, agent=agent: log.warn(
-                        "{agent} did not take {operation} of {app}: {error}",
-                        agent=agent,
-                        operation=operation,
-                        app=arguments.get("app"),
-                        error=getattr(f.value, "message", type(f.value).__name__),
-                        event="peers.change.refused",
-                    )
-                )
+                sent.addErrback(lambda f, agent=agent: _change_refused(agent, operation, arguments, f.value))
 
     async def require_app(self, app: str) -> None:
         """NotFound unless ``app`` is known here or to a peer that answers."""
@@ -148,3 +132,15 @@ class Peers:
             return self.local.draining
         member = self.srs.membership.get(agent_id) if self.srs is not None else None
         return bool(getattr(member, "draining", False))
+
+
+def _change_refused(agent: str, operation: str, arguments: dict[str, Any], error: BaseException) -> None:
+    """A peer did not take a change (``scatter_change``, ``broadcast_change``)."""
+    log.warn(
+        "{agent} did not take {operation} of {app}: {error}",
+        agent=agent,
+        operation=operation,
+        app=arguments.get("app"),
+        error=getattr(error, "message", type(error).__name__),
+        event="peers.change.refused",
+    )
